@@ -1,0 +1,87 @@
+"""The exceptions duet raises, all in one place.
+
+    DuetError                    base of everything below
+    ├── PairingError             pairing failed: signaling server, join code, SDP authentication
+    ├── ConnectionLost           the peer left or the data channel died; pending calls fail with it
+    ├── ProtocolError            a peer sent a frame we cannot accept (malformed, unknown, oversized)
+    ├── PolicyViolation          the operation is not on the owner's allowlist; it never ran
+    ├── RemoteError              the operation failed on the owner's side (type and op only, no values)
+    ├── RequestDenied            the owner denied a request (carries the owner's reason)
+    ├── RequestTimeout           no decision arrived in time
+    ├── RequestError             a request cannot be made or decided (freed object, decided twice ...)
+    └── BudgetExceeded           the owner's memory budget for this session would be exceeded
+
+Messages never include data values held by the owner: an error that crosses the channel names
+the operation and the exception type, nothing else.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DuetError",
+    "PairingError",
+    "ConnectionLost",
+    "ProtocolError",
+    "PolicyViolation",
+    "RemoteError",
+    "RequestDenied",
+    "RequestTimeout",
+    "RequestError",
+    "BudgetExceeded",
+]
+
+
+class DuetError(Exception):
+    """Base class of every error duet raises."""
+
+
+class PairingError(DuetError):
+    """Pairing through the signaling server failed, or the peer could not be authenticated."""
+
+
+class ConnectionLost(DuetError):
+    """The peer left, its process died, or the data channel closed."""
+
+
+class ProtocolError(DuetError):
+    """A frame or message from the peer violates the wire protocol."""
+
+
+class PolicyViolation(DuetError):
+    """The operation is not on the owner's allowlist, so it was never executed."""
+
+
+class RemoteError(DuetError):
+    """An operation failed on the owner's side.
+
+    The message names the operation and the exception type only; the owner's exception text
+    may contain data values and never crosses the channel.
+    """
+
+    def __init__(self, operation: str, error_type: str, detail: str = "") -> None:
+        self.operation = operation
+        self.error_type = error_type
+        message = f"{operation} failed on the owner's side with {error_type}"
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class RequestDenied(DuetError):
+    """The owner denied the request."""
+
+    def __init__(self, request_id: str, reason: str = "") -> None:
+        self.request_id = request_id
+        self.reason = reason
+        text = f"request {request_id} was denied by the owner"
+        super().__init__(f"{text}: {reason}" if reason else text)
+
+
+class RequestTimeout(DuetError):
+    """No decision on the request arrived within the timeout; the request stays pending."""
+
+
+class RequestError(DuetError):
+    """The request cannot be made or decided in its current state."""
+
+
+class BudgetExceeded(DuetError):
+    """The owner's memory budget for the session would be exceeded."""
