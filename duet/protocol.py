@@ -1,0 +1,437 @@
+"""The wire protocol between owner and researcher: message models and their encoding.
+
+A message is a pydantic model with a ``type`` tag. On the wire it is a msgpack *header*
+(the model's fields) plus zero or more out-of-band *buffers*: the raw bytes of numpy arrays
+and torch tensors, which travel as dtype + shape + bytes and are never packed into the
+header, so a 256 MiB tensor is not copied on its way to the transport.
+
+Values inside messages (operation arguments, approved results) may contain, besides
+msgpack's own types, only the tagged types below, each a msgpack ``ExtType``:
+
+    PointerRef  a researcher-created object on the owner (by id)
+    StoreRef    a shared object (by name)
+    tuple, slice, Ellipsis, complex, DTypeRef (a dtype by name)
+    ArrayRef    an array or tensor whose bytes are buffer ``index`` of this message
+
+Decoding builds nothing else: there is no pickle, no eval, and no name is ever looked up
+from a received string except through the owner's allowlist (``duet.policy``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+MAX_VALUE_DEPTH = 32
+MAX_NAME_CHARS = 200
+MAX_REASON_CHARS = 2000
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "PointerRef",
+    "StoreRef",
+    "DTypeRef",
+    "ArrayRef",
+    "Hello",
+    "StoreEntry",
+    "StoreSnapshot",
+    "Op",
+    "Ops",
+    "Free",
+    "OpFailed",
+    "RequestValue",
+    "Withdraw",
+    "Decision",
+    "Ping",
+    "Pong",
+    "ErrorNotice",
+    "Bye",
+    "Message",
+    "encode",
+    "decode",
+]
+
+
+# -- values -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PointerRef:
+    id: int
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class DTypeRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """Placeholder for an array on the wire; ``decode`` replaces it by the array itself."""
+
+    kind: Literal["numpy", "torch"]
+    dtype: str
+    shape: tuple[int, ...]
+    index: int
+
+
+_EXT_POINTER, _EXT_STORE, _EXT_TUPLE, _EXT_SLICE, _EXT_ELLIPSIS = 1, 2, 3, 4, 5
+_EXT_COMPLEX, _EXT_DTYPE, _EXT_ARRAY = 6, 7, 8
+
+# torch dtypes numpy cannot hold travel as raw bytes under their torch name.
+_TORCH_ONLY_DTYPES = {"bfloat16": "int16"}
+
+
+# -- messages -----------------------------------------------------------------------------
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+ObjectId = Annotated[int, Field(ge=1, lt=2**63)]
+
+
+class Hello(_Message):
+    """First message each way; the protocol versions must match."""
+
+    type: Literal["hello"] = "hello"
+    version: int
+    role: Literal["owner", "researcher"]
+    software: str = ""
+    # The owner tells the researcher what it allows, so refusals happen before sending.
+    allowlist: dict[str, list[str]] | None = None
+
+
+class StoreEntry(_Message):
+    """What the owner declared about a shared object: nothing else about it is visible."""
+
+    name: Name
+    type: str
+    shape: list[int] | None = None
+    dtype: str | None = None
+    description: str = ""
+    tags: list[str] = []
+
+
+class StoreSnapshot(_Message):
+    type: Literal["store"] = "store"
+    entries: list[StoreEntry]
+
+
+class Op(_Message):
+    """One operation; its result becomes the owner's object ``result``.
+
+    kind ``function``: call allowlisted ``name`` (e.g. ``numpy.mean``, ``operator.add``).
+    kind ``method``: call method ``name`` of object ``target``.
+    kind ``getattr``: read attribute ``name`` of ``target``.
+    kind ``call``: call ``target`` itself (a torch module's forward).
+    """
+
+    result: ObjectId
+    kind: Literal["function", "method", "getattr", "call"]
+    name: Name
+    target: PointerRef | StoreRef | None = None
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+
+
+class Ops(_Message):
+    """A batch of operations, executed in order: pipelining without a round trip per op."""
+
+    type: Literal["ops"] = "ops"
+    ops: list[Op]
+
+
+class Free(_Message):
+    type: Literal["free"] = "free"
+    ids: list[ObjectId]
+
+
+class OpFailed(_Message):
+    """Operation ``result`` failed: names the operation and error type, never data values."""
+
+    type: Literal["op_failed"] = "op_failed"
+    result: ObjectId
+    operation: str
+    error_type: str
+    policy: bool = False
+    detail: str = ""  # only for policy refusals, which depend on names, not data
+
+
+class RequestValue(_Message):
+    type: Literal["request"] = "request"
+    request_id: Annotated[str, Field(pattern=r"^[0-9a-f]{8,32}$")]
+    target: PointerRef | StoreRef
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+
+
+class Withdraw(_Message):
+    type: Literal["withdraw"] = "withdraw"
+    request_id: str
+
+
+class Decision(_Message):
+    """The owner's answer to a request; ``value`` is present only when approved."""
+
+    type: Literal["decision"] = "decision"
+    request_id: str
+    status: Literal["approved", "denied", "error"]
+    reason: str = ""
+    value: Any = None
+
+
+class Ping(_Message):
+    type: Literal["ping"] = "ping"
+    nonce: int
+
+
+class Pong(_Message):
+    type: Literal["pong"] = "pong"
+    nonce: int
+
+
+class ErrorNotice(_Message):
+    """The peer rejected something we sent that was not an operation (e.g. a malformed frame)."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+
+
+class Bye(_Message):
+    type: Literal["bye"] = "bye"
+    reason: str = ""
+
+
+Message = Annotated[
+    Union[
+        Hello,
+        StoreSnapshot,
+        Ops,
+        Free,
+        OpFailed,
+        RequestValue,
+        Withdraw,
+        Decision,
+        Ping,
+        Pong,
+        ErrorNotice,
+        Bye,
+    ],
+    Field(discriminator="type"),
+]
+_message_adapter: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+# -- encoding -----------------------------------------------------------------------------
+class _Encoder:
+    """Turns a value tree into msgpack-able objects, collecting array bytes out of band."""
+
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+
+    def default(self, obj: Any) -> Any:
+        if isinstance(obj, PointerRef):
+            return msgpack.ExtType(_EXT_POINTER, msgpack.packb(obj.id))
+        if isinstance(obj, StoreRef):
+            return msgpack.ExtType(_EXT_STORE, obj.name.encode())
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(_EXT_TUPLE, self.pack(list(obj)))
+        if isinstance(obj, slice):
+            return msgpack.ExtType(_EXT_SLICE, self.pack([obj.start, obj.stop, obj.step]))
+        if obj is Ellipsis:
+            return msgpack.ExtType(_EXT_ELLIPSIS, b"")
+        if isinstance(obj, complex):
+            return msgpack.ExtType(_EXT_COMPLEX, msgpack.packb([obj.real, obj.imag]))
+        if isinstance(obj, DTypeRef):
+            return msgpack.ExtType(_EXT_DTYPE, obj.name.encode())
+        if isinstance(obj, np.ndarray):
+            return self._array("numpy", obj.dtype.name, obj)
+        if isinstance(obj, np.generic):
+            return self.default(np.asarray(obj)) if obj.dtype.kind in "cmMV" else obj.item()
+        if type(obj).__module__.startswith("torch"):
+            return self._tensor(obj)
+        raise ProtocolError(f"cannot send a value of type {type(obj).__name__}")
+
+    def pack(self, obj: Any) -> bytes:
+        return msgpack.packb(obj, default=self.default, use_bin_type=True, strict_types=True)
+
+    def _array(self, kind: Literal["numpy", "torch"], dtype: str, array: np.ndarray) -> Any:
+        if array.dtype.hasobject:
+            raise ProtocolError("cannot send an array of Python objects")
+        contiguous = np.ascontiguousarray(array)  # copies only if non-contiguous
+        self.buffers.append(memoryview(contiguous.reshape(-1).view(np.uint8)))
+        header = [kind, dtype, list(array.shape), len(self.buffers) - 1]
+        return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(header))
+
+    def _tensor(self, obj: Any) -> Any:
+        import torch
+
+        if isinstance(obj, torch.dtype):
+            return self.default(DTypeRef(str(obj).removeprefix("torch.")))
+        if not isinstance(obj, torch.Tensor):
+            raise ProtocolError(f"cannot send a value of type {type(obj).__name__}")
+        tensor = obj.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype in _TORCH_ONLY_DTYPES:
+            tensor = tensor.contiguous().view(getattr(torch, _TORCH_ONLY_DTYPES[dtype]))
+        if tensor.is_conj():
+            tensor = tensor.resolve_conj()
+        return self._array("torch", dtype, tensor.numpy())
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_POINTER:
+        value = msgpack.unpackb(data)
+        if not isinstance(value, int) or value < 1:
+            raise ProtocolError("malformed pointer reference")
+        return PointerRef(value)
+    if code == _EXT_STORE:
+        return StoreRef(data.decode())
+    if code == _EXT_TUPLE:
+        return tuple(_unpack(data))
+    if code == _EXT_SLICE:
+        start, stop, step = _unpack(data)
+        return slice(start, stop, step)
+    if code == _EXT_ELLIPSIS:
+        return Ellipsis
+    if code == _EXT_COMPLEX:
+        real, imag = msgpack.unpackb(data)
+        return complex(real, imag)
+    if code == _EXT_DTYPE:
+        return DTypeRef(data.decode())
+    if code == _EXT_ARRAY:
+        kind, dtype, shape, index = msgpack.unpackb(data)
+        if kind not in ("numpy", "torch") or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise ProtocolError("malformed array header")
+        return ArrayRef(kind, str(dtype), tuple(shape), int(index))
+    raise ProtocolError(f"unknown extension type {code}")
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(
+        data,
+        ext_hook=_ext_hook,
+        raw=False,
+        strict_map_key=True,
+    )
+
+
+def encode(message: BaseModel) -> tuple[bytes, list[memoryview]]:
+    """Encode a message as (msgpack header, out-of-band buffers)."""
+    encoder = _Encoder()
+    fields = {name: getattr(message, name) for name in type(message).model_fields}
+    return encoder.pack(_plain(fields)), encoder.buffers
+
+
+def _plain(value: Any) -> Any:
+    """Nested models (e.g. Op inside Ops) become dicts; everything else passes as is."""
+    if isinstance(value, BaseModel):
+        return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def decode(header: bytes, buffers: Sequence[memoryview | bytes | bytearray] = ()) -> Message:
+    """Decode and validate a message; any defect raises ``ProtocolError``."""
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"message header of {len(header)} bytes exceeds the limit")
+    try:
+        raw = _unpack(header)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"malformed frame ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("a message must be a map")
+    try:
+        message = _message_adapter.validate_python(raw)
+    except ValidationError as exc:
+        kind = raw.get("type")
+        errors = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3]
+        )
+        raise ProtocolError(f"invalid {kind!r} message: {errors}") from None
+    if buffers or _has_arrays(raw):
+        message = _attach_buffers(message, buffers)
+    return message
+
+
+def _has_arrays(value: Any, depth: int = 0) -> bool:
+    if depth > MAX_VALUE_DEPTH:
+        raise ProtocolError("value nested too deeply")
+    if isinstance(value, ArrayRef):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_arrays(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_has_arrays(v, depth + 1) for v in value.values())
+    return False
+
+
+def _attach_buffers(message: Message, buffers: Sequence[memoryview | bytes | bytearray]) -> Message:
+    used: set[int] = set()
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, ArrayRef):
+            if value.index >= len(buffers) or value.index in used:
+                raise ProtocolError("array refers to a missing buffer")
+            used.add(value.index)
+            return array_from_buffer(value, buffers[value.index])
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(resolve(v) for v in value)
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, BaseModel):
+            fields = {n: resolve(getattr(value, n)) for n in type(value).model_fields}
+            return type(value).model_construct(**fields)
+        return value
+
+    resolved = resolve(message)
+    if len(used) != len(buffers):
+        raise ProtocolError("message carries buffers no value refers to")
+    return resolved  # type: ignore[no-any-return]
+
+
+def array_from_buffer(ref: ArrayRef, buffer: memoryview | bytes | bytearray) -> Any:
+    """Rebuild an array or tensor over ``buffer`` without copying it."""
+    wire_dtype = _TORCH_ONLY_DTYPES.get(ref.dtype, ref.dtype) if ref.kind == "torch" else ref.dtype
+    try:
+        dtype = np.dtype(wire_dtype)
+    except TypeError:
+        raise ProtocolError(f"unknown dtype {ref.dtype!r}") from None
+    if dtype.hasobject:
+        raise ProtocolError("object arrays are not accepted")
+    count = int(np.prod(ref.shape, dtype=np.int64))
+    if count * dtype.itemsize != len(buffer):
+        raise ProtocolError("array buffer size does not match its dtype and shape")
+    array = np.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
+    if ref.kind == "numpy":
+        return array
+    import torch
+
+    if not array.flags.writeable:  # torch warns on read-only memory; own a copy instead
+        array = array.copy()
+    tensor = torch.from_numpy(array)
+    if ref.dtype in _TORCH_ONLY_DTYPES:
+        tensor = tensor.view(getattr(torch, ref.dtype))
+    return tensor
