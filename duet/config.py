@@ -1,0 +1,74 @@
+"""Session configuration: one small typed dataclass, defaults that suit the internet."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+from urllib.parse import urlsplit
+
+from aiortc import RTCConfiguration, RTCIceServer
+
+__all__ = ["SessionConfig", "IceServerSpec", "DEFAULT_ICE_SERVERS"]
+
+# A public STUN server lets peers behind ordinary NATs find each other. Peers behind
+# symmetric NATs need a TURN relay: pass {"urls": "turn:host:3478", "username": ..., "credential": ...}.
+DEFAULT_ICE_SERVERS: tuple[str, ...] = ("stun:stun.l.google.com:19302",)
+
+IceServerSpec = Union[str, Mapping[str, Any], RTCIceServer]
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Knobs of a session. Every field has a default that works; tests override a few."""
+
+    ice_servers: Sequence[IceServerSpec] | None = None
+    # Offer 127.0.0.1 as the only ICE candidate (both peers on this machine). None: decide
+    # from the signaling URL: a loopback server means a same-machine duet.
+    ice_loopback: bool | None = None
+    connect_timeout: float = 30.0
+    # aiortc assumes 64 KiB when the remote does not state its maximum message size.
+    frame_size: int = 64 * 1024
+    max_message_bytes: int = 4 * 1024**3
+    # Flow control: stop handing chunks to the channel above this many buffered bytes.
+    buffer_high_water: int = 1024 * 1024
+    heartbeat_interval: float = 1.0
+    # The peer is declared gone after this long without any frame from it.
+    liveness_timeout: float = 10.0
+    # tqdm bars for transfers of at least this many bytes; None: on for the researcher.
+    progress: bool | None = None
+    progress_threshold: int = 8 * 1024 * 1024
+
+    def rtc_configuration(self) -> RTCConfiguration:
+        specs = DEFAULT_ICE_SERVERS if self.ice_servers is None else self.ice_servers
+        return RTCConfiguration(iceServers=[_ice_server(s) for s in specs])
+
+    def loopback_for(self, server_url: str) -> bool:
+        if self.ice_loopback is not None:
+            return self.ice_loopback
+        return is_loopback_host(urlsplit(server_url).hostname or "")
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _ice_server(spec: IceServerSpec) -> RTCIceServer:
+    if isinstance(spec, RTCIceServer):
+        return spec
+    if isinstance(spec, str):
+        return RTCIceServer(urls=spec)
+    if isinstance(spec, Mapping) and "urls" in spec:
+        return RTCIceServer(
+            urls=spec["urls"], username=spec.get("username"), credential=spec.get("credential")
+        )
+    raise ValueError(
+        f"bad ICE server {spec!r}: use a URL like 'stun:host:3478' or "
+        "{'urls': 'turn:host:3478', 'username': ..., 'credential': ...}"
+    )

@@ -1,0 +1,360 @@
+"""The transport seam: whole messages (header + buffers) in, whole messages out, in order.
+
+``Transport`` is the one seam between the protocol and the network. ``WebRTCTransport``
+(``duet.rtc``) is the real one; ``InMemoryTransport`` connects two endpoints in one process
+so the layers above are tested fast. Both frame messages the same way (``Framer`` and
+``Reassembler``), so chunking, reassembly and their limits are exercised by every test.
+
+Frames (the unit the data channel carries, at most ``frame_size`` bytes)::
+
+    0x01 WHOLE  | header                                  a message with no buffers that fits
+    0x02 BEGIN  | stream u32 | header len u32 | count u16 | count x size u64
+    0x03 CHUNK  | stream u32 | bytes                      header then buffers, back to back
+
+Several streams may interleave, so a ping or an approval is not stuck behind a 256 MiB
+tensor. The sender awaits flow control between chunks, so memory stays bounded by the
+channel's buffer, not the payload.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ConnectionLost, ProtocolError
+from .protocol import MAX_HEADER_BYTES
+
+__all__ = [
+    "Transport",
+    "InMemoryTransport",
+    "Framer",
+    "Reassembler",
+    "Progress",
+    "MessageHandler",
+    "CloseHandler",
+]
+
+log = logging.getLogger(__name__)
+
+WHOLE, BEGIN, CHUNK = 0x01, 0x02, 0x03
+_BEGIN = struct.Struct("!BIIH")
+_CHUNK = struct.Struct("!BI")
+_SIZE = struct.Struct("!Q")
+MAX_BUFFERS = 4096
+MAX_OPEN_STREAMS = 64
+
+MessageHandler = Callable[[bytes, list[memoryview]], None]
+CloseHandler = Callable[[str], None]
+# Called with (bytes done, bytes total); returns a closer. Lets sessions plug in tqdm.
+Progress = Callable[[int], Callable[[int], None]]
+
+
+class Transport(abc.ABC):
+    """Delivers whole messages to the peer, in order; reports arrivals and closure as events."""
+
+    def __init__(self) -> None:
+        self._on_message: MessageHandler | None = None
+        self._on_close: CloseHandler | None = None
+        # Messages that arrive before the session attaches its handlers wait here.
+        self._early: list[tuple[bytes, list[memoryview]]] = []
+        self.closed = False
+        self.close_reason = ""
+
+    def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler) -> None:
+        self._on_message = on_message
+        self._on_close = on_close
+        early, self._early = self._early, []
+        for header, buffers in early:
+            on_message(header, buffers)
+        if self.closed:
+            on_close(self.close_reason)
+
+    @abc.abstractmethod
+    async def send(
+        self, header: bytes, buffers: Sequence[memoryview] = (), progress: Progress | None = None
+    ) -> None:
+        """Send one message; returns once every frame is handed to the channel."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the channel; idempotent. The close handler runs once, here or on peer loss."""
+
+    def _deliver(self, header: bytes, buffers: list[memoryview]) -> None:
+        if self._on_message is None:
+            self._early.append((header, buffers))
+        else:
+            self._on_message(header, buffers)
+
+    def _closed(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if self._on_close is not None:
+            self._on_close(reason)
+
+
+@dataclass
+class _Stream:
+    header_len: int
+    sizes: list[int]
+    data: np.ndarray
+    received: int = 0
+    progress_update: Callable[[int], None] | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.data)
+
+
+class Framer:
+    """Splits messages into frames of at most ``frame_size`` bytes."""
+
+    def __init__(self, frame_size: int) -> None:
+        if frame_size < 1024:
+            raise ValueError("frame_size must be at least 1024 bytes")
+        self.frame_size = frame_size
+        self._next_stream = 0
+
+    def is_whole(self, header: bytes, buffers: Sequence[memoryview]) -> bool:
+        return not buffers and len(header) + 1 <= self.frame_size
+
+    def whole(self, header: bytes) -> bytes:
+        return bytes((WHOLE,)) + header
+
+    def begin(self, header: bytes, buffers: Sequence[memoryview]) -> tuple[int, bytes]:
+        if len(buffers) > MAX_BUFFERS:
+            raise ProtocolError(f"a message may carry at most {MAX_BUFFERS} buffers")
+        self._next_stream = (self._next_stream + 1) % 2**32
+        stream = self._next_stream
+        sizes = b"".join(_SIZE.pack(b.nbytes) for b in buffers)
+        frame = _BEGIN.pack(BEGIN, stream, len(header), len(buffers)) + sizes
+        if len(frame) > self.frame_size:
+            raise ProtocolError("too many buffers for one frame")
+        return stream, frame
+
+    def chunks(self, stream: int, header: bytes, buffers: Sequence[memoryview]) -> Any:
+        """Yield CHUNK frames covering header and buffers, each copied once into its frame."""
+        prefix = _CHUNK.pack(CHUNK, stream)
+        room = self.frame_size - len(prefix)
+        parts = [memoryview(header), *(memoryview(b).cast("B") for b in buffers)]
+        pending: list[memoryview] = []
+        pending_len = 0
+        for part in parts:
+            offset = 0
+            while offset < len(part):
+                take = min(room - pending_len, len(part) - offset)
+                pending.append(part[offset : offset + take])
+                pending_len += take
+                offset += take
+                if pending_len == room:
+                    yield b"".join((prefix, *pending)), pending_len
+                    pending, pending_len = [], 0
+        if pending_len:
+            yield b"".join((prefix, *pending)), pending_len
+
+
+class Reassembler:
+    """Rebuilds messages from frames, enforcing size limits; a bad frame drops only its stream."""
+
+    def __init__(self, max_message_bytes: int, progress: Progress | None = None,
+                 progress_threshold: int = 8 * 1024 * 1024) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.progress = progress
+        self.progress_threshold = progress_threshold
+        self._streams: dict[int, _Stream] = {}
+
+    def feed(self, frame: bytes) -> tuple[bytes, list[memoryview]] | None:
+        """Take one frame; return a complete message when one is done. Raises ProtocolError."""
+        if not frame:
+            raise ProtocolError("empty frame")
+        kind = frame[0]
+        if kind == WHOLE:
+            return frame[1:], []
+        if kind == BEGIN:
+            self._begin(frame)
+            return None
+        if kind == CHUNK:
+            return self._chunk(frame)
+        raise ProtocolError(f"unknown frame kind {kind:#04x}")
+
+    def _begin(self, frame: bytes) -> None:
+        if len(frame) < _BEGIN.size:
+            raise ProtocolError("truncated BEGIN frame")
+        _, stream, header_len, count = _BEGIN.unpack_from(frame)
+        if len(frame) != _BEGIN.size + count * _SIZE.size:
+            raise ProtocolError("BEGIN frame length does not match its buffer count")
+        if stream in self._streams:
+            raise ProtocolError(f"stream {stream} is already open")
+        if len(self._streams) >= MAX_OPEN_STREAMS:
+            raise ProtocolError("too many messages in flight")
+        if header_len > MAX_HEADER_BYTES:
+            raise ProtocolError(f"message header of {header_len} bytes exceeds the limit")
+        sizes = [_SIZE.unpack_from(frame, _BEGIN.size + i * _SIZE.size)[0] for i in range(count)]
+        total = header_len + sum(sizes)
+        if total > self.max_message_bytes:
+            raise ProtocolError(
+                f"message of {total} bytes exceeds the limit of {self.max_message_bytes} bytes"
+            )
+        # np.empty does not touch the pages: memory is committed as chunks arrive.
+        entry = _Stream(header_len, sizes, np.empty(total, dtype=np.uint8))
+        if self.progress is not None and total >= self.progress_threshold:
+            entry.progress_update = self.progress(total)
+        self._streams[stream] = entry
+
+    def _chunk(self, frame: bytes) -> tuple[bytes, list[memoryview]] | None:
+        if len(frame) <= _CHUNK.size:
+            raise ProtocolError("empty CHUNK frame")
+        _, stream = _CHUNK.unpack_from(frame)
+        entry = self._streams.get(stream)
+        if entry is None:
+            raise ProtocolError(f"CHUNK for unknown stream {stream}")
+        payload = memoryview(frame)[_CHUNK.size :]
+        end = entry.received + len(payload)
+        if end > entry.total:
+            del self._streams[stream]
+            raise ProtocolError(f"stream {stream} overran its declared size")
+        entry.data[entry.received : end] = np.frombuffer(payload, dtype=np.uint8)
+        entry.received = end
+        if entry.progress_update is not None:
+            entry.progress_update(len(payload))
+        if end < entry.total:
+            return None
+        del self._streams[stream]
+        view = memoryview(entry.data)
+        header = bytes(view[: entry.header_len])
+        buffers, offset = [], entry.header_len
+        for size in entry.sizes:
+            buffers.append(view[offset : offset + size])
+            offset += size
+        return header, buffers
+
+    def reset(self) -> None:
+        self._streams.clear()
+
+
+class FramedTransport(Transport):
+    """Shared sending and receiving logic over any frame carrier with flow control."""
+
+    def __init__(self, frame_size: int, max_message_bytes: int,
+                 progress: Progress | None = None, progress_threshold: int = 8 * 1024 * 1024,
+                 on_error: Callable[[ProtocolError], None] | None = None) -> None:
+        super().__init__()
+        self.framer = Framer(frame_size)
+        self.reassembler = Reassembler(max_message_bytes, progress, progress_threshold)
+        self.progress_threshold = progress_threshold
+        self.on_error = on_error
+
+    @abc.abstractmethod
+    def _send_frame(self, frame: bytes) -> None:
+        """Hand one frame to the carrier without waiting."""
+
+    @abc.abstractmethod
+    async def _writable(self) -> None:
+        """Wait until the carrier has room for more frames (flow control)."""
+
+    async def send(
+        self, header: bytes, buffers: Sequence[memoryview] = (), progress: Progress | None = None
+    ) -> None:
+        if self.closed:
+            raise ConnectionLost(f"the connection is closed ({self.close_reason})")
+        if self.framer.is_whole(header, buffers):
+            self._send_frame(self.framer.whole(header))
+            return
+        stream, begin = self.framer.begin(header, buffers)
+        total = len(header) + sum(b.nbytes for b in buffers)
+        update = progress(total) if progress and total >= self.progress_threshold else None
+        self._send_frame(begin)
+        for frame, size in self.framer.chunks(stream, header, buffers):
+            await self._writable()
+            if self.closed:
+                raise ConnectionLost(f"the connection closed mid-transfer ({self.close_reason})")
+            self._send_frame(frame)
+            if update is not None:
+                update(size)
+
+    def _receive_frame(self, frame: bytes) -> None:
+        try:
+            message = self.reassembler.feed(frame)
+        except ProtocolError as exc:
+            log.warning("dropped a bad frame from the peer: %s", exc)
+            if self.on_error is not None:
+                self.on_error(exc)
+            return
+        if message is not None:
+            self._deliver(*message)
+
+
+class InMemoryTransport(FramedTransport):
+    """Two endpoints in one event loop, framed exactly like the real transport."""
+
+    def __init__(self, frame_size: int = 64 * 1024, max_message_bytes: int = 2**32,
+                 max_queued_frames: int = 64) -> None:
+        super().__init__(frame_size, max_message_bytes)
+        self.peer: InMemoryTransport | None = None
+        self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._max_queued = max_queued_frames
+        self._room = asyncio.Event()
+        self._room.set()
+        self._pump = asyncio.get_running_loop().create_task(self._run())
+
+    @classmethod
+    def pair(cls, **kwargs: Any) -> tuple[InMemoryTransport, InMemoryTransport]:
+        """Make two connected endpoints; call from inside a running loop."""
+        a, b = cls(**kwargs), cls(**kwargs)
+        a.peer, b.peer = b, a
+        return a, b
+
+    def _send_frame(self, frame: bytes) -> None:
+        if self.peer is None or self.peer.closed:
+            raise ConnectionLost("the peer is gone")
+        self.peer._inbox.put_nowait(frame)
+        if self.peer._inbox.qsize() >= self._max_queued:
+            self.peer._room.clear()
+
+    async def _writable(self) -> None:
+        if self.peer is not None:
+            await self.peer._room.wait()
+
+    async def _run(self) -> None:
+        while True:
+            frame = await self._inbox.get()
+            if frame is None:
+                return
+            if self._inbox.qsize() < self._max_queued // 2:
+                self._room.set()
+            self._receive_frame(frame)
+
+    def inject_frame(self, frame: bytes) -> None:
+        """Put a raw frame on the wire towards this endpoint (tests of hostile peers)."""
+        self._inbox.put_nowait(frame)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self._inbox.put_nowait(None)
+        self._room.set()
+        self._closed("closed locally")
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            peer._inbox.put_nowait(None)
+            peer._room.set()
+            peer._closed("the peer closed the connection")
+
+
+def run_soon(coro: Awaitable[Any]) -> None:
+    """Fire and forget, logging failures instead of losing them."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())
