@@ -1,0 +1,365 @@
+"""The owner's approval queue: results leave only through a request the owner approved.
+
+``RequestQueue`` holds every request of a session, pending and decided. The owner decides by
+hand (``Request.approve()`` / ``.deny(reason)``, the widgets, the magics) or by rules
+(``add_rule``) that decide automatically and are recorded like manual decisions. Deciding is
+done here; sending the value, and writing the audit log before it leaves, is the session's.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from tabulate import tabulate
+
+from .errors import RequestError
+
+__all__ = ["Request", "RequestQueue", "Rule", "describe_value"]
+
+Status = Literal["pending", "approved", "denied", "withdrawn"]
+Action = Literal["approve", "deny"]
+PREVIEW_CHARS = 400
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """What the owner sees of a requested value before deciding."""
+
+    type: str
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    elements: int
+    nbytes: int
+    preview: str
+
+
+def describe_value(value: Any) -> ValueInfo:
+    """Summarize a value for the owner (who may see everything)."""
+    import numpy as np
+
+    shape = dtype = None
+    elements, nbytes = 1, 0
+    if isinstance(value, np.ndarray) or _is_tensor(value):
+        shape = tuple(int(n) for n in value.shape)
+        dtype = str(value.dtype).removeprefix("torch.")
+        elements = int(np.prod(shape, dtype=np.int64))
+        nbytes = elements * int(value.itemsize if isinstance(value, np.ndarray)
+                                else value.element_size())
+    elif isinstance(value, (list, tuple, dict)):
+        items = value.values() if isinstance(value, dict) else value
+        infos = [describe_value(v) for v in items]
+        elements = sum(i.elements for i in infos)
+        nbytes = sum(i.nbytes for i in infos)
+    elif isinstance(value, (int, float, complex, bool, np.generic)):
+        nbytes = int(getattr(value, "nbytes", 8))
+    elif isinstance(value, (str, bytes)):
+        elements = nbytes = len(value)
+    with np.printoptions(threshold=20, edgeitems=3, precision=4):
+        preview = repr(value)
+    if len(preview) > PREVIEW_CHARS:
+        preview = preview[: PREVIEW_CHARS - 1] + "…"
+    return ValueInfo(_type_name(value), shape, dtype, elements, nbytes, preview)
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "element_size")
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    module = kind.__module__.split(".")[0]
+    return kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
+
+
+@dataclass
+class Rule:
+    """Decides requests automatically; every criterion given must match."""
+
+    id: int
+    action: Action
+    name: str | None = None
+    lineage: str | None = None
+    max_elements: int | None = None
+    predicate: Callable[[Request], bool] | None = None
+    reason: str = ""
+
+    def matches(self, request: Request) -> bool:
+        if self.name is not None and self.name not in request.sources:
+            return False
+        if self.lineage is not None and not re.search(self.lineage, request.lineage):
+            return False
+        if self.max_elements is not None and request.info.elements > self.max_elements:
+            return False
+        return self.predicate is None or bool(self.predicate(request))
+
+    def __str__(self) -> str:
+        criteria = [
+            f"{key}={value!r}"
+            for key, value in (("name", self.name), ("lineage", self.lineage),
+                               ("max_elements", self.max_elements))
+            if value is not None
+        ]
+        if self.predicate is not None:
+            criteria.append(f"predicate={getattr(self.predicate, '__name__', 'callable')}")
+        return f"rule {self.id}: {self.action} if {' and '.join(criteria) or 'always'}"
+
+
+@dataclass(eq=False)
+class Request:
+    """One researcher request for one value, as the owner sees it."""
+
+    id: str
+    reason: str
+    lineage: str
+    sources: frozenset[str]
+    info: ValueInfo
+    value: Any = field(repr=False)
+    created: float = field(default_factory=time.time)
+    status: Status = "pending"
+    decided_by: str = ""
+    decision_reason: str = ""
+    decided_at: float | None = None
+    _queue: RequestQueue | None = field(default=None, repr=False)
+
+    @property
+    def preview(self) -> str:
+        return self.info.preview
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return self.info.shape
+
+    @property
+    def type(self) -> str:
+        return self.info.type
+
+    def approve(self) -> None:
+        """Send the value to the researcher."""
+        self._require_queue().decide(self, "approved", by="owner")
+
+    def deny(self, reason: str = "") -> None:
+        """Refuse; the researcher's ``get`` raises ``RequestDenied`` with ``reason``."""
+        self._require_queue().decide(self, "denied", by="owner", reason=reason)
+
+    def _require_queue(self) -> RequestQueue:
+        if self._queue is None:
+            raise RequestError("this request does not belong to a session")
+        return self._queue
+
+    def __repr__(self) -> str:
+        return (f"<Request {self.id} {self.status}: {self.lineage} ({self.info.type}, "
+                f"{self.info.nbytes} bytes) reason={self.reason!r}>")
+
+
+Decider = Callable[[Request], None]
+
+
+class RequestQueue(Sequence[Request]):
+    """Every request of a session in arrival order; thread-safe."""
+
+    def __init__(self, on_decided: Decider) -> None:
+        self._requests: list[Request] = []
+        self._by_id: dict[str, Request] = {}
+        self._rules: list[Rule] = []
+        self._rule_ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self._arrived = threading.Condition(self._lock)
+        self._on_decided = on_decided
+        self._listeners: list[Callable[[Request], None]] = []
+        self.closed_reason = ""
+
+    # -- sequence -------------------------------------------------------------------------
+    @overload
+    def __getitem__(self, index: int) -> Request: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Request]: ...
+    def __getitem__(self, index: int | slice) -> Request | Sequence[Request]:
+        with self._lock:
+            return self._requests[index]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    def __iter__(self) -> Iterator[Request]:
+        with self._lock:
+            return iter(list(self._requests))
+
+    def get(self, request_id: str) -> Request:
+        with self._lock:
+            try:
+                return self._by_id[request_id]
+            except KeyError:
+                raise RequestError(f"no request with id {request_id!r}") from None
+
+    @property
+    def pending(self) -> list[Request]:
+        with self._lock:
+            return [r for r in self._requests if r.status == "pending"]
+
+    def wait(self, timeout: float | None = None) -> Request | None:
+        """The oldest pending request, waiting up to ``timeout`` seconds for one to arrive."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                pending = self.pending
+                if pending:
+                    return pending[0]
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._arrived.wait(remaining)
+
+    # -- rules ----------------------------------------------------------------------------
+    def add_rule(self, action: Action = "approve", name: str | None = None, *,
+                 lineage: str | None = None, max_elements: int | None = None,
+                 predicate: Callable[[Request], bool] | None = None, reason: str = "",
+                 apply_to_pending: bool = True) -> Rule:
+        """Decide matching requests automatically, e.g. ``add_rule("approve", max_elements=1)``.
+
+        ``name``: the value derives from this shared object; ``lineage``: a regular expression
+        searched in the lineage; ``max_elements``: at most this many elements; ``predicate``:
+        any test of the ``Request``. Rules apply in the order added; the first match decides.
+        """
+        if action not in ("approve", "deny"):
+            raise ValueError("action must be 'approve' or 'deny'")
+        if lineage is not None:
+            re.compile(lineage)
+        rule = Rule(next(self._rule_ids), action, name, lineage, max_elements, predicate, reason)
+        with self._lock:
+            self._rules.append(rule)
+        if apply_to_pending:
+            for request in self.pending:
+                self._apply_rules(request)
+        return rule
+
+    @property
+    def rules(self) -> list[Rule]:
+        with self._lock:
+            return list(self._rules)
+
+    def remove_rule(self, rule: Rule | int) -> None:
+        rule_id = rule.id if isinstance(rule, Rule) else rule
+        with self._lock:
+            before = len(self._rules)
+            self._rules = [r for r in self._rules if r.id != rule_id]
+            if len(self._rules) == before:
+                raise ValueError(f"no rule with id {rule_id}")
+
+    # -- lifecycle (called by the session) ------------------------------------------------
+    def on_change(self, listener: Callable[[Request], None]) -> None:
+        """Call ``listener(request)`` whenever a request arrives or is decided (widgets)."""
+        self._listeners.append(listener)
+
+    def add(self, request: Request) -> None:
+        request._queue = self
+        with self._arrived:
+            if request.id in self._by_id:
+                raise RequestError(f"request id {request.id!r} was already used")
+            self._requests.append(request)
+            self._by_id[request.id] = request
+            self._arrived.notify_all()
+        self._notify(request)
+        self._apply_rules(request)
+
+    def _apply_rules(self, request: Request) -> None:
+        for rule in self.rules:
+            try:
+                matched = rule.matches(request)
+            except Exception:  # a buggy predicate must not take the session down
+                matched = False
+            if matched:
+                try:
+                    self.decide(request, "approved" if rule.action == "approve" else "denied",
+                                by=f"rule:{rule.id}", reason=rule.reason)
+                except RequestError:
+                    pass  # decided meanwhile by hand
+                return
+
+    def decide(self, request: Request, status: Literal["approved", "denied"], *, by: str,
+               reason: str = "") -> None:
+        with self._lock:
+            if self.closed_reason:
+                raise RequestError(f"cannot decide request {request.id}: {self.closed_reason}; "
+                                   "nothing was sent")
+            if request.status != "pending":
+                raise RequestError(f"request {request.id} is already {request.status}")
+            request.status = status
+            request.decided_by = by
+            request.decision_reason = reason
+            request.decided_at = time.time()
+        try:
+            self._on_decided(request)
+        except BaseException:
+            with self._lock:  # nothing left: the request is still open to decide
+                request.status, request.decided_by, request.decided_at = "pending", "", None
+            raise
+        self._notify(request)
+
+    def withdraw(self, request_id: str) -> None:
+        with self._lock:
+            request = self._by_id.get(request_id)
+            if request is None or request.status != "pending":
+                return
+            request.status = "withdrawn"
+        self._notify(request)
+
+    def close(self, reason: str) -> None:
+        """Refuse every later decision, e.g. once the researcher left."""
+        with self._arrived:
+            self.closed_reason = reason
+            self._arrived.notify_all()
+
+    def _notify(self, request: Request) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(request)
+            except Exception:
+                pass
+
+    # -- display --------------------------------------------------------------------------
+    def _rows(self) -> list[list[str]]:
+        rows = []
+        for r in self:
+            rows.append([
+                r.id, time.strftime("%H:%M:%S", time.localtime(r.created)), r.status,
+                r.lineage if len(r.lineage) < 60 else r.lineage[:59] + "…",
+                r.info.type + ("" if r.info.shape is None else str(list(r.info.shape))),
+                str(r.info.nbytes), r.reason, r.info.preview.replace("\n", " ")[:40],
+            ])
+        return rows
+
+    _HEADERS = ["id", "time", "status", "lineage", "type", "bytes", "reason", "preview"]
+
+    def __repr__(self) -> str:
+        if not len(self):
+            return "RequestQueue: no requests yet"
+        pending = len(self.pending)
+        table = tabulate(self._rows(), headers=self._HEADERS)
+        return f"RequestQueue: {len(self)} requests, {pending} pending\n{table}"
+
+    def _repr_html_(self) -> str:
+        if not len(self):
+            return "<p><b>duet requests</b>: none yet</p>"
+        head = "".join(f"<th>{h}</th>" for h in self._HEADERS)
+        body = "".join(
+            "<tr>" + "".join(f"<td><code>{html.escape(c)}</code></td>" for c in row) + "</tr>"
+            for row in self._rows()
+        )
+        return (f"<p><b>duet requests</b>: {len(self)}, {len(self.pending)} pending</p>"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+if TYPE_CHECKING:  # keep the Sequence protocol honest for mypy
+    _: Sequence[Request] = RequestQueue(lambda r: None)
