@@ -22,6 +22,8 @@ import abc
 import asyncio
 import logging
 import struct
+import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +68,7 @@ class Transport(abc.ABC):
         self._early: list[tuple[bytes, list[memoryview]]] = []
         self.closed = False
         self.close_reason = ""
+        self.last_activity = time.monotonic()  # liveness: any frame from the peer counts
 
     def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler) -> None:
         self._on_message = on_message
@@ -281,6 +284,7 @@ class FramedTransport(Transport):
                 update(size)
 
     def _receive_frame(self, frame: bytes) -> None:
+        self.last_activity = time.monotonic()
         try:
             message = self.reassembler.feed(frame)
         except ProtocolError as exc:
@@ -293,68 +297,116 @@ class FramedTransport(Transport):
 
 
 class InMemoryTransport(FramedTransport):
-    """Two endpoints in one event loop, framed exactly like the real transport."""
+    """Two endpoints in one process, each on its own event loop, framed like the real thing.
+
+    Make them with ``pair()``, then ``await start()`` each on the loop that will use it.
+    """
 
     def __init__(self, frame_size: int = 64 * 1024, max_message_bytes: int = 2**32,
                  max_queued_frames: int = 64) -> None:
         super().__init__(frame_size, max_message_bytes)
         self.peer: InMemoryTransport | None = None
-        self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._max_queued = max_queued_frames
-        self._room = asyncio.Event()
-        self._room.set()
-        self._pump = asyncio.get_running_loop().create_task(self._run())
+        self._lock = threading.Lock()
+        self._backlog: list[bytes | None] = []  # frames that arrived before start()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: asyncio.Queue[bytes | None] | None = None
+        self._queued = 0
+        self._room: asyncio.Event | None = None
+        self._pump: asyncio.Task[None] | None = None
 
     @classmethod
     def pair(cls, **kwargs: Any) -> tuple[InMemoryTransport, InMemoryTransport]:
-        """Make two connected endpoints; call from inside a running loop."""
         a, b = cls(**kwargs), cls(**kwargs)
         a.peer, b.peer = b, a
         return a, b
 
+    async def start(self) -> InMemoryTransport:
+        self._loop = asyncio.get_running_loop()
+        self._inbox = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._room.set()
+        with self._lock:
+            backlog, self._backlog = self._backlog, []
+            for frame in backlog:
+                self._queued += 1
+                self._inbox.put_nowait(frame)
+        self._pump = asyncio.create_task(self._run())
+        return self
+
+    def _put(self, frame: bytes | None) -> None:
+        """Called from the peer's thread: hand a frame to our loop."""
+        with self._lock:
+            if self._loop is None:
+                self._backlog.append(frame)
+                return
+            self._queued += 1
+            loop, inbox = self._loop, self._inbox
+        assert inbox is not None
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(inbox.put_nowait, frame)
+
+    @property
+    def _full(self) -> bool:
+        return self._queued >= self._max_queued
+
     def _send_frame(self, frame: bytes) -> None:
-        if self.peer is None or self.peer.closed:
+        peer = self.peer
+        if peer is None or peer.closed:
             raise ConnectionLost("the peer is gone")
-        self.peer._inbox.put_nowait(frame)
-        if self.peer._inbox.qsize() >= self._max_queued:
-            self.peer._room.clear()
+        peer._put(frame)
 
     async def _writable(self) -> None:
-        if self.peer is not None:
-            await self.peer._room.wait()
+        peer = self.peer
+        assert self._room is not None
+        while peer is not None and peer._full and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+
+    def _wake(self) -> None:
+        if self._loop is not None and self._room is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._room.set)
 
     async def _run(self) -> None:
+        assert self._inbox is not None
         while True:
             frame = await self._inbox.get()
+            with self._lock:
+                self._queued -= 1
+            if self.peer is not None:
+                self.peer._wake()
             if frame is None:
+                self._closed("the peer closed the connection")
                 return
-            if self._inbox.qsize() < self._max_queued // 2:
-                self._room.set()
             self._receive_frame(frame)
 
     def inject_frame(self, frame: bytes) -> None:
         """Put a raw frame on the wire towards this endpoint (tests of hostile peers)."""
-        self._inbox.put_nowait(frame)
+        self._put(frame)
 
     async def close(self) -> None:
         if self.closed:
             return
-        self._inbox.put_nowait(None)
-        self._room.set()
         self._closed("closed locally")
-        peer = self.peer
-        if peer is not None and not peer.closed:
-            peer._inbox.put_nowait(None)
-            peer._room.set()
-            peer._closed("the peer closed the connection")
+        if self._room is not None:
+            self._room.set()
+        if self._pump is not None:
+            self._pump.cancel()
+        if self.peer is not None and not self.peer.closed:
+            self.peer._put(None)
+
+
+_background: set[asyncio.Future[Any]] = set()
 
 
 def run_soon(coro: Awaitable[Any]) -> None:
-    """Fire and forget, logging failures instead of losing them."""
+    """Fire and forget on the running loop: keep the task alive, log its failure."""
     task = asyncio.ensure_future(coro)
-    task.add_done_callback(_log_failure)
+    _background.add(task)
+    task.add_done_callback(_finished)
 
 
-def _log_failure(task: asyncio.Future[Any]) -> None:
+def _finished(task: asyncio.Future[Any]) -> None:
+    _background.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.error("background task failed", exc_info=task.exception())

@@ -1,0 +1,116 @@
+"""Wire protocol: every dtype round-trips bit-exact; garbage is refused with ProtocolError."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from duet import ProtocolError
+from duet import protocol as p
+
+NUMPY_DTYPES = ["bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32",
+                "uint64", "float16", "float32", "float64", "complex64", "complex128"]
+TORCH_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+                torch.complex128]
+
+
+def roundtrip(value: object) -> object:
+    header, buffers = p.encode(p.Decision(request_id="ab" * 4, status="approved", value=value))
+    # The transport hands over fresh buffers: copy, as the receiver would own them.
+    decoded = p.decode(header, [bytearray(b) for b in buffers])
+    assert isinstance(decoded, p.Decision)
+    return decoded.value
+
+
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 4, 5)])
+def test_numpy_roundtrip_bit_exact(dtype: str, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=int(np.prod(shape)) * np.dtype(dtype).itemsize,
+                       dtype=np.uint8)
+    array = raw.view(dtype).reshape(shape)  # arbitrary bit patterns, NaN payloads included
+    out = roundtrip(array)
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == array.dtype and out.shape == array.shape
+    assert out.tobytes() == array.tobytes()
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+def test_torch_roundtrip_bit_exact(dtype: torch.dtype) -> None:
+    base = torch.arange(24, dtype=torch.float64).reshape(2, 3, 4) * 1.37 - 9
+    tensor = base.to(dtype) if dtype != torch.bool else base > 0
+    out = roundtrip(tensor)
+    assert isinstance(out, torch.Tensor)
+    assert out.dtype == tensor.dtype and out.shape == tensor.shape
+    assert torch.equal(out, tensor)
+
+
+def test_non_contiguous_and_conjugate_views() -> None:
+    array = np.arange(60, dtype=np.float32).reshape(6, 10)[::2, 1::3].T
+    assert not array.flags.c_contiguous
+    assert np.array_equal(roundtrip(array), array)
+    tensor = torch.arange(30.0).reshape(5, 6).t()[1:, ::2]
+    assert torch.equal(roundtrip(tensor), tensor)
+    z = torch.tensor([1 + 2j, 3 - 1j]).conj()
+    assert torch.equal(roundtrip(z), z.resolve_conj())
+
+
+def test_nested_values_keep_their_types() -> None:
+    value = {"w": torch.ones(2), "stats": (1, 2.5, None, "x", [np.int64(3)]), "z": 1 + 2j,
+             "s": slice(1, None, 2), "e": ...}
+    out = roundtrip(value)
+    assert isinstance(out, dict)
+    assert torch.equal(out["w"], torch.ones(2))
+    assert out["stats"] == (1, 2.5, None, "x", [3])
+    assert out["z"] == 1 + 2j and out["s"] == slice(1, None, 2) and out["e"] is Ellipsis
+
+
+def test_large_array_is_not_copied_into_the_header() -> None:
+    array = np.zeros(1_000_000, dtype=np.float64)
+    header, buffers = p.encode(p.Decision(request_id="ab" * 4, status="approved", value=array))
+    assert len(header) < 200
+    assert buffers[0].nbytes == array.nbytes
+    assert np.shares_memory(np.frombuffer(buffers[0], dtype=np.uint8), array)
+
+
+def test_refuses_objects_it_cannot_send_safely() -> None:
+    for value in [object(), np.array([object()], dtype=object), {1, 2}, lambda: 0]:
+        with pytest.raises(ProtocolError):
+            p.encode(p.Decision(request_id="ab" * 4, status="approved", value=value))
+
+
+@pytest.mark.parametrize("header", [
+    b"", b"\xc1", b"\x92\x01\x02", msgpack.packb({"type": "nope"}),
+    msgpack.packb({"type": "ping"}), msgpack.packb({"type": "ping", "nonce": "x"}),
+    msgpack.packb({"type": "ping", "nonce": 1, "extra": 2}),
+    msgpack.packb({"type": "ops", "ops": [{"result": 0, "kind": "function", "name": "x"}]}),
+    msgpack.packb({"type": "ops", "ops": [{"result": 1, "kind": "eval", "name": "x"}]}),
+    msgpack.packb({"type": "request", "request_id": "../../etc", "target": None}),
+    msgpack.packb({1: 2}),
+    msgpack.packb({"type": "decision", "request_id": "a", "status": "approved",
+                   "value": msgpack.ExtType(99, b"")}),
+    msgpack.packb({"type": "decision", "request_id": "a", "status": "approved",
+                   "value": msgpack.ExtType(8, msgpack.packb(["numpy", "float32", [4], 0]))}),
+])
+def test_malformed_messages_raise_protocol_error(header: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        p.decode(header)
+
+
+def test_buffer_size_must_match_declared_shape() -> None:
+    header, buffers = p.encode(p.Decision(request_id="ab" * 4, status="approved",
+                                          value=np.zeros(4, dtype=np.float32)))
+    with pytest.raises(ProtocolError, match="size"):
+        p.decode(header, [b"\x00" * 12])
+    with pytest.raises(ProtocolError, match="buffers"):
+        p.decode(header, [bytes(buffers[0]), b"extra"])
+
+
+def test_object_dtype_is_refused_on_decode() -> None:
+    header = msgpack.packb({"type": "decision", "request_id": "a", "status": "approved",
+                            "value": msgpack.ExtType(8, msgpack.packb(["numpy", "O", [1], 0]))})
+    with pytest.raises(ProtocolError):
+        p.decode(header, [b"\x00" * 8])
