@@ -1,0 +1,616 @@
+"""The owner's allowlist: the only door through which a researcher's operation runs.
+
+Everything a researcher may run is named in the tables below, which a data steward can read:
+functions by qualified name, and methods and attributes per *type family* (``ndarray``,
+``Tensor``, ``Module``, ...). Names arriving from the peer are never handed to ``getattr`` on
+an arbitrary object: a function name is looked up as a key of a registry that was filled at
+construction by walking our own tables, and a method or attribute name is used only after the
+object's family was determined by ``isinstance`` and ``"<family>.<name>"`` was found registered.
+
+Some names are never reachable, whatever the owner allows: private and dunder names (any dotted
+component starting with ``_``), non-ASCII lookalikes, and the ``DENIED`` list (files, processes,
+network, imports, serialization, raw memory, hooks that run code).
+
+Methods marked *mutating* change their object in place; the executor refuses them on objects
+that are, or alias, shared data, so the owner's data never changes under them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import inspect
+import re
+import types
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import PolicyViolation
+
+__all__ = [
+    "ATTRIBUTES",
+    "DENIED",
+    "DTYPES",
+    "FUNCTIONS",
+    "METHODS",
+    "MUTATING_METHODS",
+    "Allowlist",
+    "check_described",
+    "check_name",
+]
+
+# -- what a researcher may run --------------------------------------------------------------
+# (namespace, space-separated names). A namespace may appear in several commented groups.
+# Names missing from the installed numpy/torch version are skipped.
+FUNCTIONS: tuple[tuple[str, str], ...] = (
+    # Python operators: a Pointer maps +, -, *, @, ~, <, [], ... to these.
+    ("operator", """add sub mul truediv floordiv mod pow matmul neg pos abs invert
+                    and_ or_ xor lt le eq ne gt ge getitem"""),
+    # Copies, e.g. to fine-tune a copy of a shared model instead of the owner's own.
+    ("copy", "copy deepcopy"),
+    # numpy: reductions and statistics
+    ("numpy", """sum mean std var min max amin amax argmin argmax median percentile quantile
+                 prod cumsum cumprod all any count_nonzero average ptp corrcoef cov"""),
+    ("numpy", """nansum nanmean nanstd nanvar nanmin nanmax nanmedian nanpercentile
+                 nanquantile nanargmin nanargmax nancumsum nanprod"""),
+    # numpy: elementwise math and comparison
+    ("numpy", """exp expm1 exp2 log log1p log2 log10 sqrt square abs absolute sin cos tan
+                 arcsin arccos arctan arctan2 sinh cosh tanh clip round around floor ceil trunc
+                 rint sign isnan isinf isfinite maximum minimum fmax fmin add subtract multiply
+                 divide true_divide floor_divide power mod remainder negative positive
+                 reciprocal logical_and logical_or logical_not logical_xor greater
+                 greater_equal less less_equal equal not_equal nan_to_num isclose allclose
+                 array_equal"""),
+    # numpy: selection, shape, sorting, binning
+    ("numpy", """where nonzero argwhere flatnonzero take extract searchsorted select
+                 concatenate stack vstack hstack dstack column_stack reshape ravel transpose
+                 moveaxis swapaxes squeeze expand_dims atleast_1d atleast_2d broadcast_to tile
+                 repeat flip split array_split diff sort argsort unique lexsort histogram
+                 histogram2d histogramdd bincount digitize"""),
+    # numpy: products and creation (from literals the researcher sends)
+    ("numpy", """dot matmul outer inner einsum tensordot vdot kron cross trace diag arange
+                 zeros ones full linspace logspace eye identity zeros_like ones_like full_like
+                 array asarray meshgrid tri triu tril"""),
+    ("numpy.linalg", """norm inv solve eig eigh eigvals svd det pinv matrix_rank qr cholesky
+                        lstsq slogdet"""),
+    # torch: creation and randomness
+    ("torch", """tensor as_tensor from_numpy zeros ones zeros_like ones_like full arange
+                 linspace eye randn rand randint randn_like rand_like randperm manual_seed"""),
+    # torch: tensor math
+    ("torch", """cat concat stack hstack vstack matmul mm bmm einsum outer dot sum mean std var
+                 max min argmax argmin median quantile prod cumsum logsumexp norm softmax
+                 log_softmax sigmoid tanh relu exp log log1p sqrt abs clamp clip round floor
+                 ceil sign where maximum minimum add sub mul div pow neg eq ne gt ge lt le
+                 isnan isfinite nan_to_num allclose isclose equal count_nonzero"""),
+    # torch: shape, selection, sorting
+    ("torch", """flatten reshape squeeze unsqueeze transpose permute chunk split gather
+                 masked_select nonzero sort argsort topk unique diag tril triu bincount histc
+                 numel"""),
+    # torch: autograd mode (``with torch.no_grad()`` is sent as set_grad_enabled(False/True))
+    ("torch", "set_grad_enabled is_grad_enabled"),
+    ("torch.linalg", "norm inv solve det svd eigh pinv qr"),
+    # torch.nn: layers, containers, losses
+    ("torch.nn", """Linear Bilinear Conv1d Conv2d ReLU LeakyReLU GELU SiLU ELU Sigmoid Tanh
+                    Softmax LogSoftmax Dropout BatchNorm1d BatchNorm2d LayerNorm Embedding
+                    Flatten Unflatten Identity MaxPool1d MaxPool2d AvgPool1d AvgPool2d
+                    AdaptiveAvgPool2d RNN LSTM GRU Parameter"""),
+    ("torch.nn", "Sequential ModuleList ModuleDict"),
+    ("torch.nn", """MSELoss CrossEntropyLoss BCELoss BCEWithLogitsLoss NLLLoss L1Loss
+                    SmoothL1Loss HuberLoss KLDivLoss"""),
+    ("torch.nn.functional", """relu leaky_relu gelu silu elu sigmoid tanh softmax log_softmax
+                               linear dropout one_hot normalize pad conv1d conv2d max_pool2d
+                               avg_pool2d embedding layer_norm cross_entropy mse_loss nll_loss
+                               binary_cross_entropy binary_cross_entropy_with_logits l1_loss
+                               smooth_l1_loss kl_div"""),
+    # torch.optim: optimizers and learning-rate schedules
+    ("torch.optim", "SGD Adam AdamW RMSprop Adagrad"),
+    ("torch.optim.lr_scheduler", "StepLR ExponentialLR CosineAnnealingLR"),
+)
+
+# Methods per family that leave their object unchanged.
+METHODS: tuple[tuple[str, str], ...] = (
+    ("ndarray", """sum mean std var min max argmin argmax prod cumsum cumprod any all astype
+                   reshape flatten ravel transpose swapaxes squeeze copy clip round dot take
+                   repeat nonzero argsort searchsorted diagonal trace conj item tolist"""),
+    ("Tensor", """abs add sub mul div pow matmul mm sum mean std var max min argmax argmin
+                  prod cumsum logsumexp norm median quantile softmax log_softmax sigmoid tanh
+                  relu exp log log1p sqrt square neg reciprocal sin cos clamp clip round floor
+                  ceil sign where eq ne gt ge lt le isnan isfinite nan_to_num any all allclose
+                  equal count_nonzero flatten reshape reshape_as view view_as squeeze unsqueeze
+                  permute transpose t expand expand_as repeat chunk split gather masked_fill
+                  nonzero sort argsort topk unique bincount size dim numel item tolist numpy
+                  detach clone contiguous cpu to float double half int long bool type_as"""),
+    ("Module", """forward parameters named_parameters buffers named_buffers children
+                  named_children modules named_modules state_dict"""),
+    ("Optimizer", "state_dict"),
+    ("Scheduler", "get_last_lr state_dict"),
+    ("list", "index count"),
+    ("tuple", "index count"),
+    ("dict", "keys values items get"),
+)
+
+# Methods that change their object in place: refused on shared data (and anything aliasing it).
+MUTATING_METHODS: tuple[tuple[str, str], ...] = (
+    ("ndarray", "sort fill resize put partition"),
+    # torch's trailing underscore means in place; backward writes .grad of the graph's leaves.
+    ("Tensor", """backward retain_grad requires_grad_ zero_ fill_ add_ sub_ mul_ div_ clamp_
+                  masked_fill_ uniform_ normal_"""),
+    ("Module", "train eval zero_grad load_state_dict requires_grad_ to float double"),
+    ("Optimizer", "step zero_grad load_state_dict"),
+    ("Scheduler", "step"),
+)
+
+ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("ndarray", "T shape dtype ndim size itemsize nbytes real imag"),
+    ("Tensor", "T mT shape dtype device ndim grad requires_grad is_leaf"),
+    ("Module", """weight bias training in_features out_features in_channels out_channels
+                  kernel_size stride padding num_features running_mean running_var
+                  normalized_shape eps num_embeddings embedding_dim hidden_size num_layers p"""),
+    ("Optimizer", "param_groups defaults"),
+    ("Scheduler", "last_epoch"),
+    # named results such as torch.max(x, dim=0).values
+    ("tuple", "values indices"),
+)
+
+# Never reachable, and ``allow`` refuses them. A pattern matches a name or any dotted prefix.
+DENIED: tuple[str, ...] = (
+    # Python itself: code, imports, files, processes, network, introspection
+    "builtins", "eval", "exec", "compile", "open", "getattr", "setattr", "delattr",
+    "globals", "locals", "vars", "input", "breakpoint", "os", "sys", "subprocess", "socket",
+    "importlib", "pickle", "marshal", "shelve", "copyreg", "shutil", "io", "pathlib",
+    "tempfile", "ctypes", "multiprocessing", "threading", "signal", "inspect", "gc", "code",
+    "runpy", "types", "urllib", "http", "ftplib", "smtplib", "asyncio", "sqlite3", "zipfile",
+    "tarfile", "webbrowser", "dill", "cloudpickle", "joblib",
+    # numpy: file I/O, raw memory, Python callbacks
+    "numpy.load", "numpy.save", "numpy.savez", "numpy.savez_compressed", "numpy.savetxt",
+    "numpy.loadtxt", "numpy.genfromtxt", "numpy.fromfile", "numpy.memmap", "numpy.fromregex",
+    "numpy.frombuffer", "numpy.lib", "numpy.ctypeslib", "numpy.DataSource", "numpy.frompyfunc",
+    "numpy.vectorize", "numpy.piecewise", "numpy.apply_along_axis", "numpy.apply_over_axes",
+    "numpy.rec", "numpy.core", "numpy.testing", "numpy.f2py", "numpy.distutils",
+    "numpy.copyto", "numpy.put", "numpy.place", "numpy.putmask", "numpy.fill_diagonal",
+    "ndarray.dump", "ndarray.dumps", "ndarray.tofile", "ndarray.ctypes", "ndarray.data",
+    "ndarray.base", "ndarray.setflags", "ndarray.flags", "ndarray.view",
+    # torch: serialization, code loading/compilation, raw storage, hooks
+    "torch.load", "torch.save", "torch.hub", "torch.jit", "torch.compile", "torch.ops",
+    "torch.classes", "torch.utils", "torch.package", "torch.serialization", "torch.library",
+    "torch.fx", "torch.export", "torch.onnx", "torch.distributed", "torch.multiprocessing",
+    "torch.from_file", "torch.Storage", "torch.UntypedStorage", "torch.backends",
+    "Tensor.storage", "Tensor.untyped_storage", "Tensor.data_ptr", "Tensor.set_",
+    "Tensor.share_memory_", "Tensor.register_*", "Tensor.data",
+    "Module.apply", "Module.register_*", "Module.add_module", "Module.get_submodule",
+    "Module.set_extra_state", "Module.share_memory",
+    "Optimizer.register_*", "Optimizer.add_param_group", "Scheduler.register_*",
+)
+
+# dtype names a researcher may send (DTypeRef); resolved from this table only.
+DTYPES: tuple[str, ...] = (
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+)
+
+_COMPONENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_MAX_NAME = 200
+_WRITE_ARGUMENTS = ("out", "inplace")
+
+
+def check_name(name: str, *, dotted: bool = True) -> list[str]:
+    """Split a peer-supplied name into components, refusing anything that is not plain ASCII.
+
+    Private and dunder components, empty components, whitespace and unicode lookalikes are
+    refused here, before any lookup.
+    """
+    if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
+        raise PolicyViolation("an operation name must be a non-empty string")
+    parts = name.split(".")
+    if not dotted and len(parts) != 1:
+        raise PolicyViolation(f"{name!r} must be a single name, not a dotted path")
+    for part in parts:
+        if not part:
+            raise PolicyViolation(f"{name!r} has an empty component")
+        if part.startswith("_"):
+            raise PolicyViolation(
+                f"{name!r}: private and dunder names are never reachable through duet"
+            )
+        if not part.isascii() or not _COMPONENT.fullmatch(part):
+            raise PolicyViolation(f"{name!r} is not a plain ASCII identifier path")
+    return parts
+
+
+def _denied(qualname: str) -> str | None:
+    """The DENIED pattern that covers ``qualname`` (or one of its dotted prefixes), if any."""
+    parts = qualname.split(".")
+    for end in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:end])
+        for pattern in DENIED:
+            if fnmatch.fnmatchcase(prefix, pattern):
+                return pattern
+    return None
+
+
+def _words(groups: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
+    for namespace, names in groups:
+        for name in names.split():
+            yield namespace, name
+
+
+def _family_classes() -> dict[str, type]:
+    """Family name -> class, in the order ``family`` tests them (most specific first)."""
+    classes: dict[str, type] = {}
+    try:
+        import torch
+    except ImportError:  # an owner sharing only numpy needs no torch
+        torch = None  # type: ignore[assignment]
+    if torch is not None:
+        classes["Tensor"] = torch.Tensor
+        classes["Module"] = torch.nn.Module
+        classes["Optimizer"] = torch.optim.Optimizer
+        classes["Scheduler"] = torch.optim.lr_scheduler.LRScheduler
+    classes["ndarray"] = np.ndarray
+    classes["dict"] = dict
+    classes["list"] = list
+    classes["tuple"] = tuple
+    return classes
+
+
+def _import_path(qualname: str) -> Any:
+    """Resolve a qualified name from *our* tables or the owner's ``allow`` (never the peer)."""
+    parts = qualname.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for part in parts[split:]:
+            obj = getattr(obj, part)
+        return obj
+    raise AttributeError(qualname)
+
+
+def _writes_through(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes an ``out``/``inplace`` parameter that could be passed positionally."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature take ``out`` by keyword
+        return False
+    return any(
+        p.name in _WRITE_ARGUMENTS
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in params.values()
+    )
+
+
+def _copy_if_readonly(convert: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.from_numpy/as_tensor alias numpy memory even when it is read-only (shared data);
+    copy such arrays first so the resulting tensor cannot write into the owner's array."""
+
+    def safe(data: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(data, np.ndarray) and not data.flags.writeable:
+            data = data.copy()
+        return convert(data, *args, **kwargs)
+
+    safe.__name__ = convert.__name__
+    safe.__qualname__ = convert.__qualname__
+    return safe
+
+
+_SAFE_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "torch.from_numpy": _copy_if_readonly,
+    "torch.as_tensor": _copy_if_readonly,
+}
+
+
+class Allowlist:
+    """A session's registry of runnable functions, methods and attributes.
+
+    Build one with ``Allowlist.default()``; the owner may ``allow`` or ``deny`` names for a
+    session. Every lookup either returns a vetted object or raises ``PolicyViolation``.
+    """
+
+    def __init__(self) -> None:
+        self._families = _family_classes()
+        self._functions: dict[str, Callable[..., Any]] = {}
+        self._writes_through: set[str] = set()
+        self._methods: dict[str, bool] = {}  # "family.name" -> mutating
+        self._attributes: set[str] = set()
+        self._dtypes = self._dtype_table()
+
+    @classmethod
+    def default(cls) -> Allowlist:
+        allowlist = cls()
+        for namespace, name in _words(FUNCTIONS):
+            if namespace.split(".")[0] == "torch" and "Tensor" not in allowlist._families:
+                continue
+            try:
+                allowlist._add_function(f"{namespace}.{name}")
+            except AttributeError:  # not in this numpy/torch version
+                continue
+        for mutating, groups in ((False, METHODS), (True, MUTATING_METHODS)):
+            for family, name in _words(groups):
+                if family in allowlist._families:
+                    allowlist._methods[f"{family}.{name}"] = mutating
+        for family, name in _words(ATTRIBUTES):
+            if family in allowlist._families:
+                allowlist._attributes.add(f"{family}.{name}")
+        return allowlist
+
+    def copy(self) -> Allowlist:
+        other = type(self)()
+        other._functions = dict(self._functions)
+        other._writes_through = set(self._writes_through)
+        other._methods = dict(self._methods)
+        other._attributes = set(self._attributes)
+        return other
+
+    # -- the owner edits ----------------------------------------------------------------------
+    def allow(self, *names: str, mutating: bool = False) -> None:
+        """Add functions (``"numpy.fft.fft"``) or family members (``"Tensor.cumprod"``).
+
+        Raises ``ValueError`` for names that can never be allowed (private, dunder, DENIED,
+        in-place functions, modules) or that do not exist.
+        """
+        for name in names:
+            try:
+                parts = check_name(name)
+            except PolicyViolation as exc:
+                raise ValueError(str(exc)) from None
+            pattern = _denied(name)
+            if pattern is not None:
+                raise ValueError(f"{name!r} can never be allowed (denied by {pattern!r})")
+            if len(parts) < 2:
+                raise ValueError(f"{name!r}: give a qualified name such as 'numpy.mean'")
+            if parts[0] in self._families and len(parts) == 2:
+                self._allow_member(parts[0], parts[1], mutating=mutating)
+            else:
+                if parts[-1].endswith("_"):
+                    raise ValueError(
+                        f"{name!r} works in place and could modify shared data; "
+                        "allow the method form (e.g. 'Tensor.name_') instead"
+                    )
+                try:
+                    self._add_function(name)
+                except AttributeError:
+                    raise ValueError(f"{name!r} does not exist") from None
+
+    def deny(self, *names: str) -> None:
+        """Remove names; a namespace (``"numpy.linalg"``, ``"Tensor"``) removes all under it."""
+        for name in names:
+            prefix = name + "."
+            for table in (self._functions, self._methods):
+                for key in [k for k in table if k == name or k.startswith(prefix)]:
+                    del table[key]
+            self._attributes = {
+                k for k in self._attributes if k != name and not k.startswith(prefix)
+            }
+
+    def _add_function(self, qualname: str) -> None:
+        obj = _import_path(qualname)
+        runnable = callable(obj) and not isinstance(obj, types.ModuleType)
+        if not runnable:
+            raise ValueError(f"{qualname!r} is not a function or class")
+        if any(obj is forbidden for forbidden in _forbidden_objects()):
+            raise ValueError(f"{qualname!r} is an alias of a denied function")
+        wrapper = _SAFE_WRAPPERS.get(qualname)
+        self._functions[qualname] = wrapper(obj) if wrapper else obj
+        if _writes_through(obj):
+            self._writes_through.add(qualname)
+
+    def _allow_member(self, family: str, name: str, *, mutating: bool) -> None:
+        cls = self._families[family]
+        member = inspect.getattr_static(cls, name, None)
+        key = f"{family}.{name}"
+        if member is not None and inspect.isroutine(member):
+            self._methods[key] = mutating or name.endswith("_")
+        else:  # properties, descriptors and instance attributes such as Module.weight
+            self._attributes.add(key)
+
+    # -- lookups (peer-supplied names) --------------------------------------------------------
+    def resolve_function(self, qualname: str) -> Callable[..., Any]:
+        check_name(qualname)
+        try:
+            return self._functions[qualname]
+        except KeyError:
+            raise PolicyViolation(_not_allowed(qualname, list(self._functions))) from None
+
+    def resolve_method(self, obj: object, name: str, *, shared: bool | str) -> Callable[..., Any]:
+        """The bound method ``name`` of ``obj``, if its family allows it.
+
+        ``shared`` is truthy when ``obj`` is, or aliases, shared data (a string names it); a
+        mutating method is then refused.
+        """
+        check_name(name, dotted=False)
+        family = self.family(obj)
+        key = f"{family}.{name}"
+        if family is None:
+            raise PolicyViolation(_NO_MEMBERS.format(name=name))
+        if key not in self._methods:
+            raise PolicyViolation(_not_allowed(key, list(self._methods)))
+        if self._methods[key] and shared:
+            what = f"shared object {shared!r}" if isinstance(shared, str) else "a shared object"
+            raise PolicyViolation(
+                f"{key} would modify {what}; the owner's data cannot change. "
+                f"Work on a copy: {_copy_hint(family, shared)}"
+            )
+        method = getattr(obj, name)  # name vetted above
+        if not callable(method):
+            raise PolicyViolation(f"{key} is not a method")
+        return method  # type: ignore[no-any-return]
+
+    def resolve_attribute(self, obj: object, name: str) -> Any:
+        check_name(name, dotted=False)
+        family = self.family(obj)
+        key = f"{family}.{name}"
+        if family is None:
+            raise PolicyViolation(_NO_MEMBERS.format(name=name))
+        if key not in self._attributes:
+            raise PolicyViolation(_not_allowed(key, list(self._attributes)))
+        return getattr(obj, name)  # name vetted above
+
+    def check_call(self, obj: object, *, shared: bool | str) -> None:
+        """Calling an object is allowed only for torch modules (their forward)."""
+        if self.family(obj) != "Module":
+            raise PolicyViolation(
+                "only torch.nn modules can be called; call a function or method instead"
+            )
+        if shared and self.call_mutates(obj):
+            raise PolicyViolation(
+                "calling a module in training mode would update running statistics of shared "
+                f"object {shared!r}; call it in eval mode or on a copy"
+            )
+
+    def check_arguments(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+        *, qualname: str | None = None,
+    ) -> None:
+        """Refuse ``out=`` and ``inplace=True``: they write into an existing object, possibly
+        shared data, behind the mutating-method check."""
+        if kwargs.get("out") is not None:
+            raise PolicyViolation("out= writes into an existing object; use the result instead")
+        if kwargs.get("inplace"):
+            raise PolicyViolation("inplace=True is not allowed; use the result instead")
+        if isinstance(fn, np.ufunc) and len(args) > fn.nin:
+            raise PolicyViolation(f"{fn.__name__} takes no positional output argument here")
+        if qualname in self._writes_through:
+            bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+            if bound.get("out") is not None or bound.get("inplace"):
+                raise PolicyViolation(f"{qualname} with out/inplace is not allowed")
+
+    def is_mutating(self, obj: object, name: str) -> bool:
+        return self._methods.get(f"{self.family(obj)}.{name}", False)
+
+    def call_mutates(self, obj: object) -> bool:
+        """Whether calling module ``obj`` changes it: training-mode batch norm updates its
+        running statistics."""
+        if self.family(obj) != "Module" or not getattr(obj, "training", False):
+            return False
+        import torch
+
+        return any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for m in obj.modules()  # type: ignore[attr-defined]
+        )
+
+    def resolve_dtype(self, name: str, *, torch: bool = False) -> Any:
+        """A numpy (or, with ``torch=True`` or a ``torch.`` prefix, torch) dtype by name."""
+        flavor = "torch" if torch else "numpy"
+        for prefix in ("torch.", "numpy.", "np."):
+            if name.startswith(prefix):
+                flavor, name = ("torch" if prefix == "torch." else "numpy"), name[len(prefix):]
+        try:
+            return self._dtypes[flavor][name]
+        except KeyError:
+            known = sorted(self._dtypes[flavor])
+            raise PolicyViolation(_not_allowed(f"dtype {name}", known)) from None
+
+    def family(self, obj: object) -> str | None:
+        for family, cls in self._families.items():
+            if isinstance(obj, cls):
+                return family
+        if isinstance(obj, np.generic):  # numpy scalars have the ndarray methods
+            return "ndarray"
+        return None
+
+    def describe(self) -> dict[str, list[str]]:
+        """What the researcher's side needs to refuse early (the owner still checks all):
+        ``functions``; per family, its method and attribute names; ``attributes`` and
+        ``mutating`` as ``family.name``."""
+        described: dict[str, list[str]] = {"functions": sorted(self._functions)}
+        for family in self._families:
+            names = {k.split(".", 1)[1] for k in [*self._methods, *self._attributes]
+                     if k.split(".", 1)[0] == family}
+            described[family] = sorted(names)
+        described["attributes"] = sorted(self._attributes)
+        described["mutating"] = sorted(k for k, m in self._methods.items() if m)
+        return described
+
+    def __contains__(self, qualname: object) -> bool:
+        return qualname in self._functions or qualname in self._methods or (
+            qualname in self._attributes
+        )
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _dtype_table(self) -> dict[str, dict[str, Any]]:
+        table: dict[str, dict[str, Any]] = {"numpy": {}, "torch": {}}
+        for name in DTYPES:
+            try:
+                table["numpy"][name] = np.dtype(name)
+            except TypeError:  # bfloat16 is torch-only
+                pass
+        if "Tensor" in self._families:
+            import torch
+
+            for name in DTYPES:
+                dtype = getattr(torch, name, None)
+                if isinstance(dtype, torch.dtype):
+                    table["torch"][name] = dtype
+        return table
+
+
+_NO_MEMBERS = "{name!r}: this kind of object has no allowlisted methods or attributes"
+
+
+def _not_allowed(key: str, known: list[str], what: str = "on the owner's allowlist") -> str:
+    message = f"{key} is not {what}"
+    close = difflib.get_close_matches(key, known, n=3)
+    return f"{message}; did you mean {', '.join(close)}?" if close else message
+
+
+def _copy_hint(family: str, shared: bool | str) -> str:
+    name = shared if isinstance(shared, str) else "x"
+    if family in ("Module", "Optimizer"):
+        return f"copy.deepcopy({name})"
+    return f"{name}.clone()" if family == "Tensor" else f"{name}.copy()"
+
+
+_FORBIDDEN: list[Any] = []
+# Functions whose aliases elsewhere (e.g. ``numpy.lib.npyio.load``) must not be allowed either.
+_FORBIDDEN_FUNCTIONS = (
+    "builtins.eval", "builtins.exec", "builtins.compile", "builtins.open", "builtins.getattr",
+    "builtins.setattr", "builtins.delattr", "builtins.__import__", "builtins.globals",
+    "builtins.locals", "builtins.vars", "builtins.input", "builtins.breakpoint",
+    "numpy.load", "numpy.save", "numpy.savez", "numpy.savez_compressed", "numpy.savetxt",
+    "numpy.loadtxt", "numpy.genfromtxt", "numpy.fromfile", "numpy.memmap", "numpy.fromregex",
+    "numpy.frombuffer", "numpy.frompyfunc", "numpy.vectorize", "torch.load", "torch.save",
+    "torch.from_file",
+)
+
+
+def _forbidden_objects() -> list[Any]:
+    if not _FORBIDDEN:
+        for qualname in _FORBIDDEN_FUNCTIONS:
+            try:
+                _FORBIDDEN.append(_import_path(qualname))
+            except (AttributeError, ImportError):  # torch absent
+                continue
+    return _FORBIDDEN
+
+
+def check_described(described: Mapping[str, list[str]], kind: str, name: str) -> None:
+    """Researcher-side pre-check against the owner's ``describe()``, so a forbidden operation
+    fails before it is sent, with close matches as suggestions.
+
+    ``kind`` is ``"function"`` (qualified name), ``"method"`` or ``"attribute"``; for the
+    latter two ``name`` is ``"family.name"`` or a bare name (allowed if any family has it).
+    """
+    if kind == "function":
+        check_name(name)
+        functions = described.get("functions", [])
+        if name not in functions:
+            raise PolicyViolation(_not_allowed(name, list(functions)))
+        return
+    if kind not in ("method", "attribute"):
+        raise ValueError(f"unknown kind {kind!r}")
+    check_name(name)
+    attributes = set(described.get("attributes", []))
+    reserved = {"functions", "attributes", "mutating"}
+    candidates = {
+        f"{family}.{member}"
+        for family, members in described.items() if family not in reserved
+        for member in members
+        if (f"{family}.{member}" in attributes) == (kind == "attribute")
+    }
+    known = candidates if "." in name else {c.split(".", 1)[1] for c in candidates}
+    if name not in known:
+        raise PolicyViolation(_not_allowed(name, sorted(known), f"an allowlisted {kind}"))
