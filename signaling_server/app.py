@@ -170,16 +170,13 @@ class _Connection:
             await self.leave(message.reason)
 
     async def _enter(self, room: str, role: Role) -> bool:
-        """Subscribe first, then change the room, so no message to us can be lost."""
         store = self.state.store
-        mailbox = await store.subscribe(room, role)
         try:
             if role == "owner":
-                await store.create(room, self.state.config.room_ttl)
+                mailbox = await store.create(room, self.state.config.room_ttl)
             else:
-                await store.join(room)
+                mailbox = await store.join(room)
         except RoomError as exc:
-            await mailbox.close()
             log_event(
                 f"{'create' if role == 'owner' else 'join'}_refused",
                 room=_short(room),
@@ -334,9 +331,9 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(text="this endpoint speaks WebSocket only\n")
-    await ws.prepare(request)
     ip = request.remote or "unknown"
     if state.per_ip[ip] >= config.max_connections_per_ip:
+        await ws.prepare(request)
         log_event("connection_refused", logging.WARNING, ip=ip, reason="per-ip limit")
         await ws.send_str(
             Error(
@@ -346,10 +343,12 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
         )
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"limit")
         return ws
-    connection = _Connection(state, ws, ip)
-    state.connections.add(connection)
+    # Count the address before the handshake yields, so concurrent handshakes see it.
     state.per_ip[ip] += 1
+    connection = _Connection(state, ws, ip)
     try:
+        await ws.prepare(request)
+        state.connections.add(connection)
         await connection.run()
     finally:
         state.connections.discard(connection)

@@ -2,7 +2,7 @@
 
 The relay logic in :mod:`signaling_server.app` talks only to :class:`RoomStore`. The in-memory
 implementation serves one process; a shared implementation (Redis: a hash per room with an
-expiry, a key per tombstone, a pub/sub channel per mailbox) can back several replicas behind a
+expiry, a key per tombstone, a list per mailbox read with BLPOP) can back several replicas behind a
 load balancer, since the owner and the researcher of a room may land on different replicas.
 """
 
@@ -56,11 +56,18 @@ class Mailbox(Protocol):
 class RoomStore(Protocol):
     """Rooms (with expiry and tombstones) and the mailboxes that relay between their peers."""
 
-    async def create(self, room: str, ttl: float) -> None:
-        """Register a room awaiting its researcher; RoomError room_exists/expired/limit."""
+    async def create(self, room: str, ttl: float) -> Mailbox:
+        """Register a room awaiting its researcher and open the owner's mailbox.
 
-    async def join(self, room: str) -> None:
-        """Claim the room's single researcher seat; RoomError unknown_room/room_full/expired."""
+        RoomError room_exists or limit. Claiming the role and opening its mailbox is one step,
+        so nothing published to the owner right after can be lost.
+        """
+
+    async def join(self, room: str) -> Mailbox:
+        """Claim the room's single researcher seat and open the researcher's mailbox.
+
+        RoomError unknown_room, room_full or expired.
+        """
 
     async def delete(self, room: str, reason: GoneReason) -> bool:
         """Delete the room and leave a tombstone; False if it was already gone."""
@@ -68,11 +75,8 @@ class RoomStore(Protocol):
     async def room_count(self) -> int:
         """Rooms currently open (for /healthz and the max_rooms limit)."""
 
-    async def subscribe(self, room: str, role: Role) -> Mailbox:
-        """Open the mailbox of ``role`` in ``room``; call before the room state changes."""
-
     async def publish(self, room: str, to_role: Role, message: str) -> bool:
-        """Deliver ``message`` to the peer's mailbox; False if nobody is subscribed."""
+        """Deliver ``message`` to the peer's mailbox; False if that mailbox is closed."""
 
 
 @dataclass(slots=True)
@@ -133,7 +137,12 @@ class InMemoryRoomStore:
         code, message = _GONE_ANSWERS[entry[1]]
         return RoomError(code, message)
 
-    async def create(self, room: str, ttl: float) -> None:
+    def _open_mailbox(self, room: str, role: Role) -> Mailbox:
+        mailbox = _QueueMailbox(self, (room, role))
+        self._mailboxes[(room, role)] = mailbox
+        return mailbox
+
+    async def create(self, room: str, ttl: float) -> Mailbox:
         if self._live(room) is not None:
             raise RoomError("room_exists", "a room with this id already exists")
         gone = self._gone(room)
@@ -142,14 +151,16 @@ class InMemoryRoomStore:
         if len(self._rooms) >= self._max_rooms:
             raise RoomError("limit", f"the server holds its maximum of {self._max_rooms} rooms")
         self._rooms[room] = _Room(expires_at=time.monotonic() + ttl)
+        return self._open_mailbox(room, "owner")
 
-    async def join(self, room: str) -> None:
+    async def join(self, room: str) -> Mailbox:
         state = self._live(room)
         if state is None:
             raise self._gone(room) or RoomError("unknown_room", "no room with this id")
         if state.joined:
             raise RoomError("room_full", "a researcher already joined this room")
         state.joined = True
+        return self._open_mailbox(room, "researcher")
 
     async def delete(self, room: str, reason: GoneReason) -> bool:
         if room not in self._rooms:
@@ -159,11 +170,6 @@ class InMemoryRoomStore:
 
     async def room_count(self) -> int:
         return len(self._rooms)
-
-    async def subscribe(self, room: str, role: Role) -> Mailbox:
-        mailbox = _QueueMailbox(self, (room, role))
-        self._mailboxes[(room, role)] = mailbox
-        return mailbox
 
     async def publish(self, room: str, to_role: Role, message: str) -> bool:
         mailbox = self._mailboxes.get((room, to_role))
