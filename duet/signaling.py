@@ -171,7 +171,8 @@ class SignalingClient:
             self._peer_joined = True
 
     async def send_signal(self, kind: Literal["offer", "answer"], payload: str) -> None:
-        """Send the SDP envelope; the owner offers, the researcher answers."""
+        """Send the SDP envelope; the owner offers (once the researcher joined), the researcher
+        answers."""
         expected = "offer" if self.role == "owner" else "answer"
         if kind != expected:
             raise PairingError(f"the {self.role} sends the {expected}, not the {kind}")
@@ -179,6 +180,8 @@ class SignalingClient:
             signal = Signal(kind=kind, payload=payload)
         except ValidationError:
             raise PairingError(f"the {kind} is too large for the signaling server") from None
+        if self.role == "owner":
+            await self.wait_peer_joined()  # the server refuses an offer nobody can receive
         await self._send(signal)
         if kind == "answer":
             self._in_room = False  # the server deletes the room once it relayed the answer

@@ -205,9 +205,9 @@ class _Connection:
             return
         if not await self._enter(room, "researcher"):
             return
+        await self.state.store.publish(room, "owner", PeerJoined().model_dump_json())
         await self.send(Joined(room=room, idle_timeout=self.state.config.idle_timeout))
         self.forwarder = asyncio.create_task(self.forward())
-        await self.state.store.publish(room, "owner", PeerJoined().model_dump_json())
         log_event("room_joined", room=_short(room))
 
     async def signal(self, message: Signal) -> None:
