@@ -17,7 +17,7 @@ import pytest
 
 from signaling_server import ServerConfig, start_server
 from signaling_server.messages import MAX_PAYLOAD_CHARS, PROTOCOL_VERSION
-from signaling_server.store import InMemoryRoomStore, RoomError
+from signaling_server.store import GoneReason, InMemoryRoomStore, RoomError
 from tests.helpers.signaling import get_health, receive_json, send_json
 
 from .conftest import Connect, MakeServer
@@ -487,19 +487,33 @@ async def test_shutdown_tells_clients_going_away(connect: Connect) -> None:
 
 
 # -- the store's tombstones ----------------------------------------------------------------
-async def test_store_answers_why_a_room_is_gone() -> None:
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [("used", "room_full"), ("closed", "unknown_room"), ("expired", "expired")],
+)
+async def test_store_answers_why_a_room_is_gone(reason: GoneReason, code: str) -> None:
     store = InMemoryRoomStore(max_rooms=10, tombstone_ttl=60)
-    for reason, code in (("used", "room_full"), ("closed", "unknown_room"), ("expired", "expired")):
-        room = new_room()
+    room = new_room()
+    await store.create(room, ttl=60)
+    assert await store.delete(room, reason)
+    assert not await store.delete(room, "closed")  # the first reason sticks
+    with pytest.raises(RoomError) as refused:
+        await store.join(room)
+    assert refused.value.code == code
+    with pytest.raises(RoomError) as recreated:
         await store.create(room, ttl=60)
-        assert await store.delete(room, reason)
-        assert not await store.delete(room, "closed")  # the first reason sticks
-        with pytest.raises(RoomError) as refused:
-            await store.join(room)
-        assert refused.value.code == code
-        with pytest.raises(RoomError) as recreated:
-            await store.create(room, ttl=60)
-        assert recreated.value.code == "room_exists"
+    assert recreated.value.code == "room_exists"
+    assert await store.room_count() == 0
+
+
+async def test_store_expires_rooms_on_access() -> None:
+    store = InMemoryRoomStore(max_rooms=10, tombstone_ttl=60)
+    room = new_room()
+    await store.create(room, ttl=0.01)
+    await asyncio.sleep(0.05)
+    with pytest.raises(RoomError) as refused:
+        await store.join(room)
+    assert refused.value.code == "expired"
     assert await store.room_count() == 0
 
 

@@ -117,3 +117,15 @@ def test_parse_config_prefers_flags_over_environment(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("DUET_SIGNALING_MAX_ROOMS", "3")
     config = parse_config(["--idle-timeout", "5", "--log-level", "debug"])
     assert (config.idle_timeout, config.max_rooms, config.log_level) == (5, 3, "DEBUG")
+
+
+def test_server_imports_nothing_from_duet() -> None:
+    """The container image ships signaling_server alone: it must not need duet, numpy or torch."""
+    probe = (
+        "import sys, signaling_server.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('duet', 'numpy', 'torch')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
