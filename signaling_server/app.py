@@ -9,6 +9,7 @@ behind the store is what lets a shared store serve several replicas later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -82,10 +83,9 @@ _STATE = web.AppKey("duet_signaling_state", _ServerState)
 class _Connection:
     """One client WebSocket and its place (role, room) in the pairing flow."""
 
-    def __init__(self, state: _ServerState, ws: web.WebSocketResponse, ip: str) -> None:
+    def __init__(self, state: _ServerState, ws: web.WebSocketResponse) -> None:
         self.state = state
         self.ws = ws
-        self.ip = ip
         self.room: str | None = None
         self.role: Role | None = None
         self.peer_joined = False  # owner: the researcher is in the room
@@ -103,8 +103,10 @@ class _Connection:
         return "researcher" if self.role == "owner" else "owner"
 
     async def send(self, message: BaseModel) -> None:
-        if not self.ws.closed:
-            await self.ws.send_str(message.model_dump_json())
+        # A client that vanished is noticed (and cleaned up) by the reader loop, not here.
+        with contextlib.suppress(ConnectionResetError):
+            if not self.ws.closed:
+                await self.ws.send_str(message.model_dump_json())
 
     async def error(self, code: ErrorCode, message: str) -> None:
         log_event("client_error", logging.DEBUG, code=code, detail=message, role=self.role)
@@ -230,9 +232,9 @@ class _Connection:
             await self.error("bad_state", "no offer received yet")
         else:
             await self.state.store.publish(room, "owner", message.model_dump_json())
-            await self.state.store.delete(room, "used")
             self.room = None
-            log_event("room_paired", room=_short(room))
+            if await self.state.store.delete(room, "used"):
+                log_event("room_paired", room=_short(room))
             await self.ws.close(message=b"paired")
 
     async def leave(self, reason: str) -> None:
@@ -345,7 +347,7 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
         return ws
     # Count the address before the handshake yields, so concurrent handshakes see it.
     state.per_ip[ip] += 1
-    connection = _Connection(state, ws, ip)
+    connection = _Connection(state, ws)
     try:
         await ws.prepare(request)
         state.connections.add(connection)
