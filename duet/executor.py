@@ -63,21 +63,25 @@ class Entry:
     nbytes: int
     failure: OpFailed | None = None
     error: str = ""  # the owner-side exception text; may contain data values, never sent
+    # Names of the shared objects the value was derived from, in-place changes included.
+    sources: frozenset[str] = frozenset()
     modified_by: list[str] = field(default_factory=list)
     origin: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.origin = self.lineage
 
-    def note_modification(self, text: str) -> None:
-        """Record an in-place change (``opt.step()`` trains a model) so the lineage says so."""
-        if text in self.modified_by:
+    def note_modification(self, note: str, sources: frozenset[str]) -> None:
+        """Record an in-place change, so that a model trained by ``opt.step()`` says so (and
+        on which shared data) in its lineage. Repeated changes are listed once."""
+        self.sources |= sources
+        if note in self.modified_by:
             return
-        self.modified_by.append(text)
+        self.modified_by.append(note)
         shown = self.modified_by[:_MAX_NOTES]
         more = len(self.modified_by) - len(shown)
         notes = "; ".join(shown) + (f"; … (+{more})" if more else "")
-        self.lineage = _cap(f"{self.origin} [modified by: {notes}]")
+        self.lineage = _cap(f"{self.origin} [modified in place by: {notes}]")
 
 
 class _Failure(Exception):
@@ -177,7 +181,7 @@ class Executor:
             # Only the type crosses the channel: the text may hold data values.
             raised = _Failure(type(exc).__name__, error=f"{type(exc).__name__}: {exc}")
             return self._report(op, call.operation, raised)
-        self._entries[op.result] = Entry(value, lineage, nbytes)
+        self._entries[op.result] = Entry(value, lineage, nbytes, sources=frozenset(call.sources))
         self._emit("op_executed", operation=call.operation, lineage=lineage,
                    pointer_id=op.result)
         return None
@@ -194,7 +198,8 @@ class Executor:
             shared = self._shared.get(ref.name)
             if shared is None:
                 raise RequestError(f"nothing is shared under the name {ref.name!r}")
-            return Entry(shared.value, ref.name, sum(_buffer_sizes(shared.value).values()))
+            size = sum(_buffer_sizes(shared.value).values())
+            return Entry(shared.value, ref.name, size, sources=frozenset([ref.name]))
         entry = self._entries.get(ref.id)
         if entry is None:
             raise RequestError(f"object #{ref.id} does not exist (never created, or freed)")
@@ -209,7 +214,7 @@ class Executor:
             if op.target is not None:
                 raise _Failure("BadOperation", "a function call takes no target")
             fn = self.allowlist.resolve_function(op.name)
-            args, kwargs, arguments = self._arguments(op, torch=op.name.startswith("torch."))
+            args, kwargs, arguments = self._arguments(op, call, torch=op.name.startswith("torch."))
             self.allowlist.check_arguments(fn, args, kwargs, qualname=op.name)
             subscript = len(op.args) == 2 and isinstance(op.args[1], tuple) and len(op.args[1])
             if op.name == "operator.getitem" and subscript:  # x[0, 1:3], not x[(0, 1:3)]
@@ -219,7 +224,7 @@ class Executor:
 
         if op.target is None:
             raise _Failure("BadOperation", f"a {op.kind} operation needs a target")
-        target, target_text = self._input(op.target)
+        target, target_text = self._input(op.target, call)
         family = self.allowlist.family(target)
         torch = family in _TORCH_FAMILIES
 
@@ -236,51 +241,52 @@ class Executor:
             touched = self._touched(target, op.name) if mutating else []
             shared = self._shared_name(op.target, touched)
             method = self.allowlist.resolve_method(target, op.name, shared=shared or False)
-            args, kwargs, arguments = self._arguments(op, torch=torch)
+            args, kwargs, arguments = self._arguments(op, call, torch=torch)
             self.allowlist.check_arguments(method, args, kwargs)
             text = _cap(f"{target_text}.{op.name}({', '.join(arguments)})")
             value = method(*args, **kwargs)
             if mutating:
-                self._note_modified(op.target, touched, text)
+                note = f"{call.operation}({_short_arguments(arguments)})"
+                self._note_modified(op.target, touched, note, call.sources)
             return value, text
 
         call.operation = "Module.forward" if family == "Module" else "call"
         mutating = self.allowlist.call_mutates(target)
         touched = list(_footprint(target)) if mutating else []
         self.allowlist.check_call(target, shared=self._shared_name(op.target, touched) or False)
-        args, kwargs, arguments = self._arguments(op, torch=True)
+        args, kwargs, arguments = self._arguments(op, call, torch=True)
         self.allowlist.check_arguments(target, args, kwargs)
         text = _cap(f"{target_text}({', '.join(arguments)})")
         value = target(*args, **kwargs)
         if mutating:
-            self._note_modified(op.target, touched, text)
+            self._note_modified(op.target, touched, f"{call.operation}()", call.sources)
         return value, text
 
     def _arguments(
-        self, op: Op, *, torch: bool
+        self, op: Op, call: _Call, *, torch: bool
     ) -> tuple[tuple[Any, ...], dict[str, Any], list[str]]:
         """Resolve references in the arguments; also return them as lineage text."""
         args, texts = [], []
         for arg in op.args:
-            value, text = self._resolve(arg, torch, 0)
+            value, text = self._resolve(arg, call, torch, 0)
             args.append(value)
             texts.append(text)
         kwargs = {}
         for key, arg in op.kwargs.items():
             check_name(key, dotted=False)
-            kwargs[key], text = self._resolve(arg, torch, 0)
+            kwargs[key], text = self._resolve(arg, call, torch, 0)
             texts.append(f"{key}={text}")
         return tuple(args), kwargs, texts
 
-    def _resolve(self, value: Any, torch: bool, depth: int) -> tuple[Any, str]:
+    def _resolve(self, value: Any, call: _Call, torch: bool, depth: int) -> tuple[Any, str]:
         if depth > MAX_VALUE_DEPTH:
             raise _Failure("BadArgument", "arguments are nested too deeply")
         if isinstance(value, (PointerRef, StoreRef)):
-            return self._input(value)
+            return self._input(value, call)
         if isinstance(value, DTypeRef):
             return self.allowlist.resolve_dtype(value.name, torch=torch), value.name
         if isinstance(value, (list, tuple)):
-            items = [self._resolve(v, torch, depth + 1) for v in value]
+            items = [self._resolve(v, call, torch, depth + 1) for v in value]
             resolved = [v for v, _ in items]
             texts = [t for _, t in items]
             if isinstance(value, list):
@@ -289,11 +295,11 @@ class Executor:
         if isinstance(value, dict):
             resolved_dict, texts = {}, []
             for key, item in value.items():
-                resolved_dict[key], text = self._resolve(item, torch, depth + 1)
+                resolved_dict[key], text = self._resolve(item, call, torch, depth + 1)
                 texts.append(f"{key!r}: {text}")
             return resolved_dict, _sequence_text(texts, "{", "}")
         if isinstance(value, slice):
-            parts = [self._resolve(v, torch, depth + 1) for v in (value.start, value.stop,
+            parts = [self._resolve(v, call, torch, depth + 1) for v in (value.start, value.stop,
                                                                   value.step)]
             texts = ["" if v is None else t for v, t in parts]
             text = ":".join(texts[:2]) + (f":{texts[2]}" if value.step is not None else "")
@@ -309,12 +315,13 @@ class Executor:
             return value, f"tensor({dtype}[{','.join(map(str, value.shape))}])"
         raise _Failure("BadArgument", f"cannot use a {type(value).__name__} as an argument")
 
-    def _input(self, ref: PointerRef | StoreRef) -> tuple[Any, str]:
+    def _input(self, ref: PointerRef | StoreRef, call: _Call) -> tuple[Any, str]:
         """The value and lineage of a reference, refusing unknown and failed objects."""
         if isinstance(ref, StoreRef):
             shared = self._shared.get(ref.name)
             if shared is None:
                 raise _Failure("UnknownObject", f"nothing is shared under the name {ref.name!r}")
+            call.sources.add(ref.name)
             return shared.value, ref.name
         entry = self._entries.get(ref.id)
         if entry is None:
@@ -326,6 +333,7 @@ class Executor:
                 f"{upstream.operation} failed with {upstream.error_type}"
             )
             raise _Failure("UpstreamFailure", f"input #{ref.id} is unusable: {cause}")
+        call.sources |= entry.sources
         return entry.value, entry.lineage
 
     # -- protecting shared data ---------------------------------------------------------------
@@ -357,11 +365,12 @@ class Executor:
                     item.flags.writeable = False
 
     def _note_modified(
-        self, ref: PointerRef | StoreRef, touched: list[tuple[int, int]], text: str
+        self, ref: PointerRef | StoreRef, touched: list[tuple[int, int]], operation: str,
+        sources: set[str],
     ) -> None:
-        """Append the in-place change to the lineage of every entry it reached (a trained
-        model's lineage names the training steps), and recount their memory."""
-        note = text if len(text) <= 200 else text[:199] + "…"
+        """Note the in-place change in the lineage of every entry it reached (a trained
+        model's lineage names the training steps and their data), and recount their memory."""
+        note = f"{operation} using {', '.join(sorted(sources))}" if sources else operation
         touched_index = _Intervals({"": _Shared(None, touched)})
         for entry_id, entry in self._entries.items():
             reached = (isinstance(ref, PointerRef) and ref.id == entry_id) or any(
@@ -369,7 +378,7 @@ class Executor:
                 for start, size in _footprint(entry.value)
             )
             if reached:
-                entry.note_modification(note)
+                entry.note_modification(note, frozenset(sources))
                 self._release(entry_id)
                 entry.nbytes = self._account(entry_id, entry.value, enforce=False)
 
@@ -434,6 +443,7 @@ class Executor:
 @dataclass
 class _Call:
     operation: str  # what failure reports name: refined once the target's family is known
+    sources: set[str] = field(default_factory=set)  # shared objects among the inputs
 
 
 # -- lineage text ---------------------------------------------------------------------------
@@ -444,6 +454,11 @@ def _cap(text: str) -> str:
 def _scalar_text(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _short_arguments(arguments: list[str]) -> str:
+    text = ", ".join(arguments)
+    return text if len(text) <= 40 else "…"
 
 
 def _sequence_text(texts: list[str], open_: str, close: str) -> str:
