@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from aiortc import RTCConfiguration, RTCIceServer
 
-__all__ = ["SessionConfig", "IceServerSpec", "DEFAULT_ICE_SERVERS"]
+__all__ = ["DEFAULT_ICE_SERVERS", "IceServerSpec", "SessionConfig"]
 
 # A public STUN server lets peers behind ordinary NATs find each other. Peers behind
 # symmetric NATs need a TURN relay: pass {"urls": "turn:host:3478", "username": ..., "credential": ...}.

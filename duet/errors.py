@@ -18,16 +18,16 @@ the operation and the exception type, nothing else.
 from __future__ import annotations
 
 __all__ = [
+    "BudgetExceeded",
+    "ConnectionLost",
     "DuetError",
     "PairingError",
-    "ConnectionLost",
-    "ProtocolError",
     "PolicyViolation",
+    "ProtocolError",
     "RemoteError",
     "RequestDenied",
-    "RequestTimeout",
     "RequestError",
-    "BudgetExceeded",
+    "RequestTimeout",
 ]
 
 

@@ -144,6 +144,8 @@ class Executor:
         self._held: dict[int, list[int]] = {}  # allocation start -> [size, reference count]
         self._allocations: dict[int, list[tuple[int, int]]] = {}  # entry id -> counted blocks
         self._used = 0
+        # entry id -> memory intervals, to find the entries an in-place change reaches
+        self._footprints: dict[int, list[tuple[int, int]]] = {}
 
     # -- shared objects -----------------------------------------------------------------------
     def share(self, name: str, obj: Any) -> None:
@@ -182,6 +184,7 @@ class Executor:
             raised = _Failure(type(exc).__name__, error=f"{type(exc).__name__}: {exc}")
             return self._report(op, call.operation, raised)
         self._entries[op.result] = Entry(value, lineage, nbytes, sources=frozenset(call.sources))
+        self._footprints[op.result] = list(_footprint(value))
         self._emit("op_executed", operation=call.operation, lineage=lineage,
                    pointer_id=op.result)
         return None
@@ -191,6 +194,7 @@ class Executor:
         for entry_id in ids:
             if self._entries.pop(entry_id, None) is not None:
                 self._release(entry_id)
+                self._footprints.pop(entry_id, None)
 
     def lookup(self, ref: PointerRef | StoreRef) -> Entry:
         """The entry behind a reference, for requests; a failed entry is returned as is."""
@@ -375,12 +379,13 @@ class Executor:
         for entry_id, entry in self._entries.items():
             reached = (isinstance(ref, PointerRef) and ref.id == entry_id) or any(
                 touched_index.find(start, size) is not None
-                for start, size in _footprint(entry.value)
+                for start, size in self._footprints.get(entry_id, ())
             )
             if reached:
                 entry.note_modification(note, frozenset(sources))
                 self._release(entry_id)
                 entry.nbytes = self._account(entry_id, entry.value, enforce=False)
+                self._footprints[entry_id] = list(_footprint(entry.value))
 
     # -- memory budget ------------------------------------------------------------------------
     def _account(self, entry_id: int, value: Any, *, enforce: bool = True) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import msgpack
 import numpy as np
@@ -37,27 +37,27 @@ MAX_REASON_CHARS = 2000
 
 __all__ = [
     "PROTOCOL_VERSION",
-    "PointerRef",
-    "StoreRef",
-    "DTypeRef",
     "ArrayRef",
-    "Hello",
-    "StoreEntry",
-    "StoreSnapshot",
-    "Op",
-    "Ops",
-    "Free",
-    "OpFailed",
-    "RequestValue",
-    "Withdraw",
-    "Decision",
-    "Ping",
-    "Pong",
-    "ErrorNotice",
     "Bye",
+    "DTypeRef",
+    "Decision",
+    "ErrorNotice",
+    "Free",
+    "Hello",
     "Message",
-    "encode",
+    "Op",
+    "OpFailed",
+    "Ops",
+    "Ping",
+    "PointerRef",
+    "Pong",
+    "RequestValue",
+    "StoreEntry",
+    "StoreRef",
+    "StoreSnapshot",
+    "Withdraw",
     "decode",
+    "encode",
 ]
 
 
@@ -216,20 +216,7 @@ class Bye(_Message):
 
 
 Message = Annotated[
-    Union[
-        Hello,
-        StoreSnapshot,
-        Ops,
-        Free,
-        OpFailed,
-        RequestValue,
-        Withdraw,
-        Decision,
-        Ping,
-        Pong,
-        ErrorNotice,
-        Bye,
-    ],
+    Hello | StoreSnapshot | Ops | Free | OpFailed | RequestValue | Withdraw | Decision | Ping | Pong | ErrorNotice | Bye,
     Field(discriminator="type"),
 ]
 _message_adapter: TypeAdapter[Message] = TypeAdapter(Message)

@@ -34,13 +34,13 @@ from .errors import ConnectionLost, ProtocolError
 from .protocol import MAX_HEADER_BYTES
 
 __all__ = [
-    "Transport",
-    "InMemoryTransport",
-    "Framer",
-    "Reassembler",
-    "Progress",
-    "MessageHandler",
     "CloseHandler",
+    "Framer",
+    "InMemoryTransport",
+    "MessageHandler",
+    "Progress",
+    "Reassembler",
+    "Transport",
 ]
 
 log = logging.getLogger(__name__)

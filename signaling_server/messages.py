@@ -19,7 +19,7 @@ Any failure answers ``error{code, message}``; the server stays up.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -112,10 +112,10 @@ class Error(_Message):
     message: str
 
 
-ClientMessage = Annotated[Union[Create, Join, Signal, Leave, Ping], Field(discriminator="type")]
+ClientMessage = Annotated[Create | Join | Signal | Leave | Ping, Field(discriminator="type")]
 # Signal travels both ways: the server forwards it unchanged.
 ServerMessage = Annotated[
-    Union[Created, Joined, PeerJoined, Signal, PeerLeft, Pong, Error],
+    Created | Joined | PeerJoined | Signal | PeerLeft | Pong | Error,
     Field(discriminator="type"),
 ]
 

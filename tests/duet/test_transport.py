@@ -43,7 +43,7 @@ def test_interleaved_streams() -> None:
     b = frames_of(framer, b"B" * 5000, [])
     reassembler = Reassembler(max_message_bytes=10**6)
     done = []
-    for fa, fb in zip(a, b):
+    for fa, fb in zip(a, b, strict=True):
         for frame in (fa, fb):
             result = reassembler.feed(frame)
             if result is not None:

@@ -1,0 +1,136 @@
+"""``duet.launch`` and ``duet.join``: the two calls that start a duet."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from .codes import JoinCode
+from .config import IceServerSpec, SessionConfig
+from .errors import PairingError
+from .loop import LoopThread
+from .policy import Allowlist
+from .rtc import connect_as_owner, connect_as_researcher
+from .session import OwnerSession, ResearcherSession
+from .signaling import SignalingClient, normalize_server_url
+
+__all__ = ["embedded_server_url", "join", "launch"]
+
+log = logging.getLogger(__name__)
+ENV_SERVER = "DUET_SIGNALING_URL"
+
+_embedded_lock = threading.Lock()
+_embedded: tuple[LoopThread, str] | None = None
+
+
+def embedded_server_url() -> str:
+    """Start (once per process) a signaling server on 127.0.0.1 and return its URL."""
+    global _embedded
+    with _embedded_lock:
+        if _embedded is None:
+            from signaling_server import ServerConfig, start_server
+
+            loop = LoopThread(name="duet-embedded-signaling")
+            handle = loop.run(start_server(ServerConfig(host="127.0.0.1", port=0)), timeout=30)
+            _embedded = (loop, handle.url)
+        return _embedded[1]
+
+
+def _server_for_owner(server: str | None) -> str:
+    return server or os.environ.get(ENV_SERVER) or embedded_server_url()
+
+
+def _server_for_researcher(server: str | None) -> str:
+    url = server or os.environ.get(ENV_SERVER)
+    if not url:
+        raise PairingError(
+            "no signaling server given: pass server=... exactly as in the owner's join line, "
+            f"or set {ENV_SERVER}"
+        )
+    return url
+
+
+def _config(config: SessionConfig | None, ice_servers: Sequence[IceServerSpec] | None,
+            overrides: dict[str, Any]) -> SessionConfig:
+    config = config or SessionConfig()
+    if ice_servers is not None:
+        overrides["ice_servers"] = list(ice_servers)
+    return replace(config, **overrides) if overrides else config
+
+
+def launch(server: str | None = None, *, ice_servers: Sequence[IceServerSpec] | None = None,
+           audit_path: str | os.PathLike[str] | None = None, allowlist: Allowlist | None = None,
+           memory_budget: int | None = 2 * 1024**3, config: SessionConfig | None = None,
+           show: bool = True, **options: Any) -> OwnerSession:
+    """Open a duet as the data owner; returns at once, the researcher connects in the background.
+
+    ``server``: the signaling server URL; None means ``$DUET_SIGNALING_URL``, else an embedded
+    server on 127.0.0.1 (same-machine use). ``ice_servers``: STUN/TURN servers (None: a public
+    STUN server; ``[]`` for none). ``show``: print the line the researcher must run.
+    Any other keyword sets a ``SessionConfig`` field.
+    """
+    config = _config(config, ice_servers, options)
+    url = normalize_server_url(_server_for_owner(server))
+    code = JoinCode.generate()
+    session = OwnerSession(config, allowlist=allowlist, audit_path=audit_path,
+                           memory_budget=memory_budget)
+    session.code = str(code)
+    session.server_url = url
+    loopback = config.loopback_for(url)
+    try:
+        session._signaling = session._loop.run(
+            SignalingClient.create_room(url, code.room_id, timeout=config.connect_timeout),
+            timeout=config.connect_timeout + 5)
+    except BaseException:
+        session.close()
+        raise
+
+    async def connect() -> Any:
+        await session._signaling.wait_peer_joined()
+        session.audit.record("paired", session=session.session_id)
+        transport = await connect_as_owner(session._signaling, code, config, loopback,
+                                           progress=session._progress(),
+                                           on_error=session._protocol_error)
+        await session._signaling.close()
+        return transport
+
+    session._start(connect)
+    if show:
+        print(f"duet: share this line with the researcher:\n  {session.join_line}")
+    return session
+
+
+def join(code: str, server: str | None = None, *,
+         ice_servers: Sequence[IceServerSpec] | None = None,
+         config: SessionConfig | None = None, timeout: float | None = None,
+         **options: Any) -> ResearcherSession:
+    """Join the owner's duet with the code from their join line; returns once connected."""
+    config = _config(config, ice_servers, options)
+    join_code = JoinCode.parse(code)
+    url = normalize_server_url(_server_for_researcher(server))
+    session = ResearcherSession(config)
+    loopback = config.loopback_for(url)
+
+    async def connect() -> Any:
+        signaling = await SignalingClient.join_room(url, join_code.room_id,
+                                                    timeout=config.connect_timeout)
+        session._signaling = signaling
+        try:
+            return await connect_as_researcher(signaling, join_code, config, loopback,
+                                               progress=session._progress(),
+                                               on_error=session._protocol_error)
+        finally:
+            await signaling.close()
+
+    session._start(connect)
+    try:
+        if not session._wait_ready(timeout or config.connect_timeout + 10):
+            raise PairingError("timed out while connecting to the owner")
+    except BaseException:
+        session.close()
+        raise
+    return session

@@ -1,0 +1,445 @@
+"""Pointers: the researcher's handles on objects that live, and stay, on the owner's machine.
+
+Every operation on a ``Pointer`` (Python operators, indexing, allowlisted methods and
+attributes, ``r.np.*`` / ``r.torch.*`` functions) returns a new ``Pointer`` at once and is
+queued for the owner; queued operations are sent in batches and run there in order, so a
+loop of 10,000 ``x + 1`` costs no round trip per step. A value comes back only through
+``request``/``get``, which the owner must approve.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import numpy as np
+
+from . import protocol as p
+from .errors import PolicyViolation, RemoteError
+
+if TYPE_CHECKING:
+    from .session import RequestHandle, ResearcherSession
+
+__all__ = ["Pointer", "RemoteFunction", "RemoteModule", "RemoteNamespace", "no_value"]
+
+_DTYPE_NAMES = frozenset({
+    "bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32",
+    "float64", "complex64", "complex128", "half", "float", "double", "long", "int",
+})
+# Operators whose Python spelling is the lineage, e.g. operator.add -> "+".
+_BINARY = {
+    "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
+    "pow": "**", "matmul": "@", "and_": "&", "or_": "|", "xor": "^", "lt": "<", "le": "<=",
+    "eq": "==", "ne": "!=", "gt": ">", "ge": ">=",
+}
+
+
+def no_value(what: str) -> NoReturn:
+    raise TypeError(
+        f"{what} needs the value of a Pointer, which lives on the owner's machine. "
+        "Compute remotely (r.np.*, r.torch.*, operators), then ask for the result with "
+        "ptr.get(reason) once you need it."
+    )
+
+
+class Pointer:
+    """A reference to an object on the owner's side."""
+
+    __slots__ = ("__weakref__", "_lineage", "_ref", "_session")
+    __array_ufunc__ = None  # numpy defers to our reflected operators: array + ptr works
+
+    def __init__(self, session: ResearcherSession, ref: p.PointerRef | p.StoreRef | None,
+                 lineage: str) -> None:
+        self._session = session
+        self._ref = ref
+        self._lineage = lineage
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def id(self) -> int | str:
+        ref = self._resolve()
+        return ref.id if isinstance(ref, p.PointerRef) else ref.name
+
+    @property
+    def lineage(self) -> str:
+        """How this object was computed from shared objects (as the researcher wrote it)."""
+        return self._lineage
+
+    def _resolve(self) -> p.PointerRef | p.StoreRef:
+        assert self._ref is not None
+        return self._ref
+
+    def _check(self) -> p.PointerRef | p.StoreRef:
+        """The reference to send, raising if the owner reported that this object failed."""
+        ref = self._resolve()
+        if isinstance(ref, p.PointerRef):
+            failure = self._session._failure_of(ref.id)
+            if failure is not None:
+                if failure.policy:
+                    raise PolicyViolation(failure.detail or f"{failure.operation} is not allowed")
+                raise RemoteError(failure.operation, failure.error_type)
+        return ref
+
+    # -- requests ---------------------------------------------------------------------------
+    def request(self, reason: str = "") -> RequestHandle:
+        """Ask the owner for this value; returns at once with a handle to wait on."""
+        return self._session._request(self._check(), reason, self._lineage)
+
+    def get(self, reason: str = "", timeout: float | None = None) -> Any:
+        """Ask the owner for this value and wait for the decision.
+
+        Returns the value if approved; raises ``RequestDenied`` with the owner's reason,
+        ``RequestTimeout`` after ``timeout`` seconds (the request stays pending), or
+        ``RemoteError`` if computing it failed on the owner's side.
+        """
+        return self.request(reason).result(timeout)
+
+    def delete(self) -> None:
+        """Free the owner's object now rather than when this Pointer is garbage collected."""
+        ref = self._ref
+        if isinstance(ref, p.PointerRef):
+            self._ref = None
+            self._session._free(ref.id)
+
+    def __del__(self) -> None:
+        ref = getattr(self, "_ref", None)
+        if isinstance(ref, p.PointerRef):
+            self._session._free(ref.id)
+
+    # -- building operations -------------------------------------------------------------
+    def _op(self, kind: str, name: str, target: Pointer | None, args: tuple[Any, ...],
+            kwargs: dict[str, Any], lineage: str) -> Pointer:
+        return _submit(self._session, kind, name, target, args, kwargs, lineage)
+
+    def _binary(self, name: str, left: Any, right: Any) -> Pointer:
+        lineage = f"({_show(left)} {_BINARY[name]} {_show(right)})"
+        return self._op("function", f"operator.{name}", None, (left, right), {}, lineage)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        allowed = self._session.allowlist
+        families = [f for f, names in allowed.items() if f != "functions" and name in names]
+        if allowed and not families:
+            every = sorted({n for f, names in allowed.items() if f != "functions" for n in names})
+            close = difflib.get_close_matches(name, every, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise PolicyViolation(f"'.{name}' is not on the owner's allowlist.{hint}")
+        return _Member(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in Pointer.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            raise TypeError("cannot assign attributes of a remote object")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
+        lineage = f"{self._lineage}({_show_args(args, kwargs)})"
+        return self._op("call", "__call__", self, args, kwargs, lineage)
+
+    # -- operators ------------------------------------------------------------------------
+    def __add__(self, other: Any) -> Pointer: return self._binary("add", self, other)
+    def __radd__(self, other: Any) -> Pointer: return self._binary("add", other, self)
+    def __sub__(self, other: Any) -> Pointer: return self._binary("sub", self, other)
+    def __rsub__(self, other: Any) -> Pointer: return self._binary("sub", other, self)
+    def __mul__(self, other: Any) -> Pointer: return self._binary("mul", self, other)
+    def __rmul__(self, other: Any) -> Pointer: return self._binary("mul", other, self)
+    def __truediv__(self, other: Any) -> Pointer: return self._binary("truediv", self, other)
+    def __rtruediv__(self, other: Any) -> Pointer: return self._binary("truediv", other, self)
+    def __floordiv__(self, other: Any) -> Pointer: return self._binary("floordiv", self, other)
+    def __rfloordiv__(self, other: Any) -> Pointer: return self._binary("floordiv", other, self)
+    def __mod__(self, other: Any) -> Pointer: return self._binary("mod", self, other)
+    def __rmod__(self, other: Any) -> Pointer: return self._binary("mod", other, self)
+    def __pow__(self, other: Any) -> Pointer: return self._binary("pow", self, other)
+    def __rpow__(self, other: Any) -> Pointer: return self._binary("pow", other, self)
+    def __matmul__(self, other: Any) -> Pointer: return self._binary("matmul", self, other)
+    def __rmatmul__(self, other: Any) -> Pointer: return self._binary("matmul", other, self)
+    def __and__(self, other: Any) -> Pointer: return self._binary("and_", self, other)
+    def __rand__(self, other: Any) -> Pointer: return self._binary("and_", other, self)
+    def __or__(self, other: Any) -> Pointer: return self._binary("or_", self, other)
+    def __ror__(self, other: Any) -> Pointer: return self._binary("or_", other, self)
+    def __xor__(self, other: Any) -> Pointer: return self._binary("xor", self, other)
+    def __rxor__(self, other: Any) -> Pointer: return self._binary("xor", other, self)
+    def __lt__(self, other: Any) -> Pointer: return self._binary("lt", self, other)
+    def __le__(self, other: Any) -> Pointer: return self._binary("le", self, other)
+    def __gt__(self, other: Any) -> Pointer: return self._binary("gt", self, other)
+    def __ge__(self, other: Any) -> Pointer: return self._binary("ge", self, other)
+    def __eq__(self, other: object) -> Pointer: return self._binary("eq", self, other)  # type: ignore[override]
+    def __ne__(self, other: object) -> Pointer: return self._binary("ne", self, other)  # type: ignore[override]
+    def __hash__(self) -> int: return id(self)
+
+    def __neg__(self) -> Pointer: return self._unary("neg", "-")
+    def __pos__(self) -> Pointer: return self._unary("pos", "+")
+    def __abs__(self) -> Pointer:
+        return self._op("function", "operator.abs", None, (self,), {}, f"abs({self._lineage})")
+    def __invert__(self) -> Pointer: return self._unary("invert", "~")
+
+    def _unary(self, name: str, symbol: str) -> Pointer:
+        return self._op("function", f"operator.{name}", None, (self,), {},
+                        f"{symbol}{self._lineage}")
+
+    def __getitem__(self, key: Any) -> Pointer:
+        return self._op("function", "operator.getitem", None, (self, key), {},
+                        f"{self._lineage}[{_show_key(key)}]")
+
+    # -- what needs a value here -------------------------------------------------------
+    def __bool__(self) -> bool: no_value("truth testing (if/while/and/or)")
+    def __len__(self) -> int: no_value("len()")
+    def __iter__(self) -> Iterator[Any]: no_value("iterating")
+    def __index__(self) -> int: no_value("using a Pointer as an index")
+    def __int__(self) -> int: no_value("int()")
+    def __float__(self) -> float: no_value("float()")
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        no_value("a local numpy function (use r.np.* for the remote one)")
+    def __reduce__(self) -> Any:
+        raise TypeError("a Pointer cannot be pickled or copied: it refers to the owner's object")
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise TypeError("remote objects are not modified in place; compute a new one, "
+                        "e.g. r.np.where(mask, value, x)")
+
+    def __repr__(self) -> str:
+        ref = self._ref
+        where = f"#{ref.id}" if isinstance(ref, p.PointerRef) else (
+            f"store[{ref.name!r}]" if isinstance(ref, p.StoreRef) else "(pending)")
+        return f"<Pointer {where}: {self._lineage}>"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<code>{html.escape(repr(self))}</code>"
+
+
+class _Member(Pointer):
+    """``ptr.name``: a method if called, else the attribute (fetched remotely on first use)."""
+
+    __slots__ = ("_name", "_owner")
+
+    def __init__(self, owner: Pointer, name: str) -> None:
+        super().__init__(owner._session, None, f"{owner._lineage}.{name}")
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_name", name)
+
+    def _resolve(self) -> p.PointerRef | p.StoreRef:
+        if self._ref is None:
+            attr = _submit(self._session, "getattr", self._name, self._owner, (), {},
+                           self._lineage)
+            # Take over the attribute's reference; the temporary must not free it.
+            self._ref, attr._ref = attr._ref, None
+        assert self._ref is not None
+        return self._ref
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
+        lineage = f"{self._lineage}({_show_args(args, kwargs)})"
+        return _submit(self._session, "method", self._name, self._owner, args, kwargs, lineage)
+
+    def __repr__(self) -> str:
+        return f"<Pointer member {self._lineage}>" if self._ref is None else super().__repr__()
+
+
+def _submit(session: ResearcherSession, kind: str, name: str, target: Pointer | None,
+            args: tuple[Any, ...], kwargs: dict[str, Any], lineage: str) -> Pointer:
+    op = p.Op(
+        result=session._new_id(), kind=kind, name=name,  # type: ignore[arg-type]
+        target=None if target is None else target._check(),
+        args=[_to_wire(a) for a in args],
+        kwargs={k: _to_wire(v) for k, v in kwargs.items()},
+    )
+    session._submit_op(op)
+    return Pointer(session, p.PointerRef(op.result), lineage)
+
+
+def _to_wire(value: Any, depth: int = 0) -> Any:
+    """Arguments as the protocol carries them: pointers become references."""
+    if depth > p.MAX_VALUE_DEPTH:
+        raise ValueError("argument nested too deeply")
+    if isinstance(value, Pointer):
+        return value._check()
+    if isinstance(value, RemoteModule):
+        return value._as_pointer()._check()
+    if isinstance(value, (list, tuple)):
+        items = [_to_wire(v, depth + 1) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: _to_wire(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, p.DTypeRef):
+        return value
+    if isinstance(value, type) and value in (bool, int, float, complex):
+        return p.DTypeRef(value.__name__)
+    if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        return p.DTypeRef(np.dtype(value).name)
+    if type(value).__name__ == "dtype" and type(value).__module__ == "torch":
+        return p.DTypeRef(str(value))
+    return value
+
+
+# -- lineage text (researcher side, for display) -----------------------------------------
+def _show(value: Any) -> str:
+    if isinstance(value, Pointer):
+        return value._lineage
+    if isinstance(value, RemoteModule):
+        return type(value).__name__
+    if isinstance(value, np.ndarray):
+        return f"array({value.dtype}{list(value.shape)})"
+    if isinstance(value, p.DTypeRef):
+        return value.name
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _show_key(key: Any) -> str:
+    if isinstance(key, tuple):
+        return ", ".join(_show_key(k) for k in key)
+    if isinstance(key, slice):
+        parts = ["" if v is None else _show(v) for v in (key.start, key.stop, key.step)]
+        return ":".join(parts[:2]) + (f":{parts[2]}" if key.step is not None else "")
+    if key is Ellipsis:
+        return "..."
+    return _show(key)
+
+
+def _show_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    return ", ".join([_show(a) for a in args] + [f"{k}={_show(v)}" for k, v in kwargs.items()])
+
+
+# -- remote namespaces --------------------------------------------------------------------
+class RemoteFunction:
+    """An allowlisted function on the owner, e.g. ``r.np.mean`` or ``r.torch.nn.Linear``."""
+
+    def __init__(self, session: ResearcherSession, qualname: str) -> None:
+        self._session = session
+        self.qualname = qualname
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
+        short = self.qualname.rsplit(".", 1)[-1]
+        lineage = f"{short}({_show_args(args, kwargs)})"
+        return _submit(self._session, "function", self.qualname, None, args, kwargs, lineage)
+
+    def __repr__(self) -> str:
+        return f"<remote function {self.qualname}>"
+
+
+class RemoteNamespace:
+    """``r.np``, ``r.torch``, ``r.torch.nn`` ...: only allowlisted names resolve."""
+
+    def __init__(self, session: ResearcherSession, prefix: str) -> None:
+        self._session = session
+        self._prefix = prefix
+
+    def _functions(self) -> list[str]:
+        return self._session.allowlist.get("functions", [])
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise PolicyViolation(f"{self._prefix}.{name}: private and dunder names are never "
+                                  "reachable")
+        qualname = f"{self._prefix}.{name}"
+        functions = self._functions()
+        if self._prefix == "torch" and name == "no_grad":
+            return lambda: _NoGrad(self._session)
+        if qualname in functions:
+            return RemoteFunction(self._session, qualname)
+        if any(f.startswith(qualname + ".") for f in functions):
+            return RemoteNamespace(self._session, qualname)
+        if name in _DTYPE_NAMES:
+            return p.DTypeRef(qualname if self._prefix == "torch" else name)
+        close = difflib.get_close_matches(qualname, functions, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise PolicyViolation(f"{qualname} is not on the owner's allowlist.{hint}")
+
+    def __dir__(self) -> list[str]:
+        depth = self._prefix.count(".") + 1
+        names = {f.split(".")[depth] for f in self._functions()
+                 if f.startswith(self._prefix + ".")}
+        return sorted(names)
+
+    def __repr__(self) -> str:
+        return f"<remote namespace {self._prefix}: {len(dir(self))} names>"
+
+
+class _NoGrad:
+    """``with r.torch.no_grad():`` switches autograd off on the owner's worker, then back."""
+
+    def __init__(self, session: ResearcherSession) -> None:
+        self._session = session
+
+    def _set(self, enabled: bool) -> None:
+        RemoteFunction(self._session, "torch.set_grad_enabled")(enabled).delete()
+
+    def __enter__(self) -> _NoGrad:
+        self._set(False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._set(True)
+
+
+class RemoteModule:
+    """Write a torch model as usual, from remote layers; it runs entirely on the owner.
+
+        class Net(duet.RemoteModule):
+            def __init__(self, r):
+                super().__init__()
+                self.fc1 = r.torch.nn.Linear(30, 16)
+                self.fc2 = r.torch.nn.Linear(16, 2)
+
+            def forward(self, x):
+                return self.fc2(r.torch.relu(self.fc1(x)))
+
+    Layers are pointers to real ``torch.nn`` modules on the owner. ``parameters()``,
+    ``state_dict()``, ``train()``/``eval()`` act on a remote ``ModuleList`` of them.
+    """
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_layers", {})
+        object.__setattr__(self, "_remote", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, (Pointer, RemoteModule)) and not name.startswith("_"):
+            self._layers[name] = value
+            object.__setattr__(self, "_remote", None)
+        object.__setattr__(self, name, value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("define forward() in your subclass")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def _as_pointer(self) -> Pointer:
+        """A remote ``ModuleDict`` holding this model's layers (names as attributes)."""
+        if self._remote is None:
+            if not self._layers:
+                raise ValueError(f"{type(self).__name__} has no remote layers yet")
+            session = next(iter(self._layers.values()))
+            session = session._session if isinstance(session, Pointer) else \
+                session._as_pointer()._session
+            module_dict = RemoteFunction(session, "torch.nn.ModuleDict")(
+                {name: layer for name, layer in self._layers.items()})
+            object.__setattr__(module_dict, "_lineage", type(self).__name__)
+            object.__setattr__(self, "_remote", module_dict)
+        return self._remote  # type: ignore[return-value]
+
+    def parameters(self) -> Pointer:
+        return self._as_pointer().parameters()
+
+    def state_dict(self) -> Pointer:
+        return self._as_pointer().state_dict()
+
+    def load_state_dict(self, state: Any) -> Pointer:
+        return self._as_pointer().load_state_dict(state)
+
+    def train(self, mode: bool = True) -> RemoteModule:
+        self._as_pointer().train(mode).delete()
+        return self
+
+    def eval(self) -> RemoteModule:
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        self._as_pointer().zero_grad().delete()
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{k}={_show(v)}" for k, v in self._layers.items())
+        return f"<RemoteModule {type(self).__name__}({layers})>"
+

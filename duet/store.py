@@ -1,0 +1,80 @@
+"""The researcher's view of what the owner shared: names and declared metadata, as pointers."""
+
+from __future__ import annotations
+
+import html
+import threading
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from tabulate import tabulate
+
+from . import protocol as p
+from .pointers import Pointer
+
+if TYPE_CHECKING:
+    from .session import ResearcherSession
+
+__all__ = ["Store"]
+
+
+class Store(Mapping[str, Pointer]):
+    """``r.store["ages"]`` is a Pointer to the owner's shared object; updates live."""
+
+    def __init__(self, session: ResearcherSession) -> None:
+        self._session = session
+        self._entries: dict[str, p.StoreEntry] = {}
+        self._changed = threading.Condition()
+
+    def _update(self, entries: list[p.StoreEntry]) -> None:
+        with self._changed:
+            self._entries = {e.name: e for e in entries}
+            self._changed.notify_all()
+
+    def wait_for(self, name: str, timeout: float | None = None) -> Pointer:
+        """Wait until the owner shares ``name`` (e.g. right after joining)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: name in self._entries, timeout):
+                raise KeyError(f"the owner has not shared {name!r} (waited {timeout} s)")
+        return self[name]
+
+    def __getitem__(self, name: str) -> Pointer:
+        if name not in self._entries:
+            shared = ", ".join(sorted(self._entries)) or "nothing yet"
+            raise KeyError(f"the owner has not shared {name!r}; shared: {shared}")
+        return Pointer(self._session, p.StoreRef(name), name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def info(self, name: str) -> p.StoreEntry:
+        """What the owner declared about ``name``."""
+        return self._entries[name]
+
+    def _rows(self) -> list[list[str]]:
+        return [
+            [e.name, e.type, "" if e.shape is None else str(tuple(e.shape)), e.dtype or "",
+             e.description, ", ".join(e.tags)]
+            for e in self._entries.values()
+        ]
+
+    _HEADERS = ["name", "type", "shape", "dtype", "description", "tags"]
+
+    def __repr__(self) -> str:
+        if not self._entries:
+            return "Store: the owner has shared nothing yet"
+        return f"Store: {len(self)} shared objects\n" + tabulate(self._rows(), self._HEADERS)
+
+    def _repr_html_(self) -> str:
+        if not self._entries:
+            return "<p><b>duet store</b>: the owner has shared nothing yet</p>"
+        head = "".join(f"<th>{h}</th>" for h in self._HEADERS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+            for row in self._rows()
+        )
+        return (f"<p><b>duet store</b>: {len(self)} shared objects</p>"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")

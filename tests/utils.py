@@ -1,0 +1,32 @@
+"""An owner and a researcher session connected in memory: fast tests of the layers above."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from duet.config import SessionConfig
+from duet.session import OwnerSession, ResearcherSession
+from duet.transport import InMemoryTransport
+
+
+@contextlib.contextmanager
+def session_pair(audit_path: Path, *, frame_size: int = 64 * 1024,
+                 **owner_kwargs: Any) -> Iterator[tuple[OwnerSession, ResearcherSession]]:
+    """Both sessions run their real loop threads, worker and protocol; only the wire is fake."""
+    owner_end, researcher_end = InMemoryTransport.pair(frame_size=frame_size)
+    owner = OwnerSession(SessionConfig(progress=False), audit_path=audit_path, **owner_kwargs)
+    researcher = ResearcherSession(SessionConfig(progress=False))
+    owner_end.on_error = owner._protocol_error
+    researcher_end.on_error = researcher._protocol_error
+    owner._start(owner_end.start)
+    researcher._start(researcher_end.start)
+    try:
+        assert researcher._wait_ready(10), "in-memory pair did not connect"
+        assert owner._wait_ready(10)
+        yield owner, researcher
+    finally:
+        researcher.close()
+        owner.close()
