@@ -1,5 +1,14 @@
-"""duet: privacy-preserving data science between two notebooks over WebRTC."""
+"""duet: privacy-preserving data science between two notebooks over WebRTC.
 
+Owner: ``s = duet.launch()`` then ``s.share(array, name="ages")``; decide ``s.requests``.
+Researcher: ``r = duet.join(code, server=URL)``; ``x = r.store["ages"]``;
+``r.np.mean(x).get(reason="...")`` returns once the owner approves.
+"""
+
+from .api import embedded_server_url, join, launch
+from .approvals import Request, RequestQueue, Rule
+from .audit import AuditEvent, AuditLog
+from .config import SessionConfig
 from .errors import (
     BudgetExceeded,
     ConnectionLost,
@@ -12,16 +21,38 @@ from .errors import (
     RequestError,
     RequestTimeout,
 )
+from .pointers import Pointer, RemoteModule
+from .policy import Allowlist
+from .session import OwnerSession, RequestHandle, ResearcherSession
+from .store import Store
+
+__version__ = "0.1.0"
 
 __all__ = [
+    "Allowlist",
+    "AuditEvent",
+    "AuditLog",
     "BudgetExceeded",
     "ConnectionLost",
     "DuetError",
+    "OwnerSession",
     "PairingError",
+    "Pointer",
     "PolicyViolation",
     "ProtocolError",
     "RemoteError",
+    "RemoteModule",
+    "Request",
     "RequestDenied",
     "RequestError",
+    "RequestHandle",
+    "RequestQueue",
     "RequestTimeout",
+    "ResearcherSession",
+    "Rule",
+    "SessionConfig",
+    "Store",
+    "embedded_server_url",
+    "join",
+    "launch",
 ]

@@ -1,0 +1,37 @@
+"""The public names DESIGN.md promises: outside users and tests depend on them."""
+
+import duet
+
+PROMISED = {
+    "launch", "join", "DuetError", "RequestDenied", "RequestTimeout", "PolicyViolation",
+    "RemoteError", "ConnectionLost", "PairingError", "OwnerSession", "ResearcherSession",
+    "RequestQueue", "Request", "Pointer",
+}
+
+
+def test_all_lists_exactly_the_exported_names() -> None:
+    assert PROMISED <= set(duet.__all__)
+    for name in duet.__all__:
+        assert hasattr(duet, name), name
+    public = {n for n in vars(duet) if not n.startswith("_") and n[0].isupper() or n in
+              ("launch", "join", "embedded_server_url")}
+    public -= {n for n in vars(duet) if isinstance(getattr(duet, n), type(duet))}
+    assert public <= set(duet.__all__)
+
+
+def test_every_error_is_a_duet_error() -> None:
+    for name in ["RequestDenied", "RequestTimeout", "PolicyViolation", "RemoteError",
+                 "ConnectionLost", "PairingError", "ProtocolError", "RequestError",
+                 "BudgetExceeded"]:
+        assert issubclass(getattr(duet, name), duet.DuetError)
+
+
+def test_signaling_server_does_not_import_duet() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, signaling_server, signaling_server.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('duet', 'numpy', 'torch')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
