@@ -123,8 +123,9 @@ METHODS: tuple[tuple[str, str], ...] = (
                   permute transpose t expand expand_as repeat chunk split gather masked_fill
                   nonzero sort argsort topk unique bincount size dim numel item tolist numpy
                   detach clone contiguous cpu to float double half int long bool type_as"""),
-    ("Module", """forward parameters named_parameters buffers named_buffers children
-                  named_children modules named_modules state_dict"""),
+    # (a module's forward runs by calling the module: op kind "call", see check_call)
+    ("Module", """parameters named_parameters buffers named_buffers children named_children
+                  modules named_modules state_dict"""),
     ("Optimizer", "state_dict"),
     ("Scheduler", "get_last_lr state_dict"),
     ("list", "index count"),

@@ -460,3 +460,21 @@ def test_module_helpers_are_usable_twice(r: Driver) -> None:
     assert len(r.value(params)) == 2  # a list, not an exhausted generator
     names = r.value(r.method(r.method(net, "state_dict"), "keys"))
     assert names == ["0.weight", "0.bias"]
+
+
+def test_a_researcher_can_send_weights_into_a_model_built_remotely(r: Driver) -> None:
+    layer = r.fn("torch.nn.Linear", 2, 1)
+    weights_sent = {"weight": torch.tensor([[2.0, 3.0]]), "bias": torch.tensor([1.0])}
+    r.method(layer, "load_state_dict", weights_sent)
+    assert r.last_failure is None
+    output = r.call(layer, r.fn("torch.tensor", [[1.0, 1.0]]))
+    assert r.value(output).item() == 6.0
+    assert "Module.load_state_dict" in r.lineage(layer)
+
+
+def test_forward_runs_only_through_call(r: Driver) -> None:
+    bn = r.fn("torch.nn.BatchNorm1d", 3)
+    r.method(bn, "forward", r.fn("torch.ones", 2, 3))
+    assert r.last_failure is not None and r.last_failure.policy
+    r.call(bn, r.fn("torch.ones", 2, 3))  # the researcher's own module may update its stats
+    assert r.last_failure is None
