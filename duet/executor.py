@@ -397,12 +397,13 @@ class Executor:
         }
         added = sum(size for start, size in blocks.items() if start not in self._held)
         if enforce and self.memory_budget is not None and self._used + added > self.memory_budget:
-            self._emit("budget_exceeded", pointer_id=entry_id, used=self._used, needed=added,
-                       budget=self.memory_budget)
             raise _Failure(
                 "BudgetExceeded",
                 "the result would exceed the owner's memory budget for this session; "
                 "free pointers you no longer need",
+                # sizes of results depend on data: only the owner's log has them
+                error=f"the result needs {added} more bytes; {self._used} of "
+                f"{self.memory_budget} bytes are in use",
             )
         for start, size in blocks.items():
             held = self._held.setdefault(start, [0, 0])

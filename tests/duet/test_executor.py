@@ -386,7 +386,7 @@ def test_memory_budget(events: list[tuple[str, dict[str, Any]]]) -> None:
     second = r.fn("numpy.ones", 50)
     assert r.last_failure is not None and r.last_failure.error_type == "BudgetExceeded"
     assert "400" not in r.last_failure.detail  # sizes of results are not told
-    assert any(e == "budget_exceeded" for e, _ in events)
+    assert events[-1][0] == "op_failed" and "400 more bytes" in events[-1][1]["error"]
     assert executor.used_bytes() == 800
 
     executor.free([first.id])
@@ -478,3 +478,22 @@ def test_forward_runs_only_through_call(r: Driver) -> None:
     assert r.last_failure is not None and r.last_failure.policy
     r.call(bn, r.fn("torch.ones", 2, 3))  # the researcher's own module may update its stats
     assert r.last_failure is None
+
+
+def test_events_are_accepted_by_the_audit_log(tmp_path: Path) -> None:
+    from duet.audit import AuditLog
+
+    with AuditLog(tmp_path / "audit.sqlite") as log:
+        executor = Executor(Allowlist.default(), memory_budget=100,
+                            on_event=lambda event, **f: log.record(event, session="s", **f))
+        executor.share("ages", AGES)
+        r = Driver(executor)
+        r.fn("numpy.mean", ages)
+        r.fn("numpy.load", "x.npy")
+        r.fn("numpy.reshape", ages, [7])
+        r.fn("numpy.zeros", 1000)
+        recorded = [(e.event, e.operation) for e in log]
+    assert recorded[-4:] == [
+        ("op_executed", "numpy.mean"), ("op_refused", "numpy.load"),
+        ("op_failed", "numpy.reshape"), ("op_failed", "numpy.zeros"),
+    ]
