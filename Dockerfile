@@ -11,6 +11,8 @@
 # Behind a TLS-intercepting proxy, pass its CA as a build secret; it is used only while the
 # build runs and never stored in the image:
 #   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .
+# (RUN --mount needs BuildKit, Docker's default builder since 23.0; podman supports it too.
+# With podman, build with --format docker, or the HEALTHCHECK is dropped.)
 ARG BASE=python:3.11-slim-bookworm
 
 # --- build stage: a venv with the server package and its three dependencies ----------------
