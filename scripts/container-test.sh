@@ -22,7 +22,8 @@
 #     had to install them (remove: apt-get purge podman runc slirp4netns debootstrap);
 #   - the cached base image localhost/bookworm-min, about 80 MB in /var/lib/containers
 #     (remove: podman rmi localhost/bookworm-min);
-#   - podman's own storage/state directories under /var/lib/containers and /run/containers.
+#   - podman's own storage/state directories under /var/lib/containers and /run/containers;
+#   - the empty lock file /tmp/duet-container-test.lock (serializes concurrent runs).
 # The test image and container are removed at the end, also when a step fails or the script
 # is interrupted. Re-running is safe: leftovers of an interrupted run are removed first.
 #
