@@ -168,10 +168,10 @@ class Session:
         """Subclasses release resources outside the loop (worker threads, files)."""
 
     def _on_transport_closed(self, reason: str) -> None:
-        if self._closed:
-            return
-        log.info("%s: connection lost: %s", self.role, reason)
-        self._fail(ConnectionLost(f"connection to the {self.peer_role} lost: {reason}"))
+        log.info("%s: connection ended: %s", self.role, reason)
+        self._fail(ConnectionLost(
+            "the session is closed" if self._closed
+            else f"connection to the {self.peer_role} lost: {reason}"))
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(ConnectionLost(reason))
