@@ -1,0 +1,63 @@
+"""Rich notebook displays for the duet objects that have none of their own.
+
+The store, the request queue, pointers and the owner's session render themselves
+(``_repr_html_`` in duet); a single ``Request`` and the researcher's session do not, so they
+are registered here as IPython formatters, which keeps the library free of notebook code.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from duet.approvals import Request
+from duet.session import OwnerSession, ResearcherSession, Session
+
+__all__ = ["register_formatters", "request_html", "researcher_html", "session_state"]
+
+_STATUS_COLOURS = {"pending": "#b58900", "approved": "#2e7d32", "denied": "#c62828",
+                   "withdrawn": "#757575"}
+
+
+def session_state(session: Session) -> str:
+    """A person's word for where the session stands, from public attributes only."""
+    if session.connected:
+        return "connected"
+    if isinstance(session, OwnerSession):
+        return session.requests.closed_reason or "waiting for the researcher"
+    return "disconnected"
+
+
+def request_html(request: Request) -> str:
+    """One request as the owner needs it to decide: who asks why, for what, and what it is."""
+    colour = _STATUS_COLOURS.get(request.status, "inherit")
+    shape = "" if request.shape is None else f", shape {list(request.shape)}"
+    decided = ""
+    if request.status in ("approved", "denied"):
+        why = f": {request.decision_reason}" if request.decision_reason else ""
+        decided = f" by {html.escape(request.decided_by)}{html.escape(why)}"
+    created = time.strftime("%H:%M:%S", time.localtime(request.created))
+    return (
+        f'<div style="border-left:3px solid {colour};padding-left:8px;margin:4px 0">'
+        f"<b>request <code>{html.escape(request.id)}</code></b> at {created} "
+        f'<span style="color:{colour}"><b>{html.escape(request.status)}</b></span>{decided}<br>'
+        f"<b>reason:</b> {html.escape(request.reason) or '<i>none given</i>'}<br>"
+        f"<b>lineage:</b> <code>{html.escape(request.lineage)}</code><br>"
+        f"<b>value:</b> {html.escape(request.type)}{html.escape(shape)}, "
+        f"{request.nbytes:,} bytes"
+        f'<pre style="margin:2px 0;max-height:10em;overflow:auto">'
+        f"{html.escape(request.preview)}</pre></div>"
+    )
+
+
+def researcher_html(session: ResearcherSession) -> str:
+    return (f"<p><b>duet researcher session</b> ({session_state(session)})</p>"
+            + session.store._repr_html_())
+
+
+def register_formatters(ip: Any) -> None:
+    """Teach this IPython's HTML formatter about ``Request`` and ``ResearcherSession``."""
+    formatter = ip.display_formatter.formatters["text/html"]
+    formatter.for_type(Request, request_html)
+    formatter.for_type(ResearcherSession, researcher_html)

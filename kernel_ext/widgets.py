@@ -1,0 +1,156 @@
+"""The owner's approval panel: pending requests with Approve / Deny buttons, live.
+
+The panel listens to ``RequestQueue.on_change``, which fires on the session's threads, so
+rows appear while the kernel is idle (ipykernel sends widget updates from any thread).
+Deciding goes through ``Request.approve()`` / ``.deny()``, exactly like code or the magics.
+Where ipywidgets is not installed, ``approval_panel`` returns a static HTML view instead and
+the owner decides with ``%duet approve ID`` / ``%duet deny ID REASON``.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import threading
+import weakref
+from typing import Any
+
+from duet.approvals import Request, RequestQueue
+from duet.errors import DuetError
+
+from .display import request_html
+
+__all__ = ["ApprovalPanel", "RequestsFallback", "approval_panel", "widgets_available"]
+
+RECENT = 5  # decided requests kept in view, newest first
+
+
+def widgets_available() -> bool:
+    try:
+        return importlib.util.find_spec("ipywidgets") is not None
+    except ValueError:  # sys.modules["ipywidgets"] is None: deliberately disabled
+        return False
+
+
+class RequestsFallback:
+    """What the panel shows without ipywidgets: the queue as HTML, and how to decide."""
+
+    def __init__(self, queue: RequestQueue) -> None:
+        self.queue = queue
+
+    def _repr_html_(self) -> str:
+        pending = "".join(request_html(r) for r in self.queue.pending)
+        return (f"<p><b>duet approval queue</b>: {len(self.queue.pending)} pending "
+                "(ipywidgets is not installed: decide with <code>%duet approve ID</code> or "
+                "<code>%duet deny ID REASON</code>)</p>" + pending + self.queue._repr_html_())
+
+    def __repr__(self) -> str:
+        return repr(self.queue) + "\ndecide with: %duet approve ID  |  %duet deny ID REASON"
+
+
+class _Row:
+    """The widgets of one pending request."""
+
+    def __init__(self, panel: ApprovalPanel, request: Request) -> None:
+        import ipywidgets as w
+
+        self.request = request
+        self.approve = w.Button(description="Approve", button_style="success",
+                                tooltip=f"send this value to the researcher ({request.id})")
+        self.reason = w.Text(placeholder="reason for denying (the researcher sees it)",
+                             layout=w.Layout(width="24em"))
+        self.deny = w.Button(description="Deny", button_style="danger",
+                             tooltip=f"refuse request {request.id}")
+        self.approve.on_click(lambda _: panel._decide(request, approve=True, reason=""))
+        self.deny.on_click(lambda _: panel._decide(request, approve=False,
+                                                   reason=self.reason.value))
+        self.box = w.VBox([w.HTML(request_html(request)),
+                           w.HBox([self.approve, self.reason, self.deny])])
+
+    def close(self) -> None:
+        for widget in (self.approve, self.reason, self.deny, *self.box.children, self.box):
+            widget.close()
+
+
+class ApprovalPanel:
+    """A live list of the pending requests of one queue; display it like any widget."""
+
+    def __init__(self, queue: RequestQueue) -> None:
+        import ipywidgets as w
+
+        self.queue = queue
+        self._lock = threading.RLock()
+        self._rows: dict[str, _Row] = {}
+        self._header = w.HTML()
+        self._message = w.HTML()
+        self._recent = w.HTML()
+        self.widget = w.VBox([self._header, self._message, self._recent])
+        queue.on_change(self._on_change)
+        self.refresh()
+
+    def controls(self, request_id: str) -> tuple[Any, Any, Any]:
+        """The (Approve button, reason text, Deny button) of a pending request."""
+        with self._lock:
+            row = self._rows[request_id]
+            return row.approve, row.reason, row.deny
+
+    def refresh(self) -> None:
+        """Bring the rows in line with the queue (thread-safe; called on every change)."""
+        with self._lock:
+            pending = self.queue.pending
+            ids = {r.id for r in pending}
+            for request_id in [i for i in self._rows if i not in ids]:
+                self._rows.pop(request_id).close()
+            for request in pending:
+                if request.id not in self._rows:
+                    self._rows[request.id] = _Row(self, request)
+            closed = self.queue.closed_reason
+            self._header.value = (
+                f"<b>duet approval panel</b>: {len(pending)} pending"
+                + (f" &mdash; <i>{html.escape(closed)}; nothing more can be sent</i>"
+                   if closed else ""))
+            decided = [r for r in self.queue if r.status != "pending"][-RECENT:][::-1]
+            self._recent.value = "".join(
+                f"<div>{html.escape(r.status)} <code>{html.escape(r.id)}</code> "
+                f"<code>{html.escape(r.lineage[:80])}</code> by {html.escape(r.decided_by)}</div>"
+                for r in decided)
+            self.widget.children = [self._header, self._message,
+                                    *(row.box for row in self._rows.values()), self._recent]
+
+    def _on_change(self, _request: Request) -> None:
+        self.refresh()
+
+    def _decide(self, request: Request, *, approve: bool, reason: str) -> None:
+        """A click: decide, and say what happened (errors too: a click has no traceback)."""
+        try:
+            if approve:
+                request.approve()
+            else:
+                request.deny(reason)
+        except DuetError as exc:
+            self._message.value = (f'<span style="color:#c62828">request {html.escape(request.id)}'
+                                   f": {html.escape(str(exc))}</span>")
+        else:
+            verb = "approved" if approve else "denied"
+            self._message.value = f"{verb} <code>{html.escape(request.id)}</code>"
+        self.refresh()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+_panels: weakref.WeakKeyDictionary[RequestQueue, ApprovalPanel] = weakref.WeakKeyDictionary()
+_panels_lock = threading.Lock()
+
+
+def approval_panel(queue: RequestQueue) -> ApprovalPanel | RequestsFallback:
+    """The queue's one live panel (displaying it twice shows two synced views), or HTML."""
+    if not widgets_available():
+        return RequestsFallback(queue)
+    with _panels_lock:
+        panel = _panels.get(queue)
+        if panel is None:
+            panel = _panels[queue] = ApprovalPanel(queue)
+        return panel
