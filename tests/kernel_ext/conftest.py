@@ -121,6 +121,12 @@ class Kernel:
         out = self.run(f"import json as _j; print(_j.dumps({expression}))", timeout).stdout
         return json.loads(out.strip().splitlines()[-1])
 
+    def eventually(self, condition: str, timeout: float) -> bool:
+        """Whether ``condition`` holds in the kernel within ``timeout`` seconds (polled there)."""
+        self.run(f"import time as _t\n_end = _t.monotonic() + {timeout}\n"
+                 f"while not ({condition}) and _t.monotonic() < _end:\n    _t.sleep(0.1)")
+        return bool(self.value(f"bool({condition})"))
+
     def wait_iopub(self, predicate: Callable[[Message], bool], timeout: float = 60) -> Message:
         """The first IOPub message (already read or arriving) matching ``predicate``."""
         deadline = time.monotonic() + timeout

@@ -69,15 +69,8 @@ def test_request_approved_and_denied_with_magics(start_kernel: Callable[[], Kern
     assert owner.value("[r.status for r in session.requests]") == ["approved", "denied"]
 
     researcher.run("%duet close")
-    assert eventually(owner, "not session.connected", 20)
+    assert owner.eventually("not session.connected", 20)
     assert "the researcher has left" in owner.run("%duet status").stdout
-
-
-def eventually(kernel: Kernel, condition: str, timeout: float) -> bool:
-    """Whether ``condition`` holds in the kernel within ``timeout`` seconds (polled there)."""
-    kernel.run(f"import time as _t\n_end = _t.monotonic() + {timeout}\n"
-               f"while not ({condition}) and _t.monotonic() < _end:\n    _t.sleep(0.1)")
-    return bool(kernel.value(f"bool({condition})"))
 
 
 def controls(request_id: str) -> str:
@@ -147,7 +140,7 @@ def test_researcher_kernel_restart_disconnects_owner(
     researcher.client.wait_for_ready(timeout=60)
 
     # The owner learns within the liveness timeout (10 s) plus slack.
-    assert eventually(owner, "not session.connected", 30)
+    assert owner.eventually("not session.connected", 30)
     assert "the researcher has left" in owner.run("%duet status").stdout
     magic = owner.run(f"%duet approve {request_id}", ok=False)
     assert magic.status == "error" and "the researcher has left" in magic.text
@@ -155,7 +148,7 @@ def test_researcher_kernel_restart_disconnects_owner(
     assert direct.error.startswith("RequestError")
     approve, _reason, _deny = owner.value(controls(request_id))
     owner.send_comm(approve, CLICK)
-    assert eventually(owner, "'the researcher has left' in panel._message.value", 20)
+    assert owner.eventually("'the researcher has left' in panel._message.value", 20)
     assert owner.value(f"session.requests.get('{request_id}').status") == "pending"
     # The restarted kernel is a fresh one: no session, and the extension loads again.
     assert researcher.value("'session' in globals()") is False
