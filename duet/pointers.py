@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 
 from . import protocol as p
-from .errors import PolicyViolation, RemoteError
+from .errors import DuetError, PolicyViolation
 
 if TYPE_CHECKING:
     from .session import RequestHandle, ResearcherSession
@@ -76,9 +76,7 @@ class Pointer:
         if isinstance(ref, p.PointerRef):
             failure = self._session._failure_of(ref.id)
             if failure is not None:
-                if failure.policy:
-                    raise PolicyViolation(failure.detail or f"{failure.operation} is not allowed")
-                raise RemoteError(failure.operation, failure.error_type)
+                raise p.failure_error(failure)
         return ref
 
     # -- requests ---------------------------------------------------------------------------
@@ -241,27 +239,30 @@ def _submit(session: ResearcherSession, kind: str, name: str, target: Pointer | 
             args: tuple[Any, ...], kwargs: dict[str, Any], lineage: str) -> Pointer:
     op = p.Op(
         result=session._new_id(), kind=kind, name=name,  # type: ignore[arg-type]
-        target=None if target is None else target._check(),
-        args=[_to_wire(a) for a in args],
-        kwargs={k: _to_wire(v) for k, v in kwargs.items()},
+        target=None if target is None else _to_wire(target, session),
+        args=[_to_wire(a, session) for a in args],
+        kwargs={k: _to_wire(v, session) for k, v in kwargs.items()},
     )
     session._submit_op(op)
     return Pointer(session, p.PointerRef(op.result), lineage)
 
 
-def _to_wire(value: Any, depth: int = 0) -> Any:
+def _to_wire(value: Any, session: ResearcherSession, depth: int = 0) -> Any:
     """Arguments as the protocol carries them: pointers become references."""
     if depth > p.MAX_VALUE_DEPTH:
         raise ValueError("argument nested too deeply")
-    if isinstance(value, Pointer):
-        return value._check()
     if isinstance(value, RemoteModule):
-        return value._as_pointer()._check()
+        value = value._as_pointer()
+    if isinstance(value, Pointer):
+        if value._session is not session:
+            raise DuetError(f"{value!r} belongs to another duet session; objects cannot move "
+                            "between sessions without the owners' approval")
+        return value._check()
     if isinstance(value, (list, tuple)):
-        items = [_to_wire(v, depth + 1) for v in value]
+        items = [_to_wire(v, session, depth + 1) for v in value]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, dict):
-        return {k: _to_wire(v, depth + 1) for k, v in value.items()}
+        return {k: _to_wire(v, session, depth + 1) for k, v in value.items()}
     if isinstance(value, p.DTypeRef):
         return value
     if isinstance(value, type) and value in (bool, int, float, complex):

@@ -27,7 +27,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from .errors import ProtocolError
+from .errors import DuetError, PolicyViolation, ProtocolError, RemoteError
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 4 * 1024 * 1024
@@ -168,6 +168,13 @@ class OpFailed(_Message):
     error_type: str
     policy: bool = False
     detail: str = ""  # only for policy refusals, which depend on names, not data
+
+
+def failure_error(failure: OpFailed) -> DuetError:
+    """The exception the researcher sees for a failed operation."""
+    if failure.policy:
+        return PolicyViolation(failure.detail or f"{failure.operation} is not allowed")
+    return RemoteError(failure.operation, failure.error_type, failure.detail)
 
 
 class RequestValue(_Message):

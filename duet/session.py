@@ -586,6 +586,7 @@ class ResearcherSession(Session):
         self._id_lock = threading.Lock()
         self._failures: dict[int, p.OpFailed] = {}
         self._requests: dict[str, concurrent.futures.Future[Any]] = {}
+        self._request_targets: dict[str, p.PointerRef | p.StoreRef] = {}
         self._outbox: deque[p.Op | BaseModel] = deque()
         self._outbox_lock = threading.Lock()
         self._flush_scheduled = False
@@ -655,11 +656,13 @@ class ResearcherSession(Session):
         request_id = secrets.token_hex(8)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._requests[request_id] = future
+        self._request_targets[request_id] = target
         self._enqueue(p.RequestValue(request_id=request_id, target=target, reason=reason))
         return RequestHandle(self, request_id, lineage, future)
 
     def _withdraw(self, request_id: str) -> None:
         future = self._requests.pop(request_id, None)
+        self._request_targets.pop(request_id, None)
         if future is not None and not future.done():
             future.set_exception(RequestError(f"request {request_id} was withdrawn"))
         try:
@@ -684,12 +687,16 @@ class ResearcherSession(Session):
 
     def _on_decision(self, decision: p.Decision) -> None:
         future = self._requests.pop(decision.request_id, None)
+        target = self._request_targets.pop(decision.request_id, None)
         if future is None or future.done():
             return  # withdrawn, or a decision we never asked for
         if decision.status == "approved":
             future.set_result(decision.value)
         elif decision.status == "denied":
             future.set_exception(RequestDenied(decision.request_id, decision.reason))
+        elif isinstance(target, p.PointerRef) and target.id in self._failures:
+            # The OpFailed came first (same ordered channel): raise what failed, as it failed.
+            future.set_exception(p.failure_error(self._failures[target.id]))
         else:
             future.set_exception(RequestError(
                 f"request {decision.request_id} could not be served: {decision.reason}"))
@@ -699,6 +706,7 @@ class ResearcherSession(Session):
             if not future.done():
                 future.set_exception(ConnectionLost(f"connection to the owner lost: {reason}"))
         self._requests.clear()
+        self._request_targets.clear()
 
     async def _close_signaling(self) -> None:
         if self._signaling is not None:
@@ -707,11 +715,3 @@ class ResearcherSession(Session):
     def __repr__(self) -> str:
         state = "connected" if self.connected else ("closed" if self._closed else "connecting")
         return f"<ResearcherSession {state}, {len(self.store)} shared objects>"
-
-
-def _raise_remote(failure: p.OpFailed) -> None:
-    from .errors import PolicyViolation
-
-    if failure.policy:
-        raise PolicyViolation(failure.detail or f"{failure.operation} is not allowed")
-    raise RemoteError(failure.operation, failure.error_type)
