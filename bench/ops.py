@@ -1,0 +1,224 @@
+"""Benchmark remote execution (pointers, pipelining, round trips, training) and print JSON.
+
+Owner and researcher in two spawned processes over a real signaling server on loopback,
+the owner auto-approving every request; a bare aiortc data channel between two more
+processes gives the reference round trip, measured in the same run:
+
+* **pipelined**: 10,000 ``x = x + 1`` on a small tensor, then one ``x.get()``; ops/s for
+  the whole (enqueue + execute + the final round trip) and for enqueueing alone;
+* **op + round trip**: ``(x + 1).get()`` repeated; median/p99, against ``r.ping()`` and
+  the bare channel's ping round trip;
+* **training**: one step of a 20-64-2 MLP on a batch of 256 (zero_grad, forward,
+  cross-entropy, backward, SGD step) remote vs the same step locally; synchronous steps
+  (each ends with ``loss.get()``) and pipelined steps (many steps, then one ``get``).
+
+Targets (reported as booleans, never asserted): >= 5,000 pipelined ops/s; an op plus a
+round trip within 2x the bare channel's ping round trip.
+
+Usage: ``.venv/bin/python bench/ops.py [--ops 10000] [--reps 200] [--steps 50] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    DuetResearcher,
+    bare_rtc_pair,
+    duet_pair,
+    emit,
+    log,
+    machine,
+    payload,
+    signaling_server,
+    summary_ms,
+)
+
+
+class OpsResearcher(DuetResearcher):
+    """The researcher's side of the ops benchmark (runs in its own process)."""
+
+    def pipelined(self, n: int) -> dict[str, Any]:
+        x = self.r.store["x"]
+        start = time.perf_counter()
+        for _ in range(n):
+            x = x + 1
+        queued = time.perf_counter()
+        value = x.get("benchmark", timeout=600)
+        done = time.perf_counter()
+        return {"ops": n, "enqueue_s": queued - start, "total_s": done - start,
+                "value_ok": bool((value == n).all())}
+
+    def op_roundtrip(self, n: int, warmup: int = 10) -> list[float]:
+        x = self.r.store["x"]
+        samples = []
+        for i in range(warmup + n):
+            start = time.perf_counter()
+            (x + 1).get("benchmark", timeout=60)
+            if i >= warmup:
+                samples.append(time.perf_counter() - start)
+        return samples
+
+    def get_roundtrip(self, n: int) -> list[float]:
+        """A request for a shared object, no op: the request/approval path alone."""
+        x = self.r.store["x"]
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            x.get("benchmark", timeout=60)
+            samples.append(time.perf_counter() - start)
+        return samples
+
+    def training(self, steps: int, warmup: int = 5) -> dict[str, Any]:
+        import torch
+
+        r = self.r
+        nn, F = r.torch.nn, r.torch.nn.functional
+        X, y = r.store["X"], r.store["y"]
+        r.torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 2))
+        opt = r.torch.optim.SGD(net.parameters(), lr=0.1)
+
+        def remote_step() -> Any:
+            opt.zero_grad()
+            loss = F.cross_entropy(net(X), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        first = float(remote_step().get("loss", timeout=60))
+        for _ in range(warmup):
+            remote_step().get("loss", timeout=60)
+        sync = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            remote_step().get("loss", timeout=60)
+            sync.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = remote_step()
+        last = float(loss.get("loss", timeout=120))
+        pipelined = (time.perf_counter() - start) / steps
+
+        # the same step here, on a local copy of the same data (the benchmark's own copy)
+        Xl = torch.from_numpy(payload(256 * 20 * 4, seed=1).reshape(256, 20)) - 0.5
+        yl = (Xl[:, 0] + Xl[:, 1] > 0).long()
+        torch.manual_seed(0)
+        tnn = torch.nn
+        lnet = tnn.Sequential(tnn.Linear(20, 64), tnn.ReLU(), tnn.Linear(64, 2))
+        lopt = torch.optim.SGD(lnet.parameters(), lr=0.1)
+
+        def local_step() -> Any:
+            lopt.zero_grad()
+            lloss = torch.nn.functional.cross_entropy(lnet(Xl), yl)
+            lloss.backward()
+            lopt.step()
+            return lloss
+
+        for _ in range(warmup):
+            local_step().item()
+        local = []
+        for _ in range(max(steps, 200)):
+            start = time.perf_counter()
+            local_step().item()
+            local.append(time.perf_counter() - start)
+        return {"sync": sync, "pipelined_per_step_s": pipelined, "local": local,
+                "loss_first": first, "loss_last": last}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ops", type=int, default=10_000, help="pipelined x = x + 1 count")
+    parser.add_argument("--reps", type=int, default=200, help="op + round trip repetitions")
+    parser.add_argument("--steps", type=int, default=50, help="training steps to time")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (~20 s)")
+    args = parser.parse_args()
+    if args.quick:
+        args.ops, args.reps, args.steps = min(args.ops, 2000), min(args.reps, 50), min(args.steps, 10)
+
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "benchmark": "ops",
+        "machine": machine(),
+        "params": {"ops": args.ops, "reps": args.reps, "steps": args.steps, "quick": args.quick},
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    with signaling_server() as url, \
+            duet_pair(url, {}, OpsResearcher) as (owner, researcher, setup), \
+            bare_rtc_pair() as (_sender, receiver, _bare_setup):
+        owner.call("share", "x", "small")
+        owner.call("share", "X", "mlp_X")
+        owner.call("share", "y", "mlp_y")
+        result["setup"] = setup
+
+        log(f"pipelined: {args.ops} x = x + 1")
+        researcher.call("pipelined", 200)  # warm up
+        runs = [researcher.call("pipelined", args.ops, timeout=900) for _ in range(2)]
+        best = min(runs, key=lambda run: run["total_s"])
+        result["pipelined"] = {
+            "ops": args.ops,
+            "runs_total_s": [round(run["total_s"], 3) for run in runs],
+            "ops_per_s": round(args.ops / best["total_s"]),
+            "enqueue_ops_per_s": round(args.ops / best["enqueue_s"]),
+            "value_ok": all(run["value_ok"] for run in runs),
+        }
+        log(f"pipelined: {result['pipelined']['ops_per_s']} ops/s")
+
+        log("round trips")
+        researcher.call("ping", 0)
+        receiver.call("ping", 20)
+        op_rt: list[float] = []
+        get_rt: list[float] = []
+        pings: list[float] = []
+        bare: list[float] = []
+        blocks = 5
+        for _ in range(blocks):  # alternate, so load on the machine hits all alike
+            op_rt += researcher.call("op_roundtrip", args.reps // blocks, 2)
+            get_rt += researcher.call("get_roundtrip", args.reps // blocks)
+            pings += researcher.call("ping", args.reps // blocks, 0)
+            bare += receiver.call("ping", args.reps // blocks)
+        result["op_plus_round_trip"] = summary_ms(op_rt)
+        result["get_shared_round_trip"] = summary_ms(get_rt)
+        result["duet_ping"] = summary_ms(pings)
+        result["bare_aiortc_ping"] = summary_ms(bare)
+        op_median = result["op_plus_round_trip"]["median_ms"]
+        bare_median = result["bare_aiortc_ping"]["median_ms"]
+        result["op_round_trip_vs_bare_ping"] = round(op_median / bare_median, 2)
+        result["op_round_trip_vs_duet_ping"] = round(
+            op_median / result["duet_ping"]["median_ms"], 2)
+        log(f"op+rt {op_median} ms, bare ping {bare_median} ms")
+
+        log("training")
+        train = researcher.call("training", args.steps, timeout=900)
+        sync, local = summary_ms(train["sync"]), summary_ms(train["local"])
+        result["training_step"] = {
+            "model": "Linear(20,64)-ReLU-Linear(64,2), batch 256, SGD, cross_entropy",
+            "remote_sync": sync,
+            "remote_pipelined_per_step_ms": round(train["pipelined_per_step_s"] * 1e3, 3),
+            "local": local,
+            "ratio_remote_sync_vs_local": round(sync["median_ms"] / local["median_ms"], 1),
+            "ratio_remote_pipelined_vs_local": round(
+                train["pipelined_per_step_s"] * 1e3 / local["median_ms"], 1),
+            "loss_first": round(train["loss_first"], 4),
+            "loss_last": round(train["loss_last"], 4),
+        }
+        log(f"training: remote {sync['median_ms']} ms/step, local {local['median_ms']} ms/step")
+
+    result["targets"] = {
+        "pipelined_ge_5000_ops_per_s": result["pipelined"]["ops_per_s"] >= 5000,
+        "op_round_trip_within_2x_bare_ping": result["op_round_trip_vs_bare_ping"] <= 2.0,
+    }
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
