@@ -67,7 +67,8 @@ class Pointer:
         return self._lineage
 
     def _resolve(self) -> p.PointerRef | p.StoreRef:
-        assert self._ref is not None
+        if self._ref is None:
+            raise DuetError(f"{self._lineage} was deleted: its object on the owner is gone")
         return self._ref
 
     def _check(self) -> p.PointerRef | p.StoreRef:

@@ -268,11 +268,12 @@ class Session:
         if self._peer_hello is not None:
             raise ProtocolError("second hello")
         if hello.version != p.PROTOCOL_VERSION or hello.role != self.peer_role:
-            problem = (f"protocol version {hello.version}, ours is {p.PROTOCOL_VERSION}"
-                       if hello.version != p.PROTOCOL_VERSION
-                       else f"a {hello.role} cannot pair with a {self.role}")
-            error = PairingError(f"incompatible peer ({hello.software or 'unknown'}): {problem}; "
-                                 "both sides need the same duet version")
+            if hello.version != p.PROTOCOL_VERSION:
+                problem = (f"it speaks protocol version {hello.version}, ours is "
+                           f"{p.PROTOCOL_VERSION}; both sides need the same duet version")
+            else:
+                problem = f"both peers are {hello.role}s: a duet pairs an owner with a researcher"
+            error = PairingError(f"incompatible peer ({hello.software or 'unknown'}): {problem}")
             run_soon(self._send_quietly(p.ErrorNotice(code="incompatible",
                                                                     message=str(error))))
             self._fail(error)

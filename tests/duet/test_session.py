@@ -1,0 +1,279 @@
+"""Sessions over the in-memory transport: store, requests, rules, lifecycle, audit (fast)."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import duet
+from duet import protocol as p
+from duet.session import OwnerSession, ResearcherSession
+from tests.utils import session_pair
+
+Pair = tuple[OwnerSession, ResearcherSession]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    with session_pair(tmp_path / "audit.db") as sessions:
+        yield sessions
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
+def test_store_lists_declared_metadata_and_updates_live(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.zeros((3, 4), dtype=np.float32), name="grid", description="a grid",
+                tags=("demo",))
+    researcher.store.wait_for("grid", timeout=5)
+    info = researcher.store.info("grid")
+    assert (info.type, info.shape, info.dtype, info.tags) == ("numpy.ndarray", [3, 4],
+                                                              "float32", ["demo"])
+    assert "a grid" in repr(researcher.store) and "<table>" in researcher.store._repr_html_()
+    owner.unshare("grid")
+    eventually(lambda: "grid" not in researcher.store)
+    with pytest.raises(KeyError, match="has not shared 'grid'"):
+        researcher.store["grid"]
+
+
+@pytest.mark.parametrize("name", ["", "1x", "_hidden", "a b", "__class__"])
+def test_share_names_must_be_plain_identifiers(pair: Pair, name: str) -> None:
+    with pytest.raises(ValueError):
+        pair[0].share(np.zeros(1), name=name)
+
+
+def test_approve_and_deny(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(10.0), name="ages")
+    ages = researcher.store.wait_for("ages", 5)
+    mean = researcher.np.mean(ages * 2)
+    handle = mean.request("mean for the paper")
+    request = owner.requests.wait(5)
+    assert request is not None
+    assert (request.reason, request.lineage, request.status) == (
+        "mean for the paper", "mean((ages * 2))", "pending")
+    assert "9.0" in request.preview and request.nbytes == 8
+    request.approve()
+    assert handle.result(5) == 9.0 and handle.status == "approved"
+    raw = ages.request("all rows")
+    owner.requests.wait(5).deny("too specific")  # type: ignore[union-attr]
+    with pytest.raises(duet.RequestDenied, match="too specific") as denied:
+        raw.result(5)
+    assert denied.value.reason == "too specific"
+    assert [r.status for r in owner.requests] == ["approved", "denied"]
+    assert "denied" in repr(owner.requests) and "<table>" in owner.requests._repr_html_()
+
+
+def test_timeout_leaves_the_request_pending_then_it_can_still_be_approved(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.ones(3), name="x")
+    handle = researcher.store.wait_for("x", 5).sum().request("sum")
+    with pytest.raises(duet.RequestTimeout):
+        handle.result(0.2)
+    assert handle.status == "pending"
+    owner.requests.wait(5).approve()  # type: ignore[union-attr]
+    assert handle.result(5) == 3.0
+    with pytest.raises(duet.RequestTimeout):
+        researcher.store["x"].get("again", timeout=0.2)
+
+
+def test_many_pending_requests_are_decided_independently(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(50), name="x")
+    x = researcher.store.wait_for("x", 5)
+    handles = [x[i].request(f"element {i}") for i in range(50)]
+    eventually(lambda: len(owner.requests.pending) == 50)
+    for request in owner.requests.pending[::-1]:
+        if int(request.reason.split()[1]) % 2:
+            request.deny("odd")
+        else:
+            request.approve()
+    for i, handle in enumerate(handles):
+        if i % 2:
+            with pytest.raises(duet.RequestDenied):
+                handle.result(5)
+        else:
+            assert handle.result(5) == i
+
+
+def test_rules_decide_automatically_and_are_recorded(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(100.0), name="ages")
+    owner.share(np.arange(5.0), name="ids")
+    small = owner.requests.add_rule("approve", max_elements=1)
+    no_ids = owner.requests.add_rule("deny", name="ids", reason="ids never leave")
+    lineage = owner.requests.add_rule("deny", lineage=r"\[.*\]", reason="no slices")
+    assert [r.id for r in owner.requests.rules] == [small.id, no_ids.id, lineage.id]
+    assert "max_elements=1" in str(small)
+    ages, ids = researcher.store.wait_for("ages", 5), researcher.store.wait_for("ids", 5)
+    assert researcher.np.mean(ages).get("mean", timeout=5) == 49.5
+    with pytest.raises(duet.RequestDenied, match="ids never leave"):
+        (ids * 2).get("ids", timeout=5)
+    with pytest.raises(duet.RequestDenied, match="no slices"):
+        ages[:10].get("slice", timeout=5)
+    owner.requests.remove_rule(lineage)
+    handle = ages[:10].request("slice again")
+    eventually(lambda: len(owner.requests.pending) == 1)
+    with pytest.raises(ValueError):
+        owner.requests.remove_rule(lineage.id)
+    owner.requests.add_rule("approve", predicate=lambda r: r.reason == "slice again")
+    assert list(handle.result(5)) == list(range(10))
+    decisions = owner.audit.events(event="decision")
+    assert [d.detail["by"] for d in decisions] == [
+        f"rule:{small.id}", f"rule:{no_ids.id}", f"rule:{lineage.id}", "rule:4"]
+
+
+def test_deciding_twice_or_a_withdrawn_request_is_an_error(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(3), name="x")
+    x = researcher.store.wait_for("x", 5)
+    handle = x.request("first")
+    request = owner.requests.wait(5)
+    assert request is not None
+    request.approve()
+    with pytest.raises(duet.RequestError, match="already approved"):
+        request.deny()
+    handle.result(5)
+    second = x.request("second")
+    eventually(lambda: len(owner.requests.pending) == 1)
+    second.withdraw()
+    eventually(lambda: owner.requests[1].status == "withdrawn")
+    with pytest.raises(duet.RequestError, match="withdrawn"):
+        owner.requests[1].approve()
+    assert len(owner.audit.events(event="value_sent")) == 1
+
+
+def test_requests_for_failed_or_freed_objects_get_clear_errors(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(4.0), name="x")
+    x = researcher.store.wait_for("x", 5)
+    singular = researcher.np.linalg.inv(x)
+    with pytest.raises(duet.RemoteError, match="numpy.linalg.inv .*LinAlgError"):
+        singular.get("inverse", timeout=5)
+    with pytest.raises(duet.RemoteError):
+        singular + 1  # the next use raises too
+    freed = x * 2
+    freed_ref = freed._resolve()
+    freed.delete()
+    handle = researcher._request(freed_ref, "after delete", "x * 2")
+    with pytest.raises(duet.RequestError, match="does not exist"):
+        handle.result(5)
+    with pytest.raises(duet.DuetError, match="was deleted"):
+        freed.get("deleted", timeout=5)
+    assert owner.requests.pending == []
+
+
+def test_dropped_pointers_are_freed_on_the_owner(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.zeros(1000), name="x")
+    x = researcher.store.wait_for("x", 5)
+    pointers = [x + i for i in range(20)]
+    researcher.ping()
+    eventually(lambda: owner._executor.used_bytes() == 20 * 8000)
+    del pointers
+    gc.collect()
+    researcher.ping()
+    eventually(lambda: owner._executor.used_bytes() == 0)
+
+
+def test_bool_len_iter_and_local_numpy_explain_themselves(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(3), name="x")
+    x = researcher.store.wait_for("x", 5)
+    for use in (lambda: bool(x > 1), lambda: len(x), lambda: list(x), lambda: np.asarray(x),
+                lambda: float(x), lambda: [0, 1][x]):
+        with pytest.raises(TypeError, match="lives on the owner"):
+            use()
+    with pytest.raises(TypeError, match="pickled"):
+        import pickle
+
+        pickle.dumps(x)
+    owner.requests.add_rule("approve")
+    reflected = np.arange(3) + x  # numpy defers to the pointer: computed remotely
+    assert isinstance(reflected, duet.Pointer)
+    assert list(reflected.get("reflected", timeout=5)) == [0, 2, 4]
+
+
+def test_no_grad_and_remote_modules(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(torch.randn(8, 4), name="X")
+    owner.requests.add_rule("approve")
+    X = researcher.store.wait_for("X", 5)
+    layer = researcher.torch.nn.Linear(4, 2)
+    with researcher.torch.no_grad():
+        out = layer(X)
+    assert out.requires_grad.get("flag", timeout=5) is False
+    assert layer(X).requires_grad.get("flag", timeout=5) is True
+    state = layer.state_dict().get("weights", timeout=5)
+    assert set(state) == {"weight", "bias"} and state["weight"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("hello, message", [
+    (p.Hello(version=999, role="researcher"), "protocol version 999"),
+    (p.Hello(version=p.PROTOCOL_VERSION, role="owner"), "both peers are owners"),
+])
+def test_incompatible_peer_is_refused(tmp_path: Path, hello: p.Hello, message: str) -> None:
+    from duet.loop import LoopThread
+    from duet.transport import InMemoryTransport
+
+    owner = OwnerSession(audit_path=tmp_path / "audit.db")
+    peer_loop = LoopThread()
+    a, b = InMemoryTransport.pair()
+    try:
+        owner._start(a.start)
+        peer_loop.run(b.start(), timeout=5)
+        b.set_handlers(lambda header, buffers: None, lambda reason: None)
+        peer_loop.run(b.send(*p.encode(hello)), timeout=5)
+        with pytest.raises(duet.PairingError, match=message):
+            owner._wait_ready(5)
+        assert not owner.connected
+    finally:
+        owner.close()
+        peer_loop.stop()
+
+
+def test_close_is_idempotent_and_fails_pending_calls(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(3), name="x")
+    handle = researcher.store.wait_for("x", 5).request("later")
+    owner.requests.wait(5)
+    researcher.close()
+    researcher.close()
+    with pytest.raises(duet.ConnectionLost):
+        handle.result(5)
+    eventually(lambda: not owner.connected)
+    with pytest.raises(duet.RequestError, match="left|closed"):
+        owner.requests[0].approve()
+    assert owner.audit.events(event="value_sent") == []
+    with pytest.raises(duet.ConnectionLost):
+        researcher.store["x"] + 1
+
+
+def test_audit_log_records_a_whole_session(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    with session_pair(path) as (owner, researcher):
+        owner.share(np.arange(10.0), name="ages")
+        ages = researcher.store.wait_for("ages", 5)
+        handle = researcher.np.mean(ages).request("mean")
+        owner.requests.wait(5).approve()  # type: ignore[union-attr]
+        handle.result(5)
+        denied = ages.request("raw")
+        owner.requests.wait(5).deny("no")  # type: ignore[union-attr]
+        with pytest.raises(duet.RequestDenied):
+            denied.result(5)
+    events = [e.event for e in duet.AuditLog(path, readonly=True)]
+    for expected in ["session_started", "peer_authenticated", "share", "op_executed",
+                     "request", "decision", "value_sent", "disconnect", "session_closed"]:
+        assert expected in events, expected
+    assert events.index("decision") < events.index("value_sent")
