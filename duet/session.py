@@ -437,13 +437,15 @@ class OwnerSession(Session):
 
     def _open_request(self, message: p.RequestValue) -> None:
         """Worker thread: after every earlier op ran, so the value is final."""
+        pointer_id = message.target.id if isinstance(message.target, p.PointerRef) else None
         try:
             entry = self._executor.lookup(message.target)
         except DuetError as exc:
+            self.audit.record("request", session=self.session_id, request_id=message.request_id,
+                              pointer_id=pointer_id, reason=message.reason, refused=str(exc))
             self._send(p.Decision(request_id=message.request_id, status="error",
                                   reason=str(exc)))
             return
-        pointer_id = message.target.id if isinstance(message.target, p.PointerRef) else None
         self.audit.record("request", session=self.session_id, request_id=message.request_id,
                           pointer_id=pointer_id, lineage=entry.lineage, reason=message.reason)
         if entry.failure is not None:
