@@ -619,8 +619,14 @@ class DuetOwner:
     def launch(self) -> str:
         import duet
 
+        import tempfile
+
+        # A throwaway audit log: benchmarks must not fill the user's real one.
+        self._audit_dir = tempfile.TemporaryDirectory(prefix="duet-bench-")
+        audit_path = Path(self._audit_dir.name) / "audit.sqlite3"
         self._t0 = time.perf_counter()
-        self.session = duet.launch(server=self.server, ice_servers=[], show=False, **self.options)
+        self.session = duet.launch(server=self.server, ice_servers=[], show=False,
+                                   audit_path=audit_path, **self.options)
         self.session.requests.add_rule("approve")
 
         def wait() -> None:
@@ -661,6 +667,22 @@ class DuetOwner:
     def unshare(self, name: str) -> None:
         self.session.unshare(name)
 
+    def audit_probe(self, n: int = 100) -> dict[str, float]:
+        """Latency of one durable audit record (fsync'd SQLite insert) on this disk, now."""
+        from duet.audit import AuditLog
+
+        probe = AuditLog(Path(self._audit_dir.name) / "probe.sqlite3")
+        samples = []
+        try:
+            for i in range(n):
+                start = time.perf_counter()
+                probe.record("op_executed", session="probe", operation="operator.add",
+                             lineage="(x + 1)", pointer_id=i)
+                samples.append(time.perf_counter() - start)
+        finally:
+            probe.close()
+        return summary_ms(samples)
+
     def rss_start(self) -> None:
         self.rss.start()
 
@@ -692,10 +714,24 @@ class DuetResearcher:
         self.r = duet.join(code, server=self.server, ice_servers=[], **self.options)
         return time.perf_counter() - start
 
+    def wait_store(self, names: Sequence[str], timeout: float = 30) -> None:
+        """Until the owner's shares reached this side (the store updates asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                for name in names:
+                    self.r.store[name]
+                return
+            except KeyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+
     def get(self, name: str, nbytes: int, measure_rss: bool = False) -> dict[str, Any]:
         import gc
 
         gc.collect()
+        self.wait_store([name])
         pointer = self.r.store[name]
         if measure_rss:
             self.rss.start()

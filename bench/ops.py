@@ -156,8 +156,10 @@ def main() -> None:
         owner.call("share", "x", "small")
         owner.call("share", "X", "mlp_X")
         owner.call("share", "y", "mlp_y")
+        researcher.call("wait_store", ["x", "X", "y"])
         result["setup"] = setup
 
+        result["audit_record_before"] = owner.call("audit_probe")
         log(f"pipelined: {args.ops} x = x + 1")
         researcher.call("pipelined", 200)  # warm up
         runs = [researcher.call("pipelined", args.ops, timeout=900) for _ in range(2)]
@@ -195,6 +197,7 @@ def main() -> None:
             op_median / result["duet_ping"]["median_ms"], 2)
         log(f"op+rt {op_median} ms, bare ping {bare_median} ms")
 
+        result["audit_record_after"] = owner.call("audit_probe")
         log("training")
         train = researcher.call("training", args.steps, timeout=900)
         sync, local = summary_ms(train["sync"]), summary_ms(train["local"])
