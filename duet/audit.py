@@ -53,7 +53,9 @@ EVENTS: Mapping[str, str] = types.MappingProxyType(
     {
         "session_started": "The owner opened a session (detail: e.g. server URL).",
         "paired": "A researcher joined the owner's room through the signaling server.",
-        "peer_authenticated": "The peer's SDP (and DTLS fingerprint) verified with the join secret.",
+        "peer_authenticated": (
+            "The peer's SDP (and DTLS fingerprint) verified with the join secret."
+        ),
         "share": "The owner shared an object (pointer_id; detail: name, type, declared metadata).",
         "unshare": "The owner withdrew a shared object (detail: name).",
         "op_executed": "An allowlisted operation ran (operation, lineage, pointer_id of result).",

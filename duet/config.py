@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiortc import RTCConfiguration, RTCIceServer
@@ -13,10 +13,11 @@ from aiortc import RTCConfiguration, RTCIceServer
 __all__ = ["DEFAULT_ICE_SERVERS", "IceServerSpec", "SessionConfig"]
 
 # A public STUN server lets peers behind ordinary NATs find each other. Peers behind
-# symmetric NATs need a TURN relay: pass {"urls": "turn:host:3478", "username": ..., "credential": ...}.
+# symmetric NATs need a TURN relay:
+# {"urls": "turn:host:3478", "username": ..., "credential": ...}.
 DEFAULT_ICE_SERVERS: tuple[str, ...] = ("stun:stun.l.google.com:19302",)
 
-IceServerSpec = Union[str, Mapping[str, Any], RTCIceServer]
+IceServerSpec = str | Mapping[str, Any] | RTCIceServer
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,7 @@ def run_demo(build_dir: Path, *, server: str | None = None, notebooks: Path = NO
     """Execute both notebooks concurrently; save them (run or failed) under ``build_dir``."""
     import nbformat
 
+    build_dir = build_dir.resolve()  # the kernels run in the notebooks' directory
     build_dir.mkdir(parents=True, exist_ok=True)
     audit_path = build_dir / "audit.sqlite3"
     code_file = build_dir / "join-code.json"
@@ -143,6 +144,16 @@ def run_demo(build_dir: Path, *, server: str | None = None, notebooks: Path = NO
     return result
 
 
+def _shown(path: Path | None) -> str:
+    """A path as the user would type it: relative to where they ran the demo, if inside."""
+    if path is None:
+        return ""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _report(result: DemoResult) -> str:
     lines = [f"duet demo: owner.ipynb and researcher.ipynb ran side by side in two kernels "
              f"({result.seconds:.1f} s)"]
@@ -164,10 +175,10 @@ def _report(result: DemoResult) -> str:
         lines.append(f"  raw patient rows: {summary.get('raw_rows')}")
     if result.events:
         top = ", ".join(f"{name} {n}" for name, n in result.events.most_common(6))
-        lines.append(f"  audit log: {sum(result.events.values())} events in {result.audit_path}"
+        lines.append(f"  audit log: {sum(result.events.values())} events in {_shown(result.audit_path)}"
                      f" ({top})")
     lines.append("  executed notebooks: "
-                 + ", ".join(str(path) for path in result.notebooks.values()))
+                 + ", ".join(_shown(path) for path in result.notebooks.values()))
     if result.error:
         lines.append(f"FAILED:\n{result.error}")
     return "\n".join(lines)

@@ -2,13 +2,13 @@
 
     DuetError                    base of everything below
     ├── PairingError             pairing failed: signaling server, join code, SDP authentication
-    ├── ConnectionLost           the peer left or the data channel died; pending calls fail with it
-    ├── ProtocolError            a peer sent a frame we cannot accept (malformed, unknown, oversized)
+    ├── ConnectionLost           the peer left or the channel died; pending calls fail with it
+    ├── ProtocolError            the peer sent a frame we cannot accept (malformed, oversized)
     ├── PolicyViolation          the operation is not on the owner's allowlist; it never ran
-    ├── RemoteError              the operation failed on the owner's side (type and op only, no values)
+    ├── RemoteError              the operation failed on the owner's side (op and type, no values)
     ├── RequestDenied            the owner denied a request (carries the owner's reason)
     ├── RequestTimeout           no decision arrived in time
-    ├── RequestError             a request cannot be made or decided (freed object, decided twice ...)
+    ├── RequestError             a request cannot be made or decided (freed object, twice ...)
     └── BudgetExceeded           the owner's memory budget for this session would be exceeded
 
 Messages never include data values held by the owner: an error that crosses the channel names

@@ -392,6 +392,9 @@ class RemoteModule:
     ``state_dict()``, ``train()``/``eval()`` act on a remote ``ModuleList`` of them.
     """
 
+    _layers: dict[str, Pointer | RemoteModule]
+    _remote: Pointer | None
+
     def __init__(self) -> None:
         object.__setattr__(self, "_layers", {})
         object.__setattr__(self, "_remote", None)
@@ -413,14 +416,14 @@ class RemoteModule:
         if self._remote is None:
             if not self._layers:
                 raise ValueError(f"{type(self).__name__} has no remote layers yet")
-            session = next(iter(self._layers.values()))
-            session = session._session if isinstance(session, Pointer) else \
-                session._as_pointer()._session
-            module_dict = RemoteFunction(session, "torch.nn.ModuleDict")(
-                {name: layer for name, layer in self._layers.items()})
+            first = next(iter(self._layers.values()))
+            pointer = first if isinstance(first, Pointer) else first._as_pointer()
+            module_dict = RemoteFunction(pointer._session, "torch.nn.ModuleDict")(
+                dict(self._layers))
             object.__setattr__(module_dict, "_lineage", type(self).__name__)
             object.__setattr__(self, "_remote", module_dict)
-        return self._remote  # type: ignore[return-value]
+            return module_dict
+        return self._remote
 
     def parameters(self) -> Pointer:
         return self._as_pointer().parameters()

@@ -223,7 +223,8 @@ class Bye(_Message):
 
 
 Message = Annotated[
-    Hello | StoreSnapshot | Ops | Free | OpFailed | RequestValue | Withdraw | Decision | Ping | Pong | ErrorNotice | Bye,
+    Hello | StoreSnapshot | Ops | Free | OpFailed | RequestValue | Withdraw | Decision
+    | Ping | Pong | ErrorNotice | Bye,
     Field(discriminator="type"),
 ]
 _message_adapter: TypeAdapter[Message] = TypeAdapter(Message)
@@ -266,7 +267,7 @@ class _Encoder:
         if array.dtype.hasobject:
             raise ProtocolError("cannot send an array of Python objects")
         contiguous = np.ascontiguousarray(array)  # copies only if non-contiguous
-        self.buffers.append(memoryview(contiguous.reshape(-1).view(np.uint8)))
+        self.buffers.append(contiguous.reshape(-1).view(np.uint8).data)
         header = [kind, dtype, list(array.shape), len(self.buffers) - 1]
         return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(header))
 

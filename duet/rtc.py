@@ -37,7 +37,8 @@ CHANNEL_LABEL = "duet"
 # usable interface would never connect. In loopback mode (scoped to the gathering task by a
 # context variable, so other connections in the process are unaffected) 127.0.0.1 is the
 # only host candidate: same-machine duets and tests never touch another address.
-_loopback_only: contextvars.ContextVar[bool] = contextvars.ContextVar("duet_loopback", default=False)
+_loopback_only: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "duet_loopback", default=False)
 _original_host_addresses: Callable[[bool, bool], list[str]] = aioice.ice.get_host_addresses
 
 

@@ -31,7 +31,6 @@ from .errors import (
     DuetError,
     PairingError,
     ProtocolError,
-    RemoteError,
     RequestDenied,
     RequestError,
     RequestTimeout,
@@ -206,7 +205,9 @@ class Session:
                 log.exception("could not send %s", type(message).__name__)
 
     def _progress(self) -> Progress | None:
-        show = self.config.progress if self.config.progress is not None else self.role == "researcher"
+        show = self.config.progress
+        if show is None:
+            show = self.role == "researcher"
         return _tqdm_progress if show else None
 
     # -- receiving (loop thread) ----------------------------------------------------------

@@ -231,7 +231,7 @@ class Reassembler:
         if end < entry.total:
             return None
         del self._streams[stream]
-        view = memoryview(entry.data)
+        view = entry.data.data
         header = bytes(view[: entry.header_len])
         buffers, offset = [], entry.header_len
         for size in entry.sizes:

@@ -107,7 +107,8 @@ assert s.requests.wait(60) is not None       # the weights request, left pending
 losses = [float(r.value) for r in s.requests if r.reason.startswith("loss")]
 emit("owner_losses", losses)
 emit("sent_bytes", [e.nbytes for e in s.audit.events(event="value_sent")])
-emit("trained_lineage", [[r.lineage, sorted(r.sources)] for r in s.requests if r.status == "pending"])
+emit("trained_lineage", [[r.lineage, sorted(r.sources)] for r in s.requests
+                         if r.status == "pending"])
 s.close()
 '''
     researcher_body = '''
