@@ -175,8 +175,8 @@ def _report(result: DemoResult) -> str:
         lines.append(f"  raw patient rows: {summary.get('raw_rows')}")
     if result.events:
         top = ", ".join(f"{name} {n}" for name, n in result.events.most_common(6))
-        lines.append(f"  audit log: {sum(result.events.values())} events in {_shown(result.audit_path)}"
-                     f" ({top})")
+        lines.append(f"  audit log: {sum(result.events.values())} events in "
+                     f"{_shown(result.audit_path)} ({top})")
     lines.append("  executed notebooks: "
                  + ", ".join(_shown(path) for path in result.notebooks.values()))
     if result.error:

@@ -66,12 +66,14 @@ def test_demo_notebooks_run_concurrently_and_show_the_duet(tmp_path: Path) -> No
 
 def test_make_demo_runs_on_the_embedded_server(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DUET_SIGNALING_URL"}
-    done = subprocess.run([sys.executable, "-m", "duet.demo", "--build-dir", str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "duet.demo", "--build-dir", "build/demo"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "requests: 6 (5 approved, 1 denied)" in done.stdout
     assert "owner's answer: 'individual patient records" in done.stdout
-    assert (tmp_path / "owner.ipynb").is_file() and (tmp_path / "researcher.ipynb").is_file()
+    built = tmp_path / "build" / "demo"
+    assert {p.name for p in built.iterdir()} >= {"owner.ipynb", "researcher.ipynb",
+                                                  "audit.sqlite3"}
 
 
 def test_demo_fails_loudly_and_stops_the_other_notebook(tmp_path: Path) -> None:
