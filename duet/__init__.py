@@ -28,6 +28,13 @@ from .store import Store
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext duet`` does what ``%load_ext kernel_ext`` does (imported only then)."""
+    from kernel_ext import load_ipython_extension as load
+
+    load(ipython)
+
 __all__ = [
     "Allowlist",
     "AuditEvent",

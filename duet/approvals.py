@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import logging
 import re
 import threading
 import time
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from tabulate import tabulate
 
 from .errors import RequestError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Request", "RequestQueue", "Rule", "describe_value"]
 
@@ -325,8 +328,8 @@ class RequestQueue(Sequence[Request]):
         for listener in list(self._listeners):
             try:
                 listener(request)
-            except Exception:
-                pass
+            except Exception:  # a broken display must not break deciding
+                log.exception("request listener %r failed", listener)
 
     # -- display --------------------------------------------------------------------------
     def _rows(self) -> list[list[str]]:

@@ -36,7 +36,6 @@ except ImportError:  # numpy < 2
 __all__ = ["MAX_LINEAGE", "Entry", "Executor"]
 
 MAX_LINEAGE = 2000
-_MAX_NOTES = 8  # distinct "modified by" notes kept per entry
 _MAX_ITEMS = 8  # literal list items shown in lineage
 _WALK_LIMIT = 100_000  # container items inspected when looking for arrays
 
@@ -72,16 +71,18 @@ class Entry:
         self.origin = self.lineage
 
     def note_modification(self, note: str, sources: frozenset[str]) -> None:
-        """Record an in-place change, so that a model trained by ``opt.step()`` says so (and
-        on which shared data) in its lineage. Repeated changes are listed once."""
+        """Record an in-place change, so that a model trained by ``opt.step()`` says so, and
+        on which shared data, in its lineage. The operations are kept in ``modified_by``; the
+        lineage stays short enough to read in an approval table."""
         self.sources |= sources
-        if note in self.modified_by:
-            return
-        self.modified_by.append(note)
-        shown = self.modified_by[:_MAX_NOTES]
-        more = len(self.modified_by) - len(shown)
-        notes = "; ".join(shown) + (f"; … (+{more})" if more else "")
-        self.lineage = _cap(f"{self.origin} [modified in place by: {notes}]")
+        if note not in self.modified_by:
+            self.modified_by.append(note)
+        if self.sources:  # the data it was changed with is what the owner must know
+            how = f"using {', '.join(sorted(self.sources))}"
+        else:
+            how = "by " + "; ".join(self.modified_by[:3]) + ("; …" if len(self.modified_by) > 3
+                                                             else "")
+        self.lineage = _cap(f"{self.origin} [modified in place {how}]")
 
 
 class _Failure(Exception):

@@ -78,6 +78,11 @@ class Session:
 
     # -- public -----------------------------------------------------------------------------
     @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
+
+    @property
     def connected(self) -> bool:
         """True while the peer is there; turns False promptly when it leaves or the channel dies."""
         return self._ready.is_set() and not self._lost.is_set() and not self._closed
