@@ -10,6 +10,8 @@ Everything runs on loopback, each end in its own OS process (spawned), in one ru
   size and ``bufferedAmount`` high water swept, the best setting then used for every size;
   its setup and ping round trip;
 * **tcp**: a plain asyncio socket on 127.0.0.1, same payloads;
+* **bare aiortc, 4 MiB UDP buffers**: the best setting again with SO_RCVBUF/SO_SNDBUF raised
+  on the ICE sockets (an experiment: does avoiding kernel drops help?);
 * **duet sweep**: ``frame_size`` x ``buffer_high_water`` on one payload, to pick defaults;
 * ratios and targets (reported as booleans, never asserted).
 
@@ -19,7 +21,8 @@ Usage::
     .venv/bin/python bench/transport.py --quick    # 1 and 16 MiB, small sweep (< 1 minute)
     .venv/bin/python bench/transport.py --sizes 1 8 32 --no-sweep
 
-Progress goes to stderr; the JSON result to stdout.
+Progress goes to stderr; the JSON result to stdout. Throughputs are MB/s (10^6 bytes/s);
+``udp_drops`` counts the kernel's UDP receive-buffer drops during a run (system-wide).
 """
 
 from __future__ import annotations
