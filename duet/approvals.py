@@ -24,7 +24,7 @@ from .errors import RequestError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Request", "RequestQueue", "Rule", "describe_value"]
+__all__ = ["Request", "RequestQueue", "Rule", "describe_value", "preview_of"]
 
 Status = Literal["pending", "approved", "denied", "withdrawn"]
 Action = Literal["approve", "deny"]
@@ -40,11 +40,19 @@ class ValueInfo:
     dtype: str | None
     elements: int
     nbytes: int
-    preview: str
+
+
+def preview_of(value: Any) -> str:
+    """The value as the owner sees it, abbreviated (may be costly: built on demand)."""
+    import numpy as np
+
+    with np.printoptions(threshold=20, edgeitems=3, precision=4):
+        preview = repr(value)
+    return preview if len(preview) <= PREVIEW_CHARS else preview[: PREVIEW_CHARS - 1] + "…"
 
 
 def describe_value(value: Any) -> ValueInfo:
-    """Summarize a value for the owner (who may see everything)."""
+    """Summarize a value's size for the owner and for rules; cheap, no formatting."""
     import numpy as np
 
     shape = dtype = None
@@ -64,11 +72,7 @@ def describe_value(value: Any) -> ValueInfo:
         nbytes = int(getattr(value, "nbytes", 8))
     elif isinstance(value, (str, bytes)):
         elements = nbytes = len(value)
-    with np.printoptions(threshold=20, edgeitems=3, precision=4):
-        preview = repr(value)
-    if len(preview) > PREVIEW_CHARS:
-        preview = preview[: PREVIEW_CHARS - 1] + "…"
-    return ValueInfo(_type_name(value), shape, dtype, elements, nbytes, preview)
+    return ValueInfo(_type_name(value), shape, dtype, elements, nbytes)
 
 
 def _is_tensor(value: Any) -> bool:
@@ -130,10 +134,13 @@ class Request:
     decision_reason: str = ""
     decided_at: float | None = None
     _queue: RequestQueue | None = field(default=None, repr=False)
+    _preview: str | None = field(default=None, repr=False)
 
     @property
     def preview(self) -> str:
-        return self.info.preview
+        if self._preview is None:
+            self._preview = preview_of(self.value)
+        return self._preview
 
     @property
     def nbytes(self) -> int:
@@ -339,7 +346,7 @@ class RequestQueue(Sequence[Request]):
                 r.id, time.strftime("%H:%M:%S", time.localtime(r.created)), r.status,
                 r.lineage if len(r.lineage) < 60 else r.lineage[:59] + "…",
                 r.info.type + ("" if r.info.shape is None else str(list(r.info.shape))),
-                str(r.info.nbytes), r.reason, r.info.preview.replace("\n", " ")[:40],
+                str(r.info.nbytes), r.reason, r.preview.replace("\n", " ")[:40],
             ])
         return rows
 

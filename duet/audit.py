@@ -268,11 +268,52 @@ class AuditLog:
         represent are stored as ``str()`` and integer columns take numpy integers, so a
         caller's numpy scalar never costs an event.
         """
-        if event not in EVENTS:
-            raise ValueError(f"unknown audit event {event!r}; expected one of {sorted(EVENTS)}")
+        return self.record_many([(event, {
+            "session": session, "request_id": request_id, "pointer_id": pointer_id,
+            "operation": operation, "lineage": lineage, "nbytes": nbytes, "sha256": sha256,
+            **detail})])[0]
+
+    def record_many(self, events: Iterable[tuple[str, Mapping[str, Any]]]) -> list[int]:
+        """Append several events in one durable transaction (one disk sync, not one each).
+
+        Each item is ``(event, fields)`` with the keyword arguments ``record`` takes.
+        """
         if self.readonly:
             raise AuditError(f"the audit log {self.path} was opened read-only")
-        row = (
+        rows = [self._row(event, dict(fields)) for event, fields in events]
+        ids: list[int] = []
+        with self._lock:
+            conn = self._connection()
+            try:
+                if len(rows) > 1:
+                    conn.execute("BEGIN")
+                for row in rows:
+                    cur = conn.execute(
+                        "INSERT INTO events (ts, session, event, request_id, pointer_id,"
+                        " operation, lineage, nbytes, sha256, detail)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        row,
+                    )
+                    assert cur.lastrowid is not None
+                    ids.append(cur.lastrowid)
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise AuditError(f"cannot write to the audit log {self.path}: {exc}") from exc
+        return ids
+
+    @staticmethod
+    def _row(event: str, fields: dict[str, Any]) -> tuple[Any, ...]:
+        if event not in EVENTS:
+            raise ValueError(f"unknown audit event {event!r}; expected one of {sorted(EVENTS)}")
+        session = fields.pop("session")
+        request_id, pointer_id = fields.pop("request_id", None), fields.pop("pointer_id", None)
+        operation, lineage = fields.pop("operation", None), fields.pop("lineage", None)
+        nbytes, sha256 = fields.pop("nbytes", None), fields.pop("sha256", None)
+        detail = fields
+        return (
             time.time(),
             session,
             event,
@@ -284,17 +325,6 @@ class AuditLog:
             sha256,
             json.dumps(detail, default=str, ensure_ascii=False),
         )
-        with self._lock:
-            try:
-                cur = self._connection().execute(
-                    "INSERT INTO events (ts, session, event, request_id, pointer_id, operation,"
-                    " lineage, nbytes, sha256, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    row,
-                )
-            except sqlite3.DatabaseError as exc:
-                raise AuditError(f"cannot write to the audit log {self.path}: {exc}") from exc
-        assert cur.lastrowid is not None
-        return cur.lastrowid
 
     def _select(self, where: list[str], params: list[Any], tail: str) -> list[AuditEvent]:
         sql = f"SELECT {_COLUMNS} FROM events"

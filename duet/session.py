@@ -50,6 +50,7 @@ __all__ = ["OwnerSession", "RequestHandle", "ResearcherSession", "Session"]
 
 log = logging.getLogger(__name__)
 SOFTWARE = "duet 0.1"
+Encoded = tuple[bytes, list[memoryview]]  # a message after protocol.encode
 
 
 class Session:
@@ -70,7 +71,7 @@ class Session:
         self._closed = False
         self._peer_hello: p.Hello | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self._send_queue: asyncio.Queue[BaseModel] | None = None
+        self._send_queue: asyncio.Queue[BaseModel | Encoded] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._nonces = itertools.count(1)
@@ -185,14 +186,15 @@ class Session:
         """Subclasses fail their pending calls with ``ConnectionLost``."""
 
     # -- sending ----------------------------------------------------------------------------
-    async def _send_now(self, message: BaseModel, progress: Progress | None = None) -> None:
+    async def _send_now(self, message: BaseModel | Encoded,
+                        progress: Progress | None = None) -> None:
         if self._transport is None:
             raise ConnectionLost("not connected")
-        header, buffers = p.encode(message)
+        header, buffers = message if isinstance(message, tuple) else p.encode(message)
         await self._transport.send(header, buffers, progress)
 
-    def _send(self, message: BaseModel) -> None:
-        """Queue a message, in order, from any thread."""
+    def _send(self, message: BaseModel | Encoded) -> None:
+        """Queue a message (or one already encoded), in order, from any thread."""
         if self._send_queue is None or self._lost.is_set():
             raise self._connection_error()
         queue = self._send_queue
@@ -207,7 +209,7 @@ class Session:
             except ConnectionLost:
                 return
             except Exception:
-                log.exception("could not send %s", type(message).__name__)
+                log.exception("could not send %r", message)
 
     def _progress(self) -> Progress | None:
         show = self.config.progress
@@ -370,6 +372,7 @@ class OwnerSession(Session):
             max_workers=1, thread_name_prefix="duet-owner-worker")
         self._shared: dict[str, p.StoreEntry] = {}
         self._signaling: Any = None
+        self._event_buffer: list[tuple[str, dict[str, Any]]] | None = None
         self.audit.record("session_started", session=self.session_id)
 
     @property
@@ -433,13 +436,28 @@ class OwnerSession(Session):
             super()._handle(message)
 
     def _run_ops(self, ops: list[p.Op]) -> None:
-        for op in ops:
-            failure = self._executor.execute(op)
-            if failure is not None and not self._lost.is_set():
+        """Worker thread: run a batch in order; its audit events go to disk in one transaction
+        before any failure notice about the batch leaves."""
+        self._event_buffer = []
+        failures = []
+        try:
+            for op in ops:
+                failure = self._executor.execute(op)
+                if failure is not None:
+                    failures.append(failure)
+        finally:
+            events, self._event_buffer = self._event_buffer, None
+            self.audit.record_many(events)
+        if not self._lost.is_set():
+            for failure in failures:
                 self._send(failure)
 
     def _on_executor_event(self, event: str, **fields: Any) -> None:
-        self.audit.record(event, session=self.session_id, **fields)
+        fields["session"] = self.session_id
+        if self._event_buffer is not None:
+            self._event_buffer.append((event, fields))
+        else:
+            self.audit.record_many([(event, fields)])
 
     def _open_request(self, message: p.RequestValue) -> None:
         """Worker thread: after every earlier op ran, so the value is final."""
@@ -472,26 +490,29 @@ class OwnerSession(Session):
         """Called by the queue with the decision made; audit first, then send."""
         if not self.connected:
             raise RequestError(f"the researcher has left; nothing was sent for {request.id}")
-        self.audit.record("decision", session=self.session_id, request_id=request.id,
-                          status=request.status, by=request.decided_by,
-                          reason=request.decision_reason)
+        decided = ("decision", {"session": self.session_id, "request_id": request.id,
+                                "status": request.status, "by": request.decided_by,
+                                "reason": request.decision_reason})
         if request.status != "approved":
+            self.audit.record_many([decided])
             self._send(p.Decision(request_id=request.id, status="denied",
                                   reason=request.decision_reason))
             return
-        decision = p.Decision(request_id=request.id, status="approved", value=request.value)
         try:
-            header, buffers = p.encode(decision)
+            header, buffers = p.encode(
+                p.Decision(request_id=request.id, status="approved", value=request.value))
         except ProtocolError as exc:
+            self.audit.record_many([decided])
             hint = ("; request its state_dict() instead" if "Module" in request.info.type
                     else "")
             self._send(p.Decision(request_id=request.id, status="error",
                                   reason=f"{exc}{hint}"))
             return
-        self.audit.record("value_sent", session=self.session_id, request_id=request.id,
-                          nbytes=len(header) + sum(b.nbytes for b in buffers),
-                          sha256=sha256_of([header, *buffers]))
-        self._send(decision)
+        self.audit.record_many([decided, ("value_sent", {
+            "session": self.session_id, "request_id": request.id,
+            "nbytes": len(header) + sum(b.nbytes for b in buffers),
+            "sha256": sha256_of([header, *buffers])})])
+        self._send((header, buffers))
 
     def _record_protocol_error(self, message: str) -> None:
         self.audit.record("protocol_error", session=self.session_id, message=message)
@@ -632,21 +653,29 @@ class ResearcherSession(Session):
         self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Loop thread: batch consecutive ops into one message, keep everything in order."""
+        """Loop thread: batch consecutive ops into one message, keep everything in order.
+
+        Frees go last, in one message: freeing later is always safe (nothing queued after a
+        free can name the freed object), and a free between ops would split their batch."""
         with self._outbox_lock:
             items, self._outbox = list(self._outbox), deque()
             self._flush_scheduled = False
         batch: list[p.Op] = []
+        freed: list[int] = []
         for item in items:
             if isinstance(item, p.Op):
                 batch.append(item)
-                continue
-            if batch:
-                self._send(p.Ops(ops=batch))
-                batch = []
-            self._send(item)
+            elif isinstance(item, p.Free):
+                freed.extend(item.ids)
+            else:
+                if batch:
+                    self._send(p.Ops(ops=batch))
+                    batch = []
+                self._send(item)
         if batch:
             self._send(p.Ops(ops=batch))
+        if freed:
+            self._send(p.Free(ids=freed))
 
     def _free(self, pointer_id: int) -> None:
         """Called when a Pointer is garbage collected; batched like ops."""

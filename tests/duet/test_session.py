@@ -165,7 +165,11 @@ def test_requests_for_failed_or_freed_objects_get_clear_errors(pair: Pair) -> No
         singular + 1  # the next use raises too
     freed = x * 2
     freed_ref = freed._resolve()
+    researcher.ping()
+    eventually(lambda: owner._executor.used_bytes() > 0)
     freed.delete()
+    eventually(lambda: owner._executor.used_bytes() == 0)
+    # a hostile researcher asks for the freed object anyway
     handle = researcher._request(freed_ref, "after delete", "x * 2")
     with pytest.raises(duet.RequestError, match="does not exist"):
         handle.result(5)
