@@ -4,7 +4,9 @@ Every session event (pairing, sharing, operations, requests, decisions, values s
 is written here *before* the corresponding message leaves, so the log is the owner's proof of
 what the researcher could have learned. The file survives a kill of the owner's kernel: each
 ``record`` is a committed, fsynced transaction (WAL, ``synchronous=FULL``), and triggers refuse
-UPDATE and DELETE so rows cannot be rewritten through SQLite.
+UPDATE and DELETE so rows cannot be rewritten through SQLite. Events that no message follows
+(an operation ran, a request is waiting) may be written with ``sync=False``: committed at once,
+made durable on disk by the next synced write, which always precedes anything leaving.
 
     log = AuditLog()                       # default path, see default_audit_path()
     log.record("request", session=sid, request_id="r1", pointer_id=7, reason="mean age")
@@ -273,18 +275,26 @@ class AuditLog:
             "operation": operation, "lineage": lineage, "nbytes": nbytes, "sha256": sha256,
             **detail})])[0]
 
-    def record_many(self, events: Iterable[tuple[str, Mapping[str, Any]]]) -> list[int]:
-        """Append several events in one durable transaction (one disk sync, not one each).
+    def record_many(self, events: Iterable[tuple[str, Mapping[str, Any]]], *,
+                    sync: bool = True) -> list[int]:
+        """Append several events in one transaction (one disk sync, not one each).
 
         Each item is ``(event, fields)`` with the keyword arguments ``record`` takes.
+        ``sync=False`` is for events no message follows (an operation ran, a request waits):
+        they reach the file at once, so they survive a killed process, but the wait for the
+        disk is left to the next synced write, which in WAL order makes them durable too.
         """
         if self.readonly:
             raise AuditError(f"the audit log {self.path} was opened read-only")
         rows = [self._row(event, dict(fields)) for event, fields in events]
+        if not rows:
+            return []
         ids: list[int] = []
         with self._lock:
             conn = self._connection()
             try:
+                if not sync:
+                    conn.execute("PRAGMA synchronous=NORMAL")
                 if len(rows) > 1:
                     conn.execute("BEGIN")
                 for row in rows:
@@ -302,6 +312,9 @@ class AuditLog:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise AuditError(f"cannot write to the audit log {self.path}: {exc}") from exc
+            finally:
+                if not sync:
+                    conn.execute("PRAGMA synchronous=FULL")
         return ids
 
     @staticmethod

@@ -447,7 +447,8 @@ class OwnerSession(Session):
                     failures.append(failure)
         finally:
             events, self._event_buffer = self._event_buffer, None
-            self.audit.record_many(events)
+            # Nothing leaves for a successful batch: no need to wait for the disk.
+            self.audit.record_many(events, sync=bool(failures))
         if not self._lost.is_set():
             for failure in failures:
                 self._send(failure)
@@ -470,8 +471,11 @@ class OwnerSession(Session):
             self._send(p.Decision(request_id=message.request_id, status="error",
                                   reason=str(exc)))
             return
-        self.audit.record("request", session=self.session_id, request_id=message.request_id,
-                          pointer_id=pointer_id, lineage=entry.lineage, reason=message.reason)
+        # No message follows yet; the decision's synced write makes this durable first.
+        self.audit.record_many([("request", {
+            "session": self.session_id, "request_id": message.request_id,
+            "pointer_id": pointer_id, "lineage": entry.lineage, "reason": message.reason})],
+            sync=False)
         if entry.failure is not None:
             self._send(p.Decision(
                 request_id=message.request_id, status="error",
