@@ -605,8 +605,9 @@ class DuetOwner:
     """The data owner, in its own process: launches, shares, auto-approves every request."""
 
     def __init__(self, server: str, options: dict[str, Any]) -> None:
-        import duet  # noqa: F401  (import cost paid before any timing)
         import torch  # noqa: F401
+
+        import duet  # noqa: F401  (import cost paid before any timing)
 
         self.server = server
         self.options = {"progress": False, **options}
@@ -617,9 +618,9 @@ class DuetOwner:
         self._ready = threading.Event()
 
     def launch(self) -> str:
-        import duet
-
         import tempfile
+
+        import duet
 
         # A throwaway audit log: benchmarks must not fill the user's real one.
         self._audit_dir = tempfile.TemporaryDirectory(prefix="duet-bench-")
@@ -699,8 +700,9 @@ class DuetResearcher:
     """The researcher, in its own process."""
 
     def __init__(self, server: str, options: dict[str, Any]) -> None:
-        import duet  # noqa: F401
         import torch  # noqa: F401
+
+        import duet  # noqa: F401
 
         self.server = server
         self.options = {"progress": False, **options}
@@ -761,8 +763,9 @@ class DuetResearcher:
 
 
 @contextmanager
-def duet_pair(server: str, options: dict[str, Any],
-              researcher_class: Any = DuetResearcher) -> Iterator[tuple[Peer, Peer, dict[str, float]]]:
+def duet_pair(
+    server: str, options: dict[str, Any], researcher_class: Any = DuetResearcher
+) -> Iterator[tuple[Peer, Peer, dict[str, float]]]:
     """Owner and researcher in two fresh processes, connected; yields them and setup times."""
     with peers(("duet-owner", DuetOwner, (server, options)),
                ("duet-researcher", researcher_class, (server, options))) as (owner, researcher):

@@ -141,7 +141,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~20 s)")
     args = parser.parse_args()
     if args.quick:
-        args.ops, args.reps, args.steps = min(args.ops, 2000), min(args.reps, 50), min(args.steps, 10)
+        args.ops, args.reps = min(args.ops, 2000), min(args.reps, 50)
+        args.steps = min(args.steps, 10)
 
     started = time.perf_counter()
     result: dict[str, Any] = {

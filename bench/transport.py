@@ -52,8 +52,10 @@ from _common import (  # noqa: E402
     udp_rcvbuf_errors,
 )
 
-DEFAULT_FRAME = 64 * KiB
-DEFAULT_HIGH_WATER = 1 * MiB
+from duet.config import SessionConfig
+
+DEFAULT_FRAME = SessionConfig().frame_size  # duet's own defaults, whatever they become
+DEFAULT_HIGH_WATER = SessionConfig().buffer_high_water
 
 
 def _rate(nbytes: int, seconds: float) -> float:
@@ -168,7 +170,9 @@ def run_tcp(sizes: list[int]) -> dict[str, Any]:
     return out
 
 
-def duet_config_sweep(url: str, configs: list[tuple[int, int]], nbytes: int) -> list[dict[str, Any]]:
+def duet_config_sweep(
+    url: str, configs: list[tuple[int, int]], nbytes: int
+) -> list[dict[str, Any]]:
     """A fresh duet pair per (frame_size, buffer_high_water); best of 2 transfers of nbytes."""
     results = []
     for frame, high in configs:

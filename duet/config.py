@@ -33,7 +33,7 @@ class SessionConfig:
     frame_size: int = 64 * 1024
     max_message_bytes: int = 4 * 1024**3
     # Flow control: stop handing chunks to the channel above this many buffered bytes.
-    buffer_high_water: int = 1024 * 1024
+    buffer_high_water: int = 256 * 1024
     heartbeat_interval: float = 1.0
     # The peer is declared gone after this long without any frame from it.
     liveness_timeout: float = 10.0
