@@ -79,9 +79,13 @@ def _requests_from_audit(audit_path: Path) -> tuple[list[dict[str, Any]], Counte
 
 async def _execute(notebook: Any, directory: Path, env: dict[str, str], timeout: float) -> None:
     """Run every cell in a new kernel; nbclient fills in ``notebook``'s outputs as it goes."""
+    from jupyter_client.manager import AsyncKernelManager
     from nbclient import NotebookClient
 
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+    # IPC sockets in the run's own directory: a local demo has no business on TCP ports.
+    ipc_prefix = directory / f"kernel-{notebook.metadata.get('duet_role', id(notebook))}"
+    manager = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=str(ipc_prefix))
+    client = NotebookClient(notebook, km=manager, timeout=timeout,
                             resources={"metadata": {"path": str(directory)}})
     await client.async_execute(env=env)
 
