@@ -8,7 +8,6 @@ done here; sending the value, and writing the audit log before it leaves, is the
 
 from __future__ import annotations
 
-import html
 import itertools
 import logging
 import re
@@ -362,13 +361,8 @@ class RequestQueue(Sequence[Request]):
     def _repr_html_(self) -> str:
         if not len(self):
             return "<p><b>duet requests</b>: none yet</p>"
-        head = "".join(f"<th>{h}</th>" for h in self._HEADERS)
-        body = "".join(
-            "<tr>" + "".join(f"<td><code>{html.escape(c)}</code></td>" for c in row) + "</tr>"
-            for row in self._rows()
-        )
-        return (f"<p><b>duet requests</b>: {len(self)}, {len(self.pending)} pending</p>"
-                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        table = tabulate(self._rows(), self._HEADERS, tablefmt="html", disable_numparse=True)
+        return f"<p><b>duet requests</b>: {len(self)}, {len(self.pending)} pending</p>{table}"
 
 
 if TYPE_CHECKING:  # keep the Sequence protocol honest for mypy

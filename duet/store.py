@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
@@ -71,10 +70,5 @@ class Store(Mapping[str, Pointer]):
     def _repr_html_(self) -> str:
         if not self._entries:
             return "<p><b>duet store</b>: the owner has shared nothing yet</p>"
-        head = "".join(f"<th>{h}</th>" for h in self._HEADERS)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-            for row in self._rows()
-        )
-        return (f"<p><b>duet store</b>: {len(self)} shared objects</p>"
-                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        table = tabulate(self._rows(), self._HEADERS, tablefmt="html", disable_numparse=True)
+        return f"<p><b>duet store</b>: {len(self)} shared objects</p>{table}"

@@ -34,13 +34,14 @@ def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
 
 def test_store_lists_declared_metadata_and_updates_live(pair: Pair) -> None:
     owner, researcher = pair
-    owner.share(np.zeros((3, 4), dtype=np.float32), name="grid", description="a grid",
+    owner.share(np.zeros((3, 4), dtype=np.float32), name="grid", description="a grid <b>",
                 tags=("demo",))
     researcher.store.wait_for("grid", timeout=5)
     info = researcher.store.info("grid")
     assert (info.type, info.shape, info.dtype, info.tags) == ("numpy.ndarray", [3, 4],
                                                               "float32", ["demo"])
     assert "a grid" in repr(researcher.store) and "<table>" in researcher.store._repr_html_()
+    assert "a grid &lt;b&gt;" in researcher.store._repr_html_()  # declared text is escaped
     owner.unshare("grid")
     eventually(lambda: "grid" not in researcher.store)
     with pytest.raises(KeyError, match="has not shared 'grid'"):
