@@ -60,6 +60,7 @@ EVENTS: Mapping[str, str] = types.MappingProxyType(
         ),
         "share": "The owner shared an object (pointer_id; detail: name, type, declared metadata).",
         "unshare": "The owner withdrew a shared object (detail: name).",
+        "allowlist_changed": "The owner allowed or denied names mid-session (detail: names).",
         "op_executed": "An allowlisted operation ran (operation, lineage, pointer_id of result).",
         "op_refused": "An operation was refused by policy and never ran (detail: reason).",
         "op_failed": "An allowed operation raised on the owner's side (detail: exception type).",

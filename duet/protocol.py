@@ -44,6 +44,7 @@ __all__ = [
     "ErrorNotice",
     "Free",
     "Hello",
+    "AllowlistUpdate",
     "Message",
     "Op",
     "OpFailed",
@@ -112,6 +113,13 @@ class Hello(_Message):
     software: str = ""
     # The owner tells the researcher what it allows, so refusals happen before sending.
     allowlist: dict[str, list[str]] | None = None
+
+
+class AllowlistUpdate(_Message):
+    """The owner changed the allowlist mid-session; the researcher's early checks follow."""
+
+    type: Literal["allowlist"] = "allowlist"
+    allowlist: dict[str, list[str]]
 
 
 class StoreEntry(_Message):
@@ -223,7 +231,7 @@ class Bye(_Message):
 
 
 Message = Annotated[
-    Hello | StoreSnapshot | Ops | Free | OpFailed | RequestValue | Withdraw | Decision
+    Hello | AllowlistUpdate | StoreSnapshot | Ops | Free | OpFailed | RequestValue | Withdraw | Decision
     | Ping | Pong | ErrorNotice | Bye,
     Field(discriminator="type"),
 ]

@@ -406,6 +406,25 @@ class OwnerSession(Session):
         self.audit.record("unshare", session=self.session_id, name=name)
         self._publish_store()
 
+    def allow(self, *names: str, mutating: bool = False) -> None:
+        """Allow more functions or methods for this session, e.g. ``s.allow("numpy.fft.fft")``.
+
+        Names that can never be allowed (files, processes, private names ...) raise ValueError.
+        """
+        self.allowlist.allow(*names, mutating=mutating)
+        self._publish_allowlist("allow", names)
+
+    def deny(self, *names: str) -> None:
+        """Take names off this session's allowlist; a namespace removes everything under it."""
+        self.allowlist.deny(*names)
+        self._publish_allowlist("deny", names)
+
+    def _publish_allowlist(self, change: str, names: tuple[str, ...]) -> None:
+        self.audit.record("allowlist_changed", session=self.session_id, change=change,
+                          names=list(names))
+        if self.connected:
+            self._send(p.AllowlistUpdate(allowlist=self.allowlist.describe()))
+
     @property
     def shared(self) -> dict[str, p.StoreEntry]:
         return dict(self._shared)
@@ -507,8 +526,8 @@ class OwnerSession(Session):
                 p.Decision(request_id=request.id, status="approved", value=request.value))
         except ProtocolError as exc:
             self.audit.record_many([decided])
-            hint = ("; request its state_dict() instead" if "Module" in request.info.type
-                    else "")
+            is_module = type(request.value).__module__.startswith("torch.nn")
+            hint = "; a model's weights leave as model.state_dict()" if is_module else ""
             self._send(p.Decision(request_id=request.id, status="error",
                                   reason=f"{exc}{hint}"))
             return
@@ -722,6 +741,8 @@ class ResearcherSession(Session):
             self._ready.set()
         elif isinstance(message, p.OpFailed):
             self._failures[message.result] = message
+        elif isinstance(message, p.AllowlistUpdate):
+            self.allowlist = message.allowlist
         elif isinstance(message, p.Decision):
             self._on_decision(message)
         else:

@@ -14,13 +14,16 @@ from duet.transport import InMemoryTransport
 
 @contextlib.contextmanager
 def session_pair(audit_path: Path, *, frame_size: int = 64 * 1024,
+                 researcher_config: SessionConfig | None = None,
                  **owner_kwargs: Any) -> Iterator[tuple[OwnerSession, ResearcherSession]]:
     """Both sessions run their real loop threads, worker and protocol; only the wire is fake."""
     owner_end, researcher_end = InMemoryTransport.pair(frame_size=frame_size)
     owner = OwnerSession(SessionConfig(progress=False), audit_path=audit_path, **owner_kwargs)
-    researcher = ResearcherSession(SessionConfig(progress=False))
+    researcher = ResearcherSession(researcher_config or SessionConfig(progress=False))
     owner_end.on_error = owner._protocol_error
     researcher_end.on_error = researcher._protocol_error
+    researcher_end.reassembler.progress = researcher._progress()
+    researcher_end.reassembler.progress_threshold = researcher.config.progress_threshold
     owner._start(owner_end.start)
     researcher._start(researcher_end.start)
     try:

@@ -282,3 +282,57 @@ def test_audit_log_records_a_whole_session(tmp_path: Path) -> None:
                      "request", "decision", "value_sent", "disconnect", "session_closed"]:
         assert expected in events, expected
     assert events.index("decision") < events.index("value_sent")
+
+
+def test_owner_changes_the_allowlist_mid_session(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(8.0), name="x")
+    owner.requests.add_rule("approve")
+    x = researcher.store.wait_for("x", 5)
+    with pytest.raises(duet.PolicyViolation):
+        researcher.np.fft.rfft(x)
+    owner.allow("numpy.fft.rfft")
+    eventually(lambda: "numpy.fft.rfft" in researcher.allowlist["functions"])
+    assert len(researcher.np.fft.rfft(x).get("spectrum", timeout=5)) == 5
+    owner.deny("numpy.mean")
+    eventually(lambda: "numpy.mean" not in researcher.allowlist["functions"])
+    with pytest.raises(duet.PolicyViolation):
+        researcher.np.mean(x)
+    with pytest.raises(ValueError):
+        owner.allow("numpy.load")
+    changes = [e.detail for e in owner.audit.events(event="allowlist_changed")]
+    assert changes == [{"change": "allow", "names": ["numpy.fft.rfft"]},
+                       {"change": "deny", "names": ["numpy.mean"]}]
+
+
+def test_scalars_containers_and_modules_can_be_shared(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(41, name="answer")
+    owner.share({"a": np.arange(3), "b": torch.ones(2)}, name="bundle")
+    owner.share(torch.nn.Linear(2, 1), name="model", description="the owner's model")
+    owner.requests.add_rule("approve")
+    researcher.store.wait_for("model", 5)
+    assert (researcher.store["answer"] + 1).get("answer", timeout=5) == 42
+    assert researcher.store["bundle"]["a"].sum().get("sum", timeout=5) == 3
+    out = researcher.store["model"](researcher.torch.ones(1, 2))
+    assert out.shape.get("shape", timeout=5) == (1, 1)
+    with pytest.raises(duet.RequestError, match="state_dict"):
+        researcher.store["model"].get("the module itself", timeout=5)
+    weights = researcher.store["model"].state_dict().get("weights", timeout=5)
+    assert set(weights) == {"weight", "bias"}
+    assert researcher.store.info("model").type.endswith("Linear")
+
+
+def test_large_transfers_show_a_progress_bar(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = duet.SessionConfig(progress=True, progress_threshold=1024 * 1024)
+    with session_pair(tmp_path / "audit.db", researcher_config=config) as (owner, researcher):
+        owner.share(np.zeros(512 * 1024), name="big")  # 4 MiB
+        owner.share(np.zeros(10), name="small")
+        owner.requests.add_rule("approve")
+        researcher.store.wait_for("small", 5)
+        assert researcher.store["small"].get("small", timeout=5).shape == (10,)
+        assert "duet transfer" not in capsys.readouterr().err
+        assert researcher.store["big"].get("big", timeout=10).nbytes == 4 * 1024 * 1024
+        err = capsys.readouterr().err
+        assert "duet transfer" in err and "4.00M" in err
