@@ -231,8 +231,8 @@ class Bye(_Message):
 
 
 Message = Annotated[
-    Hello | AllowlistUpdate | StoreSnapshot | Ops | Free | OpFailed | RequestValue | Withdraw | Decision
-    | Ping | Pong | ErrorNotice | Bye,
+    Hello | AllowlistUpdate | StoreSnapshot | Ops | Free | OpFailed | RequestValue | Withdraw
+    | Decision | Ping | Pong | ErrorNotice | Bye,
     Field(discriminator="type"),
 ]
 _message_adapter: TypeAdapter[Message] = TypeAdapter(Message)

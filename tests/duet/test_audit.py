@@ -92,7 +92,8 @@ def test_unknown_event_is_rejected_and_nothing_is_written(log: AuditLog) -> None
 
 def test_event_set_is_closed_and_documented() -> None:
     assert set(EVENTS) == {
-        "session_started", "paired", "peer_authenticated", "share", "unshare", "op_executed",
+        "session_started", "paired", "peer_authenticated", "share", "unshare",
+        "allowlist_changed", "op_executed",
         "op_refused", "op_failed", "request", "decision", "value_sent", "protocol_error",
         "disconnect", "session_closed",
     }  # fmt: skip
