@@ -640,8 +640,10 @@ class ResearcherSession(Session):
         self._failures: dict[int, p.OpFailed] = {}
         self._requests: dict[str, concurrent.futures.Future[Any]] = {}
         self._request_targets: dict[str, p.PointerRef | p.StoreRef] = {}
+        # Appends and pops on a deque are atomic: Pointer.__del__ may enqueue a free from any
+        # thread at any moment (garbage collection), even inside _flush, without a lock.
         self._outbox: deque[p.Op | BaseModel] = deque()
-        self._outbox_lock = threading.Lock()
+        self._flush_lock = threading.RLock()
         self._flush_scheduled = False
         self._signaling: Any = None
 
@@ -668,8 +670,8 @@ class ResearcherSession(Session):
 
     def _enqueue(self, item: p.Op | BaseModel) -> None:
         self._require_connected()
-        with self._outbox_lock:
-            self._outbox.append(item)
+        self._outbox.append(item)
+        with self._flush_lock:
             if self._flush_scheduled:
                 return
             self._flush_scheduled = True
@@ -680,9 +682,11 @@ class ResearcherSession(Session):
 
         Frees go last, in one message: freeing later is always safe (nothing queued after a
         free can name the freed object), and a free between ops would split their batch."""
-        with self._outbox_lock:
-            items, self._outbox = list(self._outbox), deque()
-            self._flush_scheduled = False
+        with self._flush_lock:
+            self._flush_scheduled = False  # anything appended from now on schedules a flush
+        items: list[p.Op | BaseModel] = []
+        while self._outbox:
+            items.append(self._outbox.popleft())
         batch: list[p.Op] = []
         freed: list[int] = []
         for item in items:
