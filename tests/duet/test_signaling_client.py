@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -12,31 +11,15 @@ from aiohttp import web
 from duet.codes import JoinCode
 from duet.errors import PairingError
 from duet.signaling import SignalingClient, normalize_server_url
-from signaling_server import ServerConfig, ServerHandle, start_server
+from signaling_server import ServerConfig, start_server
 from signaling_server.messages import MAX_PAYLOAD_CHARS
-from tests.helpers.signaling import free_port, start_signaling_server
-
-MakeServer = Callable[..., Awaitable[str]]
+from tests.helpers.signaling import MakeServer, free_port, start_signaling_server
 
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
     with start_signaling_server() as url:
         yield url
-
-
-@pytest.fixture
-async def make_server() -> AsyncIterator[MakeServer]:
-    handles: list[ServerHandle] = []
-
-    async def make(**settings: Any) -> str:
-        handle = await start_server(ServerConfig(host="127.0.0.1", port=0, **settings))
-        handles.append(handle)
-        return handle.url
-
-    yield make
-    for handle in handles:
-        await handle.stop()
 
 
 @pytest.fixture

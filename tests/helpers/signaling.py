@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("duet-signaling")
+
+
+MakeServer = Callable[..., Awaitable[str]]  # the make_server fixture
 
 
 def free_port() -> int:

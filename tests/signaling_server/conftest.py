@@ -9,10 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from signaling_server import ServerConfig, ServerHandle, start_server
 from tests.helpers.signaling import start_signaling_server
 
-MakeServer = Callable[..., Awaitable[str]]
 Connect = Callable[..., Awaitable[aiohttp.ClientWebSocketResponse]]
 
 
@@ -21,21 +19,6 @@ def subprocess_server() -> Iterator[str]:
     """``duet-signaling`` started through its console script with default limits."""
     with start_signaling_server() as url:
         yield url
-
-
-@pytest.fixture
-async def make_server() -> AsyncIterator[MakeServer]:
-    """Start in-process servers on free ports, e.g. ``await make_server(max_rooms=2)``."""
-    handles: list[ServerHandle] = []
-
-    async def make(**settings: Any) -> str:
-        handle = await start_server(ServerConfig(host="127.0.0.1", port=0, **settings))
-        handles.append(handle)
-        return handle.url
-
-    yield make
-    for handle in handles:
-        await handle.stop()
 
 
 @pytest.fixture

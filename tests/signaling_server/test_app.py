@@ -18,9 +18,9 @@ import pytest
 from signaling_server import ServerConfig, start_server
 from signaling_server.messages import MAX_PAYLOAD_CHARS, PROTOCOL_VERSION
 from signaling_server.store import GoneReason, InMemoryRoomStore, RoomError
-from tests.helpers.signaling import get_health, receive_json, send_json
+from tests.helpers.signaling import MakeServer, get_health, receive_json, send_json
 
-from .conftest import Connect, MakeServer
+from .conftest import Connect
 
 Ws = aiohttp.ClientWebSocketResponse
 
