@@ -145,8 +145,17 @@ async def _open_channel(channel: RTCDataChannel, pc: RTCPeerConnection, timeout:
         ) from None
 
 
-def _gather_scope(loopback: bool) -> contextvars.Token[bool]:
-    return _loopback_only.set(loopback)
+async def _describe_and_seal(pc: RTCPeerConnection, kind: str, code: JoinCode,
+                             loopback: bool) -> str:
+    """Create our offer or answer (gathering ICE candidates, loopback-only if asked), set it
+    as the local description and return it sealed with the join code's MAC."""
+    token = _loopback_only.set(loopback)
+    try:
+        description = await (pc.createOffer() if kind == "offer" else pc.createAnswer())
+        await pc.setLocalDescription(description)
+    finally:
+        _loopback_only.reset(token)
+    return seal(code, kind, pc.localDescription.sdp)
 
 
 async def connect_as_owner(signaling: SignalingClient, code: JoinCode, config: SessionConfig,
@@ -155,12 +164,7 @@ async def connect_as_owner(signaling: SignalingClient, code: JoinCode, config: S
     pc = RTCPeerConnection(config.rtc_configuration())
     try:
         channel = pc.createDataChannel(CHANNEL_LABEL, ordered=True)
-        token = _gather_scope(loopback)
-        try:
-            await pc.setLocalDescription(await pc.createOffer())
-        finally:
-            _loopback_only.reset(token)
-        await signaling.send_signal("offer", seal(code, "offer", pc.localDescription.sdp))
+        await signaling.send_signal("offer", await _describe_and_seal(pc, "offer", code, loopback))
         envelope = await signaling.receive_signal("answer", timeout=config.connect_timeout)
         answer = unseal(code, "answer", envelope)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
@@ -189,12 +193,8 @@ async def connect_as_researcher(signaling: SignalingClient, code: JoinCode,
         envelope = await signaling.receive_signal("offer", timeout=config.connect_timeout)
         offer = unseal(code, "offer", envelope)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
-        token = _gather_scope(loopback)
-        try:
-            await pc.setLocalDescription(await pc.createAnswer())
-        finally:
-            _loopback_only.reset(token)
-        await signaling.send_signal("answer", seal(code, "answer", pc.localDescription.sdp))
+        await signaling.send_signal("answer",
+                                    await _describe_and_seal(pc, "answer", code, loopback))
         try:
             transport = await asyncio.wait_for(ready, config.connect_timeout)
         except asyncio.TimeoutError:
