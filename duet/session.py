@@ -75,7 +75,6 @@ class Session:
         self._sender: asyncio.Task[None] | None = None
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._nonces = itertools.count(1)
-        self._connect_future: concurrent.futures.Future[None] | None = None
 
     # -- public -----------------------------------------------------------------------------
     @property
@@ -132,7 +131,7 @@ class Session:
                     f"pairing failed: {type(exc).__name__}: {exc}"))
                 raise
 
-        self._connect_future = self._loop.submit(run())
+        self._loop.submit(run())
 
     async def _attach(self, transport: Transport) -> None:
         self._transport = transport
