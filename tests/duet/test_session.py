@@ -336,3 +336,19 @@ def test_large_transfers_show_a_progress_bar(tmp_path: Path,
         assert researcher.store["big"].get("big", timeout=10).nbytes == 4 * 1024 * 1024
         err = capsys.readouterr().err
         assert "duet transfer" in err and "4.00M" in err
+
+
+def test_traffic_keeps_flowing_while_the_owner_computes(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.random.default_rng(0).random((1200, 1200)), name="m")
+    owner.requests.add_rule("approve")
+    m = researcher.store.wait_for("m", 5)
+    slow = m
+    for _ in range(4):  # seconds of linear algebra, in order, on the owner's worker
+        slow = researcher.np.linalg.inv(slow @ m.T + m)
+    handle = slow.sum().request("after the long computation")
+    for _ in range(3):
+        researcher.ping()  # the owner's loop answers while its worker is busy
+    assert not handle.done
+    assert owner.connected and researcher.connected
+    assert isinstance(handle.result(120), float)
