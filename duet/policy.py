@@ -23,7 +23,7 @@ import importlib
 import inspect
 import re
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -421,13 +421,7 @@ class Allowlist:
         ``shared`` is truthy when ``obj`` is, or aliases, shared data (a string names it); a
         mutating method is then refused.
         """
-        check_name(name, dotted=False)
-        family = self.family(obj)
-        key = f"{family}.{name}"
-        if family is None:
-            raise PolicyViolation(_NO_MEMBERS.format(name=name))
-        if key not in self._methods:
-            raise PolicyViolation(_not_allowed(key, list(self._methods)))
+        family, key = self._member(obj, name, self._methods)
         if self._methods[key] and shared:
             what = f"shared object {shared!r}" if isinstance(shared, str) else "a shared object"
             raise PolicyViolation(
@@ -440,14 +434,19 @@ class Allowlist:
         return method  # type: ignore[no-any-return]
 
     def resolve_attribute(self, obj: object, name: str) -> Any:
+        self._member(obj, name, self._attributes)
+        return getattr(obj, name)  # name vetted above
+
+    def _member(self, obj: object, name: str, table: Collection[str]) -> tuple[str, str]:
+        """``(family, "family.name")`` if ``table`` allows ``name`` on ``obj``'s family."""
         check_name(name, dotted=False)
         family = self.family(obj)
-        key = f"{family}.{name}"
         if family is None:
             raise PolicyViolation(_NO_MEMBERS.format(name=name))
-        if key not in self._attributes:
-            raise PolicyViolation(_not_allowed(key, list(self._attributes)))
-        return getattr(obj, name)  # name vetted above
+        key = f"{family}.{name}"
+        if key not in table:
+            raise PolicyViolation(_not_allowed(key, list(table)))
+        return family, key
 
     def check_call(self, obj: object, *, shared: bool | str) -> None:
         """Calling an object is allowed only for torch modules (their forward)."""
