@@ -54,7 +54,7 @@ MAX_OPEN_STREAMS = 64
 
 MessageHandler = Callable[[bytes, list[memoryview]], None]
 CloseHandler = Callable[[str], None]
-# Called with (bytes done, bytes total); returns a closer. Lets sessions plug in tqdm.
+# Called with a transfer's total size, returns the function fed each chunk's size (tqdm fits).
 Progress = Callable[[int], Callable[[int], None]]
 
 
