@@ -275,24 +275,24 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+# pair_check CHECK KEY WHAT: run one container-pair.py check, record its JSON under KEY.
+pair_check() {
+    local out
+    if out=$("$PY" scripts/container-pair.py "$URL" --check "$1"); then
+        info "$out"
+        RESULT[$2]=$out
+    else
+        info "$out"
+        fail "$2" "$3"
+    fi
+}
+
 step "7/10 raw protocol pairing through the container (two WebSocket clients)"
-if raw=$("$PY" scripts/container-pair.py "$URL" --check raw); then
-    info "$raw"
-    RESULT[raw_pairing]=$raw
-else
-    info "$raw"
-    fail raw_pairing "raw WebSocket pairing through the container"
-fi
+pair_check raw raw_pairing "raw WebSocket pairing through the container"
 
 # ---------------------------------------------------------------------------------------------
 step "8/10 duet pairing through the container (owner and researcher processes)"
-if pair=$("$PY" scripts/container-pair.py "$URL" --check duet); then
-    info "$pair"
-    RESULT[duet_pairing]=$pair
-else
-    info "$pair"
-    fail duet_pairing "duet.launch/duet.join pairing through the container"
-fi
+pair_check duet duet_pairing "duet.launch/duet.join pairing through the container"
 
 # ---------------------------------------------------------------------------------------------
 step "9/10 podman healthcheck run $NAME"
