@@ -13,17 +13,21 @@ from .errors import (
     BudgetExceeded,
     ConnectionLost,
     DuetError,
+    DuetTimeout,
     PairingError,
+    PairingTimeout,
     PolicyViolation,
     ProtocolError,
     RemoteError,
     RequestDenied,
     RequestError,
     RequestTimeout,
+    WorkerRestarted,
 )
-from .pointers import Pointer, RemoteModule
+from .owner import OwnerSession
+from .pointers import Pointer, RemoteModule, RequestHandle
 from .policy import Allowlist
-from .session import OwnerSession, RequestHandle, ResearcherSession
+from .researcher import ResearcherSession
 from .store import Store
 
 __version__ = "0.1.0"
@@ -42,8 +46,10 @@ __all__ = [
     "BudgetExceeded",
     "ConnectionLost",
     "DuetError",
+    "DuetTimeout",
     "OwnerSession",
     "PairingError",
+    "PairingTimeout",
     "Pointer",
     "PolicyViolation",
     "ProtocolError",
@@ -59,6 +65,7 @@ __all__ = [
     "Rule",
     "SessionConfig",
     "Store",
+    "WorkerRestarted",
     "embedded_server_url",
     "join",
     "launch",

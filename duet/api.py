@@ -11,11 +11,12 @@ from typing import Any
 
 from .codes import JoinCode
 from .config import IceServerSpec, SessionConfig
-from .errors import PairingError
+from .errors import PairingError, PairingTimeout
 from .loop import LoopThread
+from .owner import OwnerSession
 from .policy import Allowlist
+from .researcher import ResearcherSession
 from .rtc import connect_as_owner, connect_as_researcher
-from .session import OwnerSession, ResearcherSession
 from .signaling import SignalingClient, normalize_server_url
 
 __all__ = ["embedded_server_url", "join", "launch"]
@@ -92,13 +93,11 @@ def launch(server: str | None = None, *, ice_servers: Sequence[IceServerSpec] | 
     async def connect() -> Any:
         await session._signaling.wait_peer_joined()
         session.audit.record("paired", session=session.session_id)
-        transport = await connect_as_owner(session._signaling, code, config, loopback,
-                                           progress=session._progress(),
-                                           on_error=session._protocol_error)
+        transport = await connect_as_owner(session._signaling, code, config, loopback)
         await session._signaling.close()
         return transport
 
-    session._start(connect)
+    session.start(connect)
     if show:
         print(f"duet: share this line with the researcher:\n  {session.join_line}")
     return session
@@ -120,16 +119,14 @@ def join(code: str, server: str | None = None, *,
                                                     timeout=config.connect_timeout)
         session._signaling = signaling
         try:
-            return await connect_as_researcher(signaling, join_code, config, loopback,
-                                               progress=session._progress(),
-                                               on_error=session._protocol_error)
+            return await connect_as_researcher(signaling, join_code, config, loopback)
         finally:
             await signaling.close()
 
-    session._start(connect)
+    session.start(connect)
     try:
         if not session._wait_ready(timeout or config.connect_timeout + 10):
-            raise PairingError("timed out while connecting to the owner")
+            raise PairingTimeout("timed out while connecting to the owner")
     except BaseException:
         session.close()
         raise

@@ -23,16 +23,16 @@ from .errors import RequestError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Request", "RequestQueue", "Rule", "describe_value", "preview_of"]
+__all__ = ["Request", "RequestQueue", "Rule", "ValueInfo", "safe_text"]
 
 Status = Literal["pending", "approved", "denied", "withdrawn"]
 Action = Literal["approve", "deny"]
-PREVIEW_CHARS = 400
 
 
 @dataclass(frozen=True)
 class ValueInfo:
-    """What the owner sees of a requested value before deciding."""
+    """What the owner sees of a requested value's size before deciding (from the frozen
+    copy; ``elements`` never undercounts)."""
 
     type: str
     shape: tuple[int, ...] | None
@@ -41,47 +41,13 @@ class ValueInfo:
     nbytes: int
 
 
-def preview_of(value: Any) -> str:
-    """The value as the owner sees it, abbreviated (may be costly: built on demand)."""
-    import numpy as np
-
-    with np.printoptions(threshold=20, edgeitems=3, precision=4):
-        preview = repr(value)
-    return preview if len(preview) <= PREVIEW_CHARS else preview[: PREVIEW_CHARS - 1] + "…"
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
 
 
-def describe_value(value: Any) -> ValueInfo:
-    """Summarize a value's size for the owner and for rules; cheap, no formatting."""
-    import numpy as np
-
-    shape = dtype = None
-    elements, nbytes = 1, 0
-    if isinstance(value, np.ndarray) or _is_tensor(value):
-        shape = tuple(int(n) for n in value.shape)
-        dtype = str(value.dtype).removeprefix("torch.")
-        elements = int(np.prod(shape, dtype=np.int64))
-        nbytes = elements * int(value.itemsize if isinstance(value, np.ndarray)
-                                else value.element_size())
-    elif isinstance(value, (list, tuple, dict)):
-        items = value.values() if isinstance(value, dict) else value
-        infos = [describe_value(v) for v in items]
-        elements = sum(i.elements for i in infos)
-        nbytes = sum(i.nbytes for i in infos)
-    elif isinstance(value, (int, float, complex, bool, np.generic)):
-        nbytes = int(getattr(value, "nbytes", 8))
-    elif isinstance(value, (str, bytes)):
-        elements = nbytes = len(value)
-    return ValueInfo(_type_name(value), shape, dtype, elements, nbytes)
-
-
-def _is_tensor(value: Any) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "element_size")
-
-
-def _type_name(value: Any) -> str:
-    kind = type(value)
-    module = kind.__module__.split(".")[0]
-    return kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
+def safe_text(text: str) -> str:
+    """``text`` with control, zero-width and bidirectional-override characters escaped, so
+    what the researcher wrote cannot move the cursor, recolour or reorder the owner's screen."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 @dataclass
@@ -119,27 +85,27 @@ class Rule:
 
 @dataclass(eq=False)
 class Request:
-    """One researcher request for one value, as the owner sees it."""
+    """One researcher request for one value, as the owner sees it.
+
+    Everything here describes the value as it was frozen when the request arrived: that
+    copy, and nothing else, is what approving sends. ``sources`` names every shared object
+    the value derives from, always complete; ``failed`` holds the error when computing the
+    value failed (then approving tells the researcher only the operation and error type)."""
 
     id: str
     reason: str
     lineage: str
     sources: frozenset[str]
     info: ValueInfo
-    value: Any = field(repr=False)
+    preview: str
+    sha256: str = ""
+    failed: str = ""
     created: float = field(default_factory=time.time)
     status: Status = "pending"
     decided_by: str = ""
     decision_reason: str = ""
     decided_at: float | None = None
     _queue: RequestQueue | None = field(default=None, repr=False)
-    _preview: str | None = field(default=None, repr=False)
-
-    @property
-    def preview(self) -> str:
-        if self._preview is None:
-            self._preview = preview_of(self.value)
-        return self._preview
 
     @property
     def nbytes(self) -> int:
@@ -167,8 +133,10 @@ class Request:
         return self._queue
 
     def __repr__(self) -> str:
-        return (f"<Request {self.id} {self.status}: {self.lineage} ({self.info.type}, "
-                f"{self.info.nbytes} bytes) reason={self.reason!r}>")
+        sources = ", ".join(sorted(self.sources)) or "none"
+        return safe_text(f"<Request {self.id} {self.status}: {self.lineage} ({self.info.type}, "
+                         f"{self.info.nbytes} bytes; sources: {sources}) "
+                         f"reason={self.reason!r}>")
 
 
 Decider = Callable[[Request], None]
@@ -177,7 +145,9 @@ Decider = Callable[[Request], None]
 class RequestQueue(Sequence[Request]):
     """Every request of a session in arrival order; thread-safe."""
 
-    def __init__(self, on_decided: Decider) -> None:
+    def __init__(self, on_decided: Decider,
+                 on_rule_error: Callable[[Rule, Request, Exception], None] | None = None
+                 ) -> None:
         self._requests: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self._rules: list[Rule] = []
@@ -185,6 +155,7 @@ class RequestQueue(Sequence[Request]):
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
         self._on_decided = on_decided
+        self._on_rule_error = on_rule_error
         self._listeners: list[Callable[[Request], None]] = []
         self.closed_reason = ""
 
@@ -286,14 +257,18 @@ class RequestQueue(Sequence[Request]):
         for rule in self.rules:
             try:
                 matched = rule.matches(request)
-            except Exception:  # a buggy predicate must not take the session down
+            except Exception as exc:  # a buggy predicate must not take the session down
+                log.warning("%s raised on request %s: %r; it does not match", rule, request.id,
+                            exc)
+                if self._on_rule_error is not None:
+                    self._on_rule_error(rule, request, exc)
                 matched = False
             if matched:
                 try:
                     self.decide(request, "approved" if rule.action == "approve" else "denied",
                                 by=f"rule:{rule.id}", reason=rule.reason)
-                except RequestError:
-                    pass  # decided meanwhile by hand
+                except RequestError as exc:  # decided meanwhile by hand, or the researcher left
+                    log.info("%s did not decide request %s: %s", rule, request.id, exc)
                 return
 
     def decide(self, request: Request, status: Literal["approved", "denied"], *, by: str,
@@ -316,12 +291,15 @@ class RequestQueue(Sequence[Request]):
             raise
         self._notify(request)
 
-    def withdraw(self, request_id: str) -> None:
+    def withdraw(self, request_id: str, reason: str = "withdrawn by the researcher") -> None:
+        """The request can no longer be decided (the researcher withdrew it, or its frozen
+        value is gone with a restarted worker)."""
         with self._lock:
             request = self._by_id.get(request_id)
             if request is None or request.status != "pending":
                 return
             request.status = "withdrawn"
+            request.decision_reason = reason
         self._notify(request)
 
     def close(self, reason: str) -> None:
@@ -341,15 +319,17 @@ class RequestQueue(Sequence[Request]):
     def _rows(self) -> list[list[str]]:
         rows = []
         for r in self:
-            rows.append([
+            rows.append([safe_text(cell) for cell in (
                 r.id, time.strftime("%H:%M:%S", time.localtime(r.created)), r.status,
                 r.lineage if len(r.lineage) < 60 else r.lineage[:59] + "…",
+                ", ".join(sorted(r.sources)) or "-",
                 r.info.type + ("" if r.info.shape is None else str(list(r.info.shape))),
-                str(r.info.nbytes), r.reason, r.preview.replace("\n", " ")[:40],
-            ])
+                str(r.info.nbytes), r.reason[:80], r.preview.replace("\n", " ")[:40],
+            )])
         return rows
 
-    _HEADERS = ["id", "time", "status", "lineage", "type", "bytes", "reason", "preview"]
+    _HEADERS = ["id", "time", "status", "lineage", "sources", "type", "bytes", "reason",
+                "preview"]
 
     def __repr__(self) -> str:
         if not len(self):

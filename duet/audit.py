@@ -71,6 +71,11 @@ EVENTS: Mapping[str, str] = types.MappingProxyType(
         ),
         "value_sent": "An approved value left the owner (request_id, nbytes, sha256).",
         "protocol_error": "The peer sent a frame that was rejected (detail: what was wrong).",
+        "worker_restarted": (
+            "The worker process that runs operations was restarted or stopped (detail: "
+            "reason, whether it crashed, whether the restart limit stopped it)."
+        ),
+        "rule_error": "A request rule raised while being checked (detail: rule, error).",
         "disconnect": "The peer left or the data channel died.",
         "session_closed": "The owner closed the session.",
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,17 @@ class SessionConfig:
     # tqdm bars for transfers of at least this many bytes; None: on for the researcher.
     progress: bool | None = None
     progress_threshold: int = 8 * 1024 * 1024
+    # The owner's worker process: its address-space limit in bytes (None: three quarters of
+    # the machine's memory), how long it may go without finishing a unit of work, and how
+    # many unexpected stops (crash, timeout, out of memory) a session restarts from.
+    worker_memory: int | None = None
+    op_timeout: float | None = 600.0
+    max_worker_restarts: int = 3
+
+    def worker_memory_limit(self) -> int:
+        if self.worker_memory is not None:
+            return self.worker_memory
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
 
     def rtc_configuration(self) -> RTCConfiguration:
         specs = DEFAULT_ICE_SERVERS if self.ice_servers is None else self.ice_servers

@@ -2,14 +2,22 @@
 
     DuetError                    base of everything below
     ├── PairingError             pairing failed: signaling server, join code, SDP authentication
+    │   └── PairingTimeout       ... because the peer did not come in time (also a DuetTimeout)
     ├── ConnectionLost           the peer left or the channel died; pending calls fail with it
     ├── ProtocolError            the peer sent a frame we cannot accept (malformed, oversized)
     ├── PolicyViolation          the operation is not on the owner's allowlist; it never ran
     ├── RemoteError              the operation failed on the owner's side (op and type, no values)
     ├── RequestDenied            the owner denied a request (carries the owner's reason)
-    ├── RequestTimeout           no decision arrived in time
     ├── RequestError             a request cannot be made or decided (freed object, twice ...)
-    └── BudgetExceeded           the owner's memory budget for this session would be exceeded
+    ├── WorkerRestarted          the owner's worker restarted: objects made before it are gone
+    ├── BudgetExceeded           the owner's memory budget for this session would be exceeded
+    └── DuetTimeout              a blocking call ran out of time (also a builtin TimeoutError)
+        ├── RequestTimeout       no decision arrived in time; the request stays pending
+        └── PairingTimeout       (see above)
+
+Every blocking call that gives up after ``timeout`` raises a ``DuetTimeout``, so
+``except TimeoutError`` catches them all; ``wait_for_peer`` and ``requests.wait`` return
+False / None instead, as documented.
 
 Messages never include data values held by the owner: an error that crosses the channel names
 the operation and the exception type, nothing else.
@@ -21,13 +29,16 @@ __all__ = [
     "BudgetExceeded",
     "ConnectionLost",
     "DuetError",
+    "DuetTimeout",
     "PairingError",
+    "PairingTimeout",
     "PolicyViolation",
     "ProtocolError",
     "RemoteError",
     "RequestDenied",
     "RequestError",
     "RequestTimeout",
+    "WorkerRestarted",
 ]
 
 
@@ -75,8 +86,21 @@ class RequestDenied(DuetError):
         super().__init__(f"{text}: {reason}" if reason else text)
 
 
-class RequestTimeout(DuetError):
+class DuetTimeout(DuetError, TimeoutError):
+    """A blocking call ran out of time."""
+
+
+class RequestTimeout(DuetTimeout):
     """No decision on the request arrived within the timeout; the request stays pending."""
+
+
+class PairingTimeout(PairingError, DuetTimeout):
+    """The peer did not arrive, or the connection did not come up, in time."""
+
+
+class WorkerRestarted(DuetError):
+    """The owner's worker process was restarted (cancelled by the owner, or it stopped
+    unexpectedly): objects created before the restart are gone; compute them again."""
 
 
 class RequestError(DuetError):

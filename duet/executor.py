@@ -33,7 +33,7 @@ try:
 except ImportError:  # numpy < 2
     from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
 
-__all__ = ["MAX_LINEAGE", "Entry", "Executor"]
+__all__ = ["MAX_LINEAGE", "Entry", "Executor", "ExecutorEvents"]
 
 MAX_LINEAGE = 2000
 _MAX_ITEMS = 8  # literal list items shown in lineage
@@ -126,6 +126,25 @@ class _Intervals:
         return None
 
 
+class ExecutorEvents:
+    """What the executor reports for the audit log; the default records nothing.
+
+    Subclass and override ``record`` (every event) or the named hooks."""
+
+    def record(self, event: str, **fields: Any) -> None:
+        """One audit event (``duet.audit.EVENTS`` names it)."""
+
+    def executed(self, operation: str, lineage: str, pointer_id: int) -> None:
+        self.record("op_executed", operation=operation, lineage=lineage, pointer_id=pointer_id)
+
+    def refused(self, operation: str, policy: str, pointer_id: int) -> None:
+        self.record("op_refused", operation=operation, policy=policy, pointer_id=pointer_id)
+
+    def failed(self, operation: str, error_type: str, error: str, pointer_id: int) -> None:
+        self.record("op_failed", operation=operation, error_type=error_type, error=error,
+                    pointer_id=pointer_id)
+
+
 class Executor:
     """Runs ``Op``s against shared objects and the entries earlier ops created."""
 
@@ -134,11 +153,11 @@ class Executor:
         allowlist: Allowlist,
         *,
         memory_budget: int | None = 2 * 1024**3,
-        on_event: Callable[..., None] | None = None,
+        events: ExecutorEvents | None = None,
     ) -> None:
         self.allowlist = allowlist
         self.memory_budget = memory_budget
-        self._on_event = on_event
+        self._events = events or ExecutorEvents()
         self._entries: dict[int, Entry] = {}
         self._shared: dict[str, _Shared] = {}
         self._intervals = _Intervals({})
@@ -147,6 +166,9 @@ class Executor:
         self._used = 0
         # entry id -> memory intervals, to find the entries an in-place change reaches
         self._footprints: dict[int, list[tuple[int, int]]] = {}
+        # torch bumps a tensor's version counter on every in-place change: shared tensors
+        # (parameters of a shared model, say) must keep theirs
+        self._shared_versions: dict[str, list[tuple[Any, int]]] = {}
 
     # -- shared objects -----------------------------------------------------------------------
     def share(self, name: str, obj: Any) -> None:
@@ -156,11 +178,22 @@ class Executor:
         value = _protected(obj, 0)
         self._shared[name] = _Shared(value, list(_footprint(value)))
         self._intervals = _Intervals(self._shared)
+        self._shared_versions[name] = [(t, t._version) for t in _contents(value)
+                                       if _is_tensor(t)]
 
     def unshare(self, name: str) -> None:
         if self._shared.pop(name, None) is None:
             raise KeyError(f"nothing is shared under the name {name!r}")
         self._intervals = _Intervals(self._shared)
+        self._shared_versions.pop(name, None)
+
+    def shared_modified(self) -> str:
+        """The name of a shared object whose tensors changed in place, or "" (then the
+        worker must be restarted from the owner's originals)."""
+        for name, versions in self._shared_versions.items():
+            if any(tensor._version != version for tensor, version in versions):
+                return name
+        return ""
 
     # -- operations ---------------------------------------------------------------------------
     def execute(self, op: Op) -> OpFailed | None:
@@ -172,6 +205,7 @@ class Executor:
         call = _Call(op.name)
         try:
             value, lineage = self._run(op, call)
+            self._taint_written_inputs(call)
             value = _materialized(value)
             self._protect_result(value)
             nbytes = self._account(op.result, value)
@@ -186,8 +220,7 @@ class Executor:
             return self._report(op, call.operation, raised)
         self._entries[op.result] = Entry(value, lineage, nbytes, sources=frozenset(call.sources))
         self._footprints[op.result] = list(_footprint(value))
-        self._emit("op_executed", operation=call.operation, lineage=lineage,
-                   pointer_id=op.result)
+        self._events.executed(call.operation, lineage, op.result)
         return None
 
     def free(self, ids: Iterable[int]) -> None:
@@ -287,7 +320,13 @@ class Executor:
         if depth > MAX_VALUE_DEPTH:
             raise _Failure("BadArgument", "arguments are nested too deeply")
         if isinstance(value, (PointerRef, StoreRef)):
-            return self._input(value, call)
+            item, text = self._input(value, call)
+            if isinstance(value, PointerRef):
+                call.note_input(value, item)
+            if isinstance(item, np.ndarray) and item.flags.writeable:
+                item = item.view()  # an argument is read, never written (positional out)
+                item.flags.writeable = False
+            return item, text
         if isinstance(value, DTypeRef):
             return self.allowlist.resolve_dtype(value.name, torch=torch), value.name
         if isinstance(value, (list, tuple)):
@@ -342,6 +381,13 @@ class Executor:
         return entry.value, entry.lineage
 
     # -- protecting shared data ---------------------------------------------------------------
+    def _taint_written_inputs(self, call: _Call) -> None:
+        """An argument changed in place (``F.embedding(..., max_norm=)`` renormalizes its
+        weight, say) now depends on everything the call read: record it, on every entry
+        sharing its memory, so provenance stays complete."""
+        for ref, tensor, version in call.versions:
+            if tensor._version != version:
+                self._note_modified(ref, list(_footprint(tensor)), call.operation, call.sources)
     def _touched(self, target: Any, name: str) -> list[tuple[int, int]]:
         """Memory a mutating method changes: ``backward`` writes the grads of the graph's
         leaves, a module or optimizer changes its parameters, anything else itself."""
@@ -435,22 +481,24 @@ class Executor:
         if store:
             self._entries[op.result] = Entry(None, op.name, 0, message, failure.error)
         if policy:
-            self._emit("op_refused", operation=operation, policy=failure.detail,
-                       pointer_id=op.result)
+            self._events.refused(operation, failure.detail, op.result)
         else:
-            self._emit("op_failed", operation=operation, error_type=failure.error_type,
-                       error=failure.error, pointer_id=op.result)
+            self._events.failed(operation, failure.error_type, failure.error, op.result)
         return message
-
-    def _emit(self, event: str, **fields: Any) -> None:
-        if self._on_event is not None:
-            self._on_event(event, **fields)
 
 
 @dataclass
 class _Call:
     operation: str  # what failure reports name: refined once the target's family is known
     sources: set[str] = field(default_factory=set)  # shared objects among the inputs
+    # tensors among the arguments with their version counters before the call
+    versions: list[tuple[PointerRef, Any, int]] = field(default_factory=list)
+
+    def note_input(self, ref: PointerRef, value: Any) -> None:
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if _is_tensor(item):
+                self.versions.append((ref, item, item._version))
 
 
 # -- lineage text ---------------------------------------------------------------------------

@@ -9,24 +9,76 @@ loop of 10,000 ``x + 1`` costs no round trip per step. A value comes back only t
 
 from __future__ import annotations
 
+import concurrent.futures
 import difflib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
+from . import dtypes
 from . import protocol as p
-from .errors import DuetError, PolicyViolation
+from .errors import DuetError, PolicyViolation, RequestDenied, RequestTimeout
 
-if TYPE_CHECKING:
-    from .session import RequestHandle, ResearcherSession
+__all__ = ["Pointer", "PointerHost", "RemoteFunction", "RemoteModule", "RemoteNamespace",
+           "RequestHandle", "no_value"]
 
-__all__ = ["Pointer", "RemoteFunction", "RemoteModule", "RemoteNamespace", "no_value"]
 
-_DTYPE_NAMES = frozenset({
-    "bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32",
-    "float64", "complex64", "complex128", "half", "float", "double", "long", "int",
-})
+class PointerHost(Protocol):
+    """What a pointer needs from the researcher's session, and nothing more."""
+
+    allowlist: p.AllowlistSummary
+
+    def new_id(self) -> int: ...
+    def submit_op(self, op: p.Op) -> None: ...
+    def free(self, pointer_id: int) -> None: ...
+    def check(self, pointer_id: int) -> None: ...
+    def request(self, target: p.PointerRef | p.StoreRef, reason: str,
+                lineage: str) -> RequestHandle: ...
+    def withdraw(self, request_id: str) -> None: ...
+
+
+class RequestHandle:
+    """A pending request for a value; ``result()`` waits for the owner's decision."""
+
+    def __init__(self, host: PointerHost, request_id: str, lineage: str,
+                 future: concurrent.futures.Future[Any]) -> None:
+        self.id = request_id
+        self.lineage = lineage
+        self._host = host
+        self._future = future
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    @property
+    def status(self) -> str:
+        if not self._future.done():
+            return "pending"
+        exc = self._future.exception()
+        if exc is None:
+            return "approved"
+        return "denied" if isinstance(exc, RequestDenied) else "error"
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The approved value; raises RequestDenied, RequestTimeout, ConnectionLost,
+        RemoteError (computing it failed, and the owner approved saying so) or
+        WorkerRestarted."""
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise RequestTimeout(
+                f"no decision on request {self.id} within {timeout} s; it stays pending "
+                "(call .result() again, or .withdraw())") from None
+
+    def withdraw(self) -> None:
+        if not self._future.done():
+            self._host.withdraw(self.id)
+
+    def __repr__(self) -> str:
+        return f"<RequestHandle {self.id} {self.status}: {self.lineage}>"
+
 # Operators whose Python spelling is the lineage, e.g. operator.add -> "+".
 _BINARY = {
     "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
@@ -49,7 +101,7 @@ class Pointer:
     __slots__ = ("__weakref__", "_lineage", "_ref", "_session")
     __array_ufunc__ = None  # numpy defers to our reflected operators: array + ptr works
 
-    def __init__(self, session: ResearcherSession, ref: p.PointerRef | p.StoreRef | None,
+    def __init__(self, session: PointerHost, ref: p.PointerRef | p.StoreRef | None,
                  lineage: str) -> None:
         self._session = session
         self._ref = ref
@@ -75,15 +127,13 @@ class Pointer:
         """The reference to send, raising if the owner reported that this object failed."""
         ref = self._resolve()
         if isinstance(ref, p.PointerRef):
-            failure = self._session._failure_of(ref.id)
-            if failure is not None:
-                raise p.failure_error(failure)
+            self._session.check(ref.id)
         return ref
 
     # -- requests ---------------------------------------------------------------------------
     def request(self, reason: str = "") -> RequestHandle:
         """Ask the owner for this value; returns at once with a handle to wait on."""
-        return self._session._request(self._check(), reason, self._lineage)
+        return self._session.request(self._check(), reason, self._lineage)
 
     def get(self, reason: str = "", timeout: float | None = None) -> Any:
         """Ask the owner for this value and wait for the decision.
@@ -99,12 +149,12 @@ class Pointer:
         ref = self._ref
         if isinstance(ref, p.PointerRef):
             self._ref = None
-            self._session._free(ref.id)
+            self._session.free(ref.id)
 
     def __del__(self) -> None:
         ref = getattr(self, "_ref", None)
         if isinstance(ref, p.PointerRef):
-            self._session._free(ref.id)
+            self._session.free(ref.id)
 
     # -- building operations -------------------------------------------------------------
     def _op(self, kind: str, name: str, target: Pointer | None, args: tuple[Any, ...],
@@ -118,10 +168,10 @@ class Pointer:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        allowed = self._session.allowlist
-        families = [f for f, names in allowed.items() if f != "functions" and name in names]
-        if allowed and not families:
-            every = sorted({n for f, names in allowed.items() if f != "functions" for n in names})
+        members = self._session.allowlist.members
+        families = [f for f, names in members.items() if name in names]
+        if members and not families:
+            every = sorted({n for names in members.values() for n in names})
             close = difflib.get_close_matches(name, every, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise PolicyViolation(f"'.{name}' is not on the owner's allowlist.{hint}")
@@ -229,26 +279,35 @@ class _Member(Pointer):
         return self._ref
 
     def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
+        owner = self._owner
+        mutating = self._session.allowlist.mutating
+        if isinstance(owner._ref, p.StoreRef) and any(
+                key.endswith("." + self._name) for key in mutating):
+            # known without any data: the target is the shared object itself
+            raise PolicyViolation(
+                f".{self._name}() would modify shared object {owner._ref.name!r}; the owner's "
+                f"data cannot change. Work on a copy, e.g. {owner._ref.name}.copy() or "
+                f".clone()")
         lineage = f"{self._lineage}({_show_args(args, kwargs)})"
-        return _submit(self._session, "method", self._name, self._owner, args, kwargs, lineage)
+        return _submit(self._session, "method", self._name, owner, args, kwargs, lineage)
 
     def __repr__(self) -> str:
         return f"<Pointer member {self._lineage}>" if self._ref is None else super().__repr__()
 
 
-def _submit(session: ResearcherSession, kind: str, name: str, target: Pointer | None,
+def _submit(session: PointerHost, kind: str, name: str, target: Pointer | None,
             args: tuple[Any, ...], kwargs: dict[str, Any], lineage: str) -> Pointer:
     op = p.Op(
-        result=session._new_id(), kind=kind, name=name,  # type: ignore[arg-type]
+        result=session.new_id(), kind=kind, name=name,  # type: ignore[arg-type]
         target=None if target is None else _to_wire(target, session),
         args=[_to_wire(a, session) for a in args],
         kwargs={k: _to_wire(v, session) for k, v in kwargs.items()},
     )
-    session._submit_op(op)
+    session.submit_op(op)
     return Pointer(session, p.PointerRef(op.result), lineage)
 
 
-def _to_wire(value: Any, session: ResearcherSession, depth: int = 0) -> Any:
+def _to_wire(value: Any, session: PointerHost, depth: int = 0) -> Any:
     """Arguments as the protocol carries them: pointers become references."""
     if depth > p.MAX_VALUE_DEPTH:
         raise ValueError("argument nested too deeply")
@@ -266,12 +325,12 @@ def _to_wire(value: Any, session: ResearcherSession, depth: int = 0) -> Any:
         return {k: _to_wire(v, session, depth + 1) for k, v in value.items()}
     if isinstance(value, p.DTypeRef):
         return value
-    if isinstance(value, type) and value in (bool, int, float, complex):
-        return p.DTypeRef(value.__name__)
-    if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
-        return p.DTypeRef(np.dtype(value).name)
-    if type(value).__name__ == "dtype" and type(value).__module__ == "torch":
-        return p.DTypeRef(str(value))
+    name = dtypes.wire_name(value)
+    if name is not None:
+        return p.DTypeRef(name)
+    if isinstance(value, type) or isinstance(value, np.dtype):
+        raise PolicyViolation(f"{value!r} is not a dtype the owner accepts; use one of "
+                              f"{', '.join(dtypes.CANONICAL)}")
     return value
 
 
@@ -308,7 +367,7 @@ def _show_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 class RemoteFunction:
     """An allowlisted function on the owner, e.g. ``r.np.mean`` or ``r.torch.nn.Linear``."""
 
-    def __init__(self, session: ResearcherSession, qualname: str) -> None:
+    def __init__(self, session: PointerHost, qualname: str) -> None:
         self._session = session
         self.qualname = qualname
 
@@ -324,12 +383,12 @@ class RemoteFunction:
 class RemoteNamespace:
     """``r.np``, ``r.torch``, ``r.torch.nn`` ...: only allowlisted names resolve."""
 
-    def __init__(self, session: ResearcherSession, prefix: str) -> None:
+    def __init__(self, session: PointerHost, prefix: str) -> None:
         self._session = session
         self._prefix = prefix
 
     def _functions(self) -> list[str]:
-        return self._session.allowlist.get("functions", [])
+        return self._session.allowlist.functions
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -343,8 +402,9 @@ class RemoteNamespace:
             return RemoteFunction(self._session, qualname)
         if any(f.startswith(qualname + ".") for f in functions):
             return RemoteNamespace(self._session, qualname)
-        if name in _DTYPE_NAMES:
-            return p.DTypeRef(qualname if self._prefix == "torch" else name)
+        found = dtypes.canonical(name)
+        if found is not None and self._prefix in ("numpy", "torch"):
+            return p.DTypeRef(f"torch.{found[1]}" if self._prefix == "torch" else found[1])
         close = difflib.get_close_matches(qualname, functions, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise PolicyViolation(f"{qualname} is not on the owner's allowlist.{hint}")
@@ -362,7 +422,7 @@ class RemoteNamespace:
 class _NoGrad:
     """``with r.torch.no_grad():`` switches autograd off on the owner's worker, then back."""
 
-    def __init__(self, session: ResearcherSession) -> None:
+    def __init__(self, session: PointerHost) -> None:
         self._session = session
 
     def _set(self, enabled: bool) -> None:

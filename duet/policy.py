@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from . import dtypes
 from .errors import PolicyViolation
+from .protocol import AllowlistSummary, DTypeRef, Op
 
 __all__ = [
     "ATTRIBUTES",
@@ -38,6 +40,7 @@ __all__ = [
     "METHODS",
     "MUTATING_METHODS",
     "Allowlist",
+    "AllowlistSpec",
     "check_described",
     "check_name",
 ]
@@ -186,11 +189,11 @@ DENIED: tuple[str, ...] = (
     "Optimizer.register_*", "Optimizer.add_param_group", "Scheduler.register_*",
 )
 
-# dtype names a researcher may send (DTypeRef); resolved from this table only.
-DTYPES: tuple[str, ...] = (
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
-)
+# dtype names a researcher may send (DTypeRef): the one table both ends use.
+DTYPES: tuple[str, ...] = dtypes.CANONICAL
+
+AllowlistSpec = dict[str, Any]
+"""An allowlist as plain data (``Allowlist.spec()``), to rebuild it in the worker process."""
 
 _COMPONENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _MAX_NAME = 200
@@ -316,7 +319,6 @@ class Allowlist:
         self._writes_through: set[str] = set()
         self._methods: dict[str, bool] = {}  # "family.name" -> mutating
         self._attributes: set[str] = set()
-        self._dtypes = self._dtype_table()
 
     @classmethod
     def default(cls) -> Allowlist:
@@ -335,6 +337,33 @@ class Allowlist:
         for family, name in _words(ATTRIBUTES):
             if family in allowlist._families:
                 allowlist._attributes.add(f"{family}.{name}")
+        return allowlist
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The type families this process knows (``Tensor`` and friends only with torch)."""
+        return tuple(self._families)
+
+    def spec(self) -> AllowlistSpec:
+        """Everything allowed, as names: ``from_spec`` rebuilds it, vetting each again."""
+        return {"functions": sorted(self._functions), "methods": dict(self._methods),
+                "attributes": sorted(self._attributes)}
+
+    @classmethod
+    def from_spec(cls, spec: AllowlistSpec) -> Allowlist:
+        allowlist = cls()
+        for qualname in spec["functions"]:
+            if _denied(qualname) is None:
+                try:
+                    allowlist._add_function(qualname)
+                except (AttributeError, ValueError):
+                    continue
+        for key, mutating in spec["methods"].items():
+            if key.split(".", 1)[0] in allowlist._families and _denied(key) is None:
+                allowlist._methods[key] = bool(mutating)
+        allowlist._attributes = {k for k in spec["attributes"]
+                                 if k.split(".", 1)[0] in allowlist._families
+                                 and _denied(k) is None}
         return allowlist
 
     def copy(self) -> Allowlist:
@@ -391,6 +420,12 @@ class Allowlist:
         runnable = callable(obj) and not isinstance(obj, types.ModuleType)
         if not runnable:
             raise ValueError(f"{qualname!r} is not a function or class")
+        parent = _import_path(qualname.rsplit(".", 1)[0]) if "." in qualname else None
+        if isinstance(parent, type):
+            # ndarray.tofile reached as numpy.ndarray.tofile, UntypedStorage.from_file ...:
+            # a class's members are allowed only per family, where the denylist sees them
+            raise ValueError(f"{qualname!r} is a member of class {parent.__name__}; allow a "
+                             "method of a family instead, e.g. 'ndarray.cumprod'")
         if any(obj is forbidden for forbidden in _forbidden_objects()):
             raise ValueError(f"{qualname!r} is an alias of a denied function")
         wrapper = _SAFE_WRAPPERS.get(qualname)
@@ -494,15 +529,50 @@ class Allowlist:
 
     def resolve_dtype(self, name: str, *, torch: bool = False) -> Any:
         """A numpy (or, with ``torch=True`` or a ``torch.`` prefix, torch) dtype by name."""
-        flavor = "torch" if torch else "numpy"
-        for prefix in ("torch.", "numpy.", "np."):
-            if name.startswith(prefix):
-                flavor, name = ("torch" if prefix == "torch." else "numpy"), name[len(prefix):]
+        if not isinstance(name, str):
+            raise PolicyViolation("a dtype name must be a string")
+        if (torch or name.startswith("torch.")) and "Tensor" not in self._families:
+            raise PolicyViolation(f"dtype {name}: torch is not available on the owner's side")
         try:
-            return self._dtypes[flavor][name]
+            return dtypes.resolve(name, "torch" if torch else "numpy")
         except KeyError:
-            known = sorted(self._dtypes[flavor])
+            known = sorted([*dtypes.CANONICAL, *dtypes.ALIASES])
             raise PolicyViolation(_not_allowed(f"dtype {name}", known)) from None
+
+    def precheck(self, op: Op) -> None:
+        """Refuse what is wrong with ``op`` by names and argument kinds alone.
+
+        The owner's kernel runs this before the op reaches the worker and reports a refusal
+        to the researcher at once: it depends on nothing but what the researcher sent, so it
+        carries no data. Everything else (the target's kind, aliasing, any error while
+        running) is decided in the worker and stays opaque until a request is approved.
+        """
+        for key in op.kwargs:
+            check_name(key, dotted=False)
+        if op.kind == "function":
+            fn = self.resolve_function(op.name)
+            try:
+                self.check_arguments(fn, tuple(op.args), op.kwargs, qualname=op.name)
+            except TypeError:  # arguments that do not bind fail when the op runs
+                pass
+        elif op.kind in ("method", "getattr"):
+            check_name(op.name, dotted=False)
+            table = self._methods if op.kind == "method" else self._attributes
+            suffix = "." + op.name
+            if not any(key.endswith(suffix) for key in table):
+                kind = "method" if op.kind == "method" else "attribute"
+                raise PolicyViolation(_not_allowed(
+                    op.name, sorted({k.split(".", 1)[1] for k in table}),
+                    f"an allowlisted {kind}"))
+            if op.kwargs.get("out") is not None:
+                raise PolicyViolation("out= writes into an existing object; use the result")
+            if op.kwargs.get("inplace"):
+                raise PolicyViolation("inplace=True is not allowed; use the result instead")
+        for ref in _dtype_refs([*op.args, *op.kwargs.values()], 0):
+            try:  # the flavor depends on the target's kind: either one will do here
+                self.resolve_dtype(ref.name)
+            except PolicyViolation:
+                self.resolve_dtype(ref.name, torch=True)
 
     def family(self, obj: object) -> str | None:
         for family, cls in self._families.items():
@@ -512,40 +582,36 @@ class Allowlist:
             return "ndarray"
         return None
 
-    def describe(self) -> dict[str, list[str]]:
-        """What the researcher's side needs to refuse early (the owner still checks all):
-        ``functions``; per family, its method and attribute names; ``attributes`` and
-        ``mutating`` as ``family.name``."""
-        described: dict[str, list[str]] = {"functions": sorted(self._functions)}
-        for family in self._families:
-            names = {k.split(".", 1)[1] for k in [*self._methods, *self._attributes]
-                     if k.split(".", 1)[0] == family}
-            described[family] = sorted(names)
-        described["attributes"] = sorted(self._attributes)
-        described["mutating"] = sorted(k for k, m in self._methods.items() if m)
-        return described
+    def describe(self) -> AllowlistSummary:
+        """What the researcher's side needs to refuse early (the owner still checks all)."""
+        members: dict[str, list[str]] = {}
+        for key in [*self._methods, *self._attributes]:
+            family, name = key.split(".", 1)
+            members.setdefault(family, []).append(name)
+        return AllowlistSummary(
+            functions=sorted(self._functions),
+            members={family: sorted(names) for family, names in members.items()},
+            attributes=sorted(self._attributes),
+            mutating=sorted(k for k, m in self._methods.items() if m))
 
     def __contains__(self, qualname: object) -> bool:
         return qualname in self._functions or qualname in self._methods or (
             qualname in self._attributes
         )
 
-    # -- helpers ------------------------------------------------------------------------------
-    def _dtype_table(self) -> dict[str, dict[str, Any]]:
-        table: dict[str, dict[str, Any]] = {"numpy": {}, "torch": {}}
-        for name in DTYPES:
-            try:
-                table["numpy"][name] = np.dtype(name)
-            except TypeError:  # bfloat16 is torch-only
-                pass
-        if "Tensor" in self._families:
-            import torch
 
-            for name in DTYPES:
-                dtype = getattr(torch, name, None)
-                if isinstance(dtype, torch.dtype):
-                    table["torch"][name] = dtype
-        return table
+def _dtype_refs(values: list[Any], depth: int) -> list[DTypeRef]:
+    found: list[DTypeRef] = []
+    if depth > 32:
+        return found
+    for value in values:
+        if isinstance(value, DTypeRef):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(_dtype_refs(list(value), depth + 1))
+        elif isinstance(value, dict):
+            found.extend(_dtype_refs(list(value.values()), depth + 1))
+    return found
 
 
 _NO_MEMBERS = "{name!r}: this kind of object has no allowlisted methods or attributes"
@@ -587,7 +653,7 @@ def _forbidden_objects() -> list[Any]:
     return _FORBIDDEN
 
 
-def check_described(described: Mapping[str, list[str]], kind: str, name: str) -> None:
+def check_described(described: AllowlistSummary, kind: str, name: str) -> None:
     """Researcher-side pre-check against the owner's ``describe()``, so a forbidden operation
     fails before it is sent, with close matches as suggestions.
 
@@ -596,18 +662,16 @@ def check_described(described: Mapping[str, list[str]], kind: str, name: str) ->
     """
     if kind == "function":
         check_name(name)
-        functions = described.get("functions", [])
-        if name not in functions:
-            raise PolicyViolation(_not_allowed(name, list(functions)))
+        if name not in described.functions:
+            raise PolicyViolation(_not_allowed(name, list(described.functions)))
         return
     if kind not in ("method", "attribute"):
         raise ValueError(f"unknown kind {kind!r}")
     check_name(name)
-    attributes = set(described.get("attributes", []))
-    reserved = {"functions", "attributes", "mutating"}
+    attributes = set(described.attributes)
     candidates = {
         f"{family}.{member}"
-        for family, members in described.items() if family not in reserved
+        for family, members in described.members.items()
         for member in members
         if (f"{family}.{member}" in attributes) == (kind == "attribute")
     }

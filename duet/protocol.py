@@ -19,6 +19,7 @@ from a received string except through the owner's allowlist (``duet.policy``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -34,6 +35,7 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 MAX_VALUE_DEPTH = 32
 MAX_NAME_CHARS = 200
 MAX_REASON_CHARS = 2000
+MAX_ARRAY_ELEMENTS = 2**48  # far above any real array; keeps shape products in int64
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -44,6 +46,7 @@ __all__ = [
     "ErrorNotice",
     "Free",
     "Hello",
+    "AllowlistSummary",
     "AllowlistUpdate",
     "Message",
     "Op",
@@ -57,6 +60,7 @@ __all__ = [
     "StoreRef",
     "StoreSnapshot",
     "Withdraw",
+    "WorkerRestarted",
     "decode",
     "encode",
 ]
@@ -104,6 +108,18 @@ Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 ObjectId = Annotated[int, Field(ge=1, lt=2**63)]
 
 
+class AllowlistSummary(_Message):
+    """What the owner allows, by name, so the researcher refuses early (the owner still
+    checks everything): qualified function names; per type family (``ndarray``, ``Tensor``,
+    ...) its method and attribute names; and which ``family.name`` are attributes or
+    mutating methods."""
+
+    functions: list[str] = []
+    members: dict[str, list[str]] = {}
+    attributes: list[str] = []
+    mutating: list[str] = []
+
+
 class Hello(_Message):
     """First message each way; the protocol versions must match."""
 
@@ -112,14 +128,14 @@ class Hello(_Message):
     role: Literal["owner", "researcher"]
     software: str = ""
     # The owner tells the researcher what it allows, so refusals happen before sending.
-    allowlist: dict[str, list[str]] | None = None
+    allowlist: AllowlistSummary | None = None
 
 
 class AllowlistUpdate(_Message):
     """The owner changed the allowlist mid-session; the researcher's early checks follow."""
 
     type: Literal["allowlist"] = "allowlist"
-    allowlist: dict[str, list[str]]
+    allowlist: AllowlistSummary
 
 
 class StoreEntry(_Message):
@@ -198,13 +214,27 @@ class Withdraw(_Message):
 
 
 class Decision(_Message):
-    """The owner's answer to a request; ``value`` is present only when approved."""
+    """The owner's answer to a request; ``value`` is present only when approved.
+
+    ``failed``: the owner approved releasing that computing the value failed, and how
+    (``operation`` and ``error_type``); ``error``: the request could not be served."""
 
     type: Literal["decision"] = "decision"
     request_id: str
-    status: Literal["approved", "denied", "error"]
+    status: Literal["approved", "denied", "failed", "error"]
     reason: str = ""
     value: Any = None
+    operation: str = ""
+    error_type: str = ""
+
+
+class WorkerRestarted(_Message):
+    """The owner's worker process was restarted (cancelled by the owner, crashed, ran out
+    of time or memory): every object created before this message is gone."""
+
+    type: Literal["worker_restarted"] = "worker_restarted"
+    reason: str
+    stopped: bool = False  # no new worker: the owner's restart limit was reached
 
 
 class Ping(_Message):
@@ -232,7 +262,7 @@ class Bye(_Message):
 
 Message = Annotated[
     Hello | AllowlistUpdate | StoreSnapshot | Ops | Free | OpFailed | RequestValue | Withdraw
-    | Decision | Ping | Pong | ErrorNotice | Bye,
+    | Decision | WorkerRestarted | Ping | Pong | ErrorNotice | Bye,
     Field(discriminator="type"),
 ]
 _message_adapter: TypeAdapter[Message] = TypeAdapter(Message)
@@ -297,32 +327,73 @@ class _Encoder:
         return self._array("torch", dtype, tensor.numpy())
 
 
+_nesting = threading.local()
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
+    """Extension values nest (a tuple of tuples ...): each level unpacks again, so the depth
+    is counted here; without a bound, a 1.5 KB frame would exhaust the C stack."""
+    depth = getattr(_nesting, "depth", 0)
+    if depth >= MAX_VALUE_DEPTH:
+        raise ProtocolError("value nested too deeply")
+    _nesting.depth = depth + 1
+    try:
+        return _ext_value(code, data)
+    finally:
+        _nesting.depth = depth
+
+
+def _ext_value(code: int, data: bytes) -> Any:
     if code == _EXT_POINTER:
         value = msgpack.unpackb(data)
         if not isinstance(value, int) or value < 1:
             raise ProtocolError("malformed pointer reference")
         return PointerRef(value)
     if code == _EXT_STORE:
-        return StoreRef(data.decode())
+        return StoreRef(_text(data))
     if code == _EXT_TUPLE:
         return tuple(_unpack(data))
     if code == _EXT_SLICE:
-        start, stop, step = _unpack(data)
-        return slice(start, stop, step)
+        parts = _unpack(data)
+        if not isinstance(parts, list) or len(parts) != 3:
+            raise ProtocolError("malformed slice")
+        return slice(*parts)
     if code == _EXT_ELLIPSIS:
         return Ellipsis
     if code == _EXT_COMPLEX:
-        real, imag = msgpack.unpackb(data)
-        return complex(real, imag)
+        parts = msgpack.unpackb(data)
+        if not (isinstance(parts, list) and len(parts) == 2
+                and all(isinstance(v, (int, float)) for v in parts)):
+            raise ProtocolError("malformed complex number")
+        return complex(*parts)
     if code == _EXT_DTYPE:
-        return DTypeRef(data.decode())
+        return DTypeRef(_text(data))
     if code == _EXT_ARRAY:
-        kind, dtype, shape, index = msgpack.unpackb(data)
-        if kind not in ("numpy", "torch") or not all(isinstance(n, int) and n >= 0 for n in shape):
+        header = msgpack.unpackb(data)
+        if not (isinstance(header, list) and len(header) == 4):
             raise ProtocolError("malformed array header")
-        return ArrayRef(kind, str(dtype), tuple(shape), int(index))
+        kind, dtype, shape, index = header
+        if (kind not in ("numpy", "torch") or not isinstance(dtype, str)
+                or not isinstance(shape, list) or len(shape) > 64
+                or not all(isinstance(n, int) and 0 <= n <= MAX_ARRAY_ELEMENTS for n in shape)
+                or not isinstance(index, int) or index < 0):
+            raise ProtocolError("malformed array header")
+        elements = 1
+        for n in shape:  # Python integers: no overflow, checked before anything is allocated
+            elements *= n
+        if elements > MAX_ARRAY_ELEMENTS:
+            raise ProtocolError("array shape too large")
+        return ArrayRef(kind, dtype, tuple(shape), index)
     raise ProtocolError(f"unknown extension type {code}")
+
+
+def _text(data: bytes) -> str:
+    if len(data) > MAX_NAME_CHARS:
+        raise ProtocolError("name too long")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("name is not UTF-8") from None
 
 
 def _unpack(data: bytes) -> Any:
@@ -424,8 +495,10 @@ def array_from_buffer(ref: ArrayRef, buffer: memoryview | bytes | bytearray) -> 
         raise ProtocolError(f"unknown dtype {ref.dtype!r}") from None
     if dtype.hasobject:
         raise ProtocolError("object arrays are not accepted")
-    count = int(np.prod(ref.shape, dtype=np.int64))
-    if count * dtype.itemsize != len(buffer):
+    count = 1
+    for n in ref.shape:
+        count *= n
+    if count * dtype.itemsize != memoryview(buffer).nbytes:
         raise ProtocolError("array buffer size does not match its dtype and shape")
     array = np.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
     if ref.kind == "numpy":

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
-
 from tabulate import tabulate
 
 from . import protocol as p
-from .pointers import Pointer
-
-if TYPE_CHECKING:
-    from .session import ResearcherSession
+from .errors import DuetTimeout
+from .pointers import Pointer, PointerHost
 
 __all__ = ["Store"]
 
@@ -20,7 +16,7 @@ __all__ = ["Store"]
 class Store(Mapping[str, Pointer]):
     """``r.store["ages"]`` is a Pointer to the owner's shared object; updates live."""
 
-    def __init__(self, session: ResearcherSession) -> None:
+    def __init__(self, session: PointerHost) -> None:
         self._session = session
         self._entries: dict[str, p.StoreEntry] = {}
         self._changed = threading.Condition()
@@ -34,7 +30,7 @@ class Store(Mapping[str, Pointer]):
         """Wait until the owner shares ``name`` (e.g. right after joining)."""
         with self._changed:
             if not self._changed.wait_for(lambda: name in self._entries, timeout):
-                raise KeyError(f"the owner has not shared {name!r} (waited {timeout} s)")
+                raise DuetTimeout(f"the owner has not shared {name!r} (waited {timeout} s)")
         return self[name]
 
     def __getitem__(self, name: str) -> Pointer:

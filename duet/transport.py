@@ -70,7 +70,11 @@ class Transport(abc.ABC):
         self.close_reason = ""
         self.last_activity = time.monotonic()  # liveness: any frame from the peer counts
 
-    def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler) -> None:
+    def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler, *,
+                     on_error: Callable[[ProtocolError], None] | None = None,
+                     progress: Progress | None = None) -> None:
+        """Attach a session: whole messages, closure, rejected frames, and progress of large
+        incoming transfers go to it from now on (earlier arrivals are delivered first)."""
         self._on_message = on_message
         self._on_close = on_close
         early, self._early = self._early, []
@@ -254,6 +258,14 @@ class FramedTransport(Transport):
         self.reassembler = Reassembler(max_message_bytes, progress, progress_threshold)
         self.progress_threshold = progress_threshold
         self.on_error = on_error
+
+    def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler, *,
+                     on_error: Callable[[ProtocolError], None] | None = None,
+                     progress: Progress | None = None) -> None:
+        self.on_error = on_error or self.on_error
+        self.reassembler.progress = progress or self.reassembler.progress
+        self.reassembler.progress_threshold = self.progress_threshold
+        super().set_handlers(on_message, on_close, on_error=on_error, progress=progress)
 
     @abc.abstractmethod
     def _send_frame(self, frame: bytes) -> None:

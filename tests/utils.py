@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from duet.config import SessionConfig
-from duet.session import OwnerSession, ResearcherSession
+from duet.owner import OwnerSession
+from duet.researcher import ResearcherSession
 from duet.transport import InMemoryTransport
 
 
@@ -16,16 +17,14 @@ from duet.transport import InMemoryTransport
 def session_pair(audit_path: Path, *, frame_size: int = 64 * 1024,
                  researcher_config: SessionConfig | None = None,
                  **owner_kwargs: Any) -> Iterator[tuple[OwnerSession, ResearcherSession]]:
-    """Both sessions run their real loop threads, worker and protocol; only the wire is fake."""
+    """Both sessions run their real loop threads, worker process and protocol, wired the way
+    ``launch``/``join`` wire them (``Session.start`` with a transport); only the wire is fake."""
     owner_end, researcher_end = InMemoryTransport.pair(frame_size=frame_size)
-    owner = OwnerSession(SessionConfig(progress=False), audit_path=audit_path, **owner_kwargs)
+    config = owner_kwargs.pop("config", SessionConfig(progress=False))
+    owner = OwnerSession(config, audit_path=audit_path, **owner_kwargs)
     researcher = ResearcherSession(researcher_config or SessionConfig(progress=False))
-    owner_end.on_error = owner._protocol_error
-    researcher_end.on_error = researcher._protocol_error
-    researcher_end.reassembler.progress = researcher._progress()
-    researcher_end.reassembler.progress_threshold = researcher.config.progress_threshold
-    owner._start(owner_end.start)
-    researcher._start(researcher_end.start)
+    owner.start(owner_end.start)
+    researcher.start(researcher_end.start)
     try:
         assert researcher._wait_ready(10), "in-memory pair did not connect"
         assert owner._wait_ready(10)

@@ -99,8 +99,8 @@ def test_allow_distinguishes_methods_and_attributes() -> None:
     allowlist = Allowlist.default()
     allowlist.allow("Tensor.is_cuda", "Tensor.cummax")
     described = allowlist.describe()
-    assert "Tensor.is_cuda" in described["attributes"]
-    assert "Tensor.cummax" not in described["attributes"]
+    assert "Tensor.is_cuda" in described.attributes
+    assert "Tensor.cummax" not in described.attributes
     assert allowlist.resolve_attribute(torch.ones(1), "is_cuda") is False
 
 
@@ -203,18 +203,19 @@ def test_dtypes_come_from_a_fixed_table(allowlist: Allowlist) -> None:
 
 def test_describe_lists_everything_the_researcher_may_use(allowlist: Allowlist) -> None:
     described = allowlist.describe()
-    assert described["functions"] == sorted(described["functions"])
-    assert "numpy.mean" in described["functions"]
-    assert not any("load" == f.rsplit(".", 1)[1] for f in described["functions"])
-    assert {"sum", "astype", "T", "shape"} <= set(described["ndarray"])
-    assert {"backward", "grad", "item"} <= set(described["Tensor"])
-    assert {"parameters", "weight", "eval"} <= set(described["Module"])
-    assert {"step", "zero_grad"} <= set(described["Optimizer"])
-    assert "Tensor.grad" in described["attributes"]
-    assert "Tensor.backward" in described["mutating"]
-    assert "ndarray.sort" in described["mutating"]
-    assert "ndarray.sum" not in described["mutating"]
-    every = [n for names in described.values() for n in names]
+    assert described.functions == sorted(described.functions)
+    assert "numpy.mean" in described.functions
+    assert not any("load" == f.rsplit(".", 1)[1] for f in described.functions)
+    assert {"sum", "astype", "T", "shape"} <= set(described.members["ndarray"])
+    assert {"backward", "grad", "item"} <= set(described.members["Tensor"])
+    assert {"parameters", "weight", "eval"} <= set(described.members["Module"])
+    assert {"step", "zero_grad"} <= set(described.members["Optimizer"])
+    assert "Tensor.grad" in described.attributes
+    assert "Tensor.backward" in described.mutating
+    assert "ndarray.sort" in described.mutating
+    assert "ndarray.sum" not in described.mutating
+    every = [*described.functions, *described.attributes,
+             *(n for names in described.members.values() for n in names)]
     assert not any(part.startswith("_") for n in every for part in n.split("."))
 
 

@@ -1,0 +1,193 @@
+"""The pipe between the owner's kernel and its worker process: framing and message shapes.
+
+The worker runs the researcher's operations, so the kernel treats everything the worker says
+as untrusted input: each frame is bounded in size before anything is allocated, its header is
+msgpack (never pickle) and is validated against the pydantic models below. The other way,
+kernel to worker, is trusted (the worker is the kernel's own child): shared objects that
+are not plain arrays travel there pickled, and the worker believes what the kernel says.
+
+A frame on the socket is::
+
+    <u32 number of buffers> <u64 header length> <u64 length of each buffer>...
+    <header bytes> <buffer bytes>...
+
+Buffers carry array bytes and already-encoded peer messages out of band, as in
+``duet.protocol``.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from .errors import ProtocolError
+
+__all__ = [
+    "MAX_BUFFERS",
+    "Done",
+    "Ready",
+    "Released",
+    "RequestFailed",
+    "Snapshot",
+    "ValueSummary",
+    "WorkerMessage",
+    "parse_worker_message",
+    "recv_frame",
+    "send_frame",
+]
+
+MAX_BUFFERS = 4096
+MAX_HEADER = 64 * 1024 * 1024
+_COUNT = struct.Struct("<IQ")
+_LENGTH = struct.Struct("<Q")
+
+Buffer = bytes | bytearray | memoryview
+
+
+def send_frame(sock: socket.socket, header: bytes, buffers: Sequence[Buffer] = ()) -> None:
+    """Write one frame; blocks until the socket took all of it."""
+    lengths = b"".join(_LENGTH.pack(memoryview(b).nbytes) for b in buffers)
+    sock.sendall(_COUNT.pack(len(buffers), len(header)) + lengths + header)
+    for buffer in buffers:
+        sock.sendall(buffer)
+
+
+def recv_frame(sock: socket.socket, max_bytes: int) -> tuple[bytes, list[memoryview]] | None:
+    """Read one frame, or None at end of stream; sizes are checked before allocating."""
+    prefix = _recv_exact(sock, _COUNT.size)
+    if prefix is None:
+        return None
+    count, header_length = _COUNT.unpack(prefix)
+    if count > MAX_BUFFERS or header_length > MAX_HEADER:
+        raise ProtocolError(f"frame with {count} buffers and a {header_length}-byte header")
+    lengths_raw = _recv_exact(sock, _LENGTH.size * count) if count else b""
+    if lengths_raw is None:
+        return None
+    lengths = [_LENGTH.unpack_from(lengths_raw, i * _LENGTH.size)[0] for i in range(count)]
+    if header_length + sum(lengths) > max_bytes:
+        raise ProtocolError(f"frame of {header_length + sum(lengths)} bytes exceeds the limit")
+    header = _recv_exact(sock, header_length)
+    if header is None:
+        return None
+    buffers = []
+    for length in lengths:
+        data = _recv_exact(sock, length)
+        if data is None:
+            return None
+        buffers.append(memoryview(data))
+    return bytes(header), buffers
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytearray | None:
+    data = bytearray(size)
+    view = memoryview(data)
+    received = 0
+    while received < size:
+        n = sock.recv_into(view[received:], size - received)
+        if n == 0:
+            return None
+        received += n
+    return data
+
+
+def pack(message_type: str, /, **fields: Any) -> bytes:
+    """A header for a message to or from the worker."""
+    return msgpack.packb({"type": message_type, **fields}, use_bin_type=True)
+
+
+def unpack(header: bytes) -> dict[str, Any]:
+    try:
+        raw = msgpack.unpackb(header, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"malformed frame from the worker ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("a worker message must be a map")
+    return raw
+
+
+# -- what the worker may say (validated in the kernel) --------------------------------------
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Text = Annotated[str, Field(max_length=20_000)]
+
+
+class Ready(_Model):
+    """The worker started and loaded what it needs."""
+
+    type: Literal["ready"] = "ready"
+    pid: int
+
+
+class Done(_Model):
+    """One unit of work finished: audit events to record; carries nothing for the researcher."""
+
+    type: Literal["done"] = "done"
+    events: list[tuple[str, dict[str, Any]]] = Field(default_factory=list, max_length=100_000)
+    # shared data changed inside the worker: the kernel restarts it from the originals
+    shared_modified: str = ""
+
+
+class ValueSummary(_Model):
+    """Size of a frozen value, for the owner and for rules; ``elements`` overcounts when
+    unsure (structured records, unknown objects), never undercounts."""
+
+    type: Text
+    shape: list[int] | None = None
+    dtype: str | None = None
+    elements: int
+    nbytes: int
+
+
+class Snapshot(_Model):
+    """A request's value, frozen when the request was made; its bytes stay in the worker
+    (or ride along as buffers when small) until the owner decides."""
+
+    type: Literal["snapshot"] = "snapshot"
+    request_id: Annotated[str, Field(max_length=64)]
+    pointer_id: int | None = None
+    lineage: Text
+    sources: list[Annotated[str, Field(max_length=200)]] = Field(max_length=10_000)
+    summary: ValueSummary
+    preview: Text
+    # the failure when computing the value failed: only the owner reads this text
+    failed: Text = ""
+    operation: Text = ""
+    error_type: Annotated[str, Field(max_length=200)] = ""
+    sha256: Annotated[str, Field(max_length=64)] = ""
+    nbytes: int = 0
+    inline: bool = False  # the encoded decision travels with this message
+
+
+class RequestFailed(_Model):
+    """The request names nothing the researcher can ask for (never created, freed)."""
+
+    type: Literal["request_failed"] = "request_failed"
+    request_id: Annotated[str, Field(max_length=64)]
+    reason: Text
+
+
+class Released(_Model):
+    """The frozen, encoded decision of an approved request (header and buffers follow)."""
+
+    type: Literal["released"] = "released"
+    request_id: Annotated[str, Field(max_length=64)]
+
+
+WorkerMessage = Annotated[Ready | Done | Snapshot | RequestFailed | Released,
+                          Field(discriminator="type")]
+_adapter: TypeAdapter[WorkerMessage] = TypeAdapter(WorkerMessage)
+
+
+def parse_worker_message(header: bytes) -> WorkerMessage:
+    raw = unpack(header)
+    try:
+        return _adapter.validate_python(raw)
+    except ValidationError as exc:
+        raise ProtocolError(f"invalid message from the worker: {exc.errors()[:2]}") from None

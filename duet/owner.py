@@ -1,0 +1,473 @@
+"""The data owner's end: shares objects, has them worked on in a worker, decides requests.
+
+The owner's kernel never runs the researcher's operations. It keeps the session, the
+approval queue, the audit log and the decisions; a worker process (``duet.worker``) runs the
+operations and freezes requested values. The path of one ``get``:
+
+1. ``Ops`` arrive: refusals that depend on names alone are answered at once
+   (``Allowlist.precheck``); the message goes to the worker as it came.
+2. ``RequestValue`` arrives: audited, then passed to the worker, after the ops before it.
+3. The worker freezes the value and sends a ``Snapshot`` (summary, preview, sources, hash).
+4. ``RequestQueue.add`` shows it to the owner and applies the rules.
+5. Approved: the decision and the hash are audited (synced), the frozen bytes are sent, exactly
+   as hashed. A failed value tells the researcher only which operation failed, and how.
+
+Nothing about operations goes back to the researcher otherwise: whether one failed, and why,
+depends on the data, so it is part of the value and needs a request.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from . import protocol as p
+from .approvals import Request, RequestQueue, Rule, ValueInfo, safe_text
+from .audit import AuditLog, sha256_of
+from .config import SessionConfig
+from .errors import PolicyViolation, ProtocolError, RequestError
+from .ipc import Done, RequestFailed, Snapshot
+from .policy import Allowlist
+from .session import Encoded, Session
+from .supervisor import SealedArray, WorkerProcess, WorkerSettings, prepare_share
+
+__all__ = ["OwnerSession"]
+
+log = logging.getLogger(__name__)
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), np.generic)
+
+
+class OwnerSession(Session):
+    """The data owner's end: shares objects, runs allowlisted operations, decides requests."""
+
+    role = "owner"
+    peer_role = "researcher"
+
+    def __init__(self, config: SessionConfig | None = None, *, allowlist: Allowlist | None = None,
+                 audit_path: str | os.PathLike[str] | None = None,
+                 memory_budget: int | None = 2 * 1024**3) -> None:
+        super().__init__(config)
+        self.code = ""
+        self.server_url = ""
+        self.allowlist = allowlist.copy() if allowlist is not None else Allowlist.default()
+        self.memory_budget = memory_budget
+        self.audit = AuditLog(audit_path)
+        self.requests = RequestQueue(self._send_decision, self._rule_failed)
+        self._shared: dict[str, p.StoreEntry] = {}
+        # name -> (share message, buffers, sealed memory): sent again to a restarted worker
+        self._share_messages: dict[str, tuple[dict[str, Any], list[bytes],
+                                              SealedArray | None]] = {}
+        self._signaling: Any = None
+        self._worker_lock = threading.RLock()
+        self._crashes = 0
+        self._stopping = False
+        self._awaiting_release: dict[str, Request] = {}
+        self._reasons: dict[str, str] = {}  # request id -> reason, until its snapshot
+        # request id -> its snapshot (and the frozen bytes when they came inline)
+        self._snapshots: dict[str, tuple[Snapshot, Encoded | None]] = {}
+        self.audit.record("session_started", session=self.session_id)
+        self._worker: WorkerProcess | None = self._start_worker()
+
+    @property
+    def join_line(self) -> str:
+        """The exact line the researcher runs to join."""
+        return f'duet.join("{self.code}", server="{self.server_url}")'
+
+    def wait_for_peer(self, timeout: float | None = None) -> bool:
+        """Block until a researcher is connected (True) or ``timeout`` passes (False)."""
+        return self._wait_ready(timeout)
+
+    # -- sharing --------------------------------------------------------------------------
+    def share(self, obj: Any, name: str, description: str = "",
+              tags: Iterable[str] = ()) -> None:
+        """Make ``obj`` reachable by the researcher as ``store[name]`` (never its values).
+
+        Arrays and tensors are copied once into sealed memory the worker maps read-only;
+        torch modules, scalars and plain lists, tuples and dicts of these are copied to it.
+        """
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise ValueError(f"share name {name!r} must be a Python identifier without a "
+                             "leading underscore")
+        _check_shareable(obj, 0)
+        entry = _declare(obj, name, description, tuple(tags))
+        prepared = prepare_share(obj)
+        with self._worker_lock:
+            old = self._share_messages.pop(name, None)
+            self._share_messages[name] = prepared
+            if self._worker is not None:
+                self._worker.submit("share", prepared[1], name=name, **prepared[0])
+        if old is not None and old[2] is not None:
+            old[2].close()
+        self._shared[name] = entry
+        self.audit.record("share", session=self.session_id, name=name, type=entry.type,
+                          shape=entry.shape, dtype=entry.dtype, description=description)
+        self._publish_store()
+
+    def unshare(self, name: str) -> None:
+        if name not in self._shared:
+            raise KeyError(f"nothing is shared under {name!r}")
+        del self._shared[name]
+        with self._worker_lock:
+            _, _, sealed = self._share_messages.pop(name)
+            if self._worker is not None:
+                self._worker.submit("unshare", name=name)
+        if sealed is not None:
+            sealed.close()  # the worker keeps its mapping until it lets go of the object
+        self.audit.record("unshare", session=self.session_id, name=name)
+        self._publish_store()
+
+    def allow(self, *names: str, mutating: bool = False) -> None:
+        """Allow more functions or methods for this session, e.g. ``s.allow("numpy.fft.fft")``.
+
+        Names that can never be allowed (files, processes, private names ...) raise ValueError.
+        """
+        self.allowlist.allow(*names, mutating=mutating)
+        self._publish_allowlist("allow", names)
+
+    def deny(self, *names: str) -> None:
+        """Take names off this session's allowlist; a namespace removes everything under it."""
+        self.allowlist.deny(*names)
+        self._publish_allowlist("deny", names)
+
+    def _publish_allowlist(self, change: str, names: tuple[str, ...]) -> None:
+        self.audit.record("allowlist_changed", session=self.session_id, change=change,
+                          names=list(names))
+        with self._worker_lock:
+            if self._worker is not None:
+                self._worker.submit("allowlist", spec=self.allowlist.spec())
+        if self.connected:
+            self._send(p.AllowlistUpdate(allowlist=self.allowlist.describe()))
+
+    @property
+    def shared(self) -> dict[str, p.StoreEntry]:
+        return dict(self._shared)
+
+    def _publish_store(self) -> None:
+        if self.connected:
+            self._send(p.StoreSnapshot(entries=list(self._shared.values())))
+
+    # -- the worker -----------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop whatever the researcher's operations are doing, now: the worker is killed and
+        started again (also after the restart limit stopped it). The researcher's objects are
+        gone; pending requests are withdrawn; the researcher is told."""
+        with self._worker_lock:
+            worker = self._worker
+            if worker is None:
+                self._restart("restarted by the owner", crashed=False)
+                return
+        worker.kill("cancelled by the owner", crashed=False)
+        worker.wait_exited(10)
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker process's id (None while stopped)."""
+        with self._worker_lock:
+            return self._worker.process.pid if self._worker is not None else None
+
+    def _start_worker(self) -> WorkerProcess:
+        settings = WorkerSettings(
+            memory=self.config.worker_memory_limit(), op_timeout=self.config.op_timeout,
+            memory_budget=self.memory_budget, allowlist=self.allowlist.spec(),
+            torch="Tensor" in self.allowlist.families)
+        worker = WorkerProcess(settings, self)
+        for name, (message, buffers, _) in self._share_messages.items():
+            worker.submit("share", buffers, name=name, **message)
+        return worker
+
+    def _restart(self, reason: str, *, crashed: bool) -> None:
+        """Replace the worker (reader thread of the old one, or ``cancel``)."""
+        with self._worker_lock:
+            if self._stopping:
+                return
+            if crashed:
+                self._crashes += 1
+            stopped = crashed and self._crashes > self.config.max_worker_restarts
+            self._worker = None if stopped else self._start_worker()
+        self.audit.record("worker_restarted", session=self.session_id, reason=reason,
+                          crashed=crashed, stopped=stopped, crashes=self._crashes)
+        log.warning("duet: the worker %s: %s", "stopped" if stopped else "restarted", reason)
+        for request in self.requests.pending:
+            self.requests.withdraw(request.id, f"the worker restarted ({reason})")
+        self._awaiting_release.clear()
+        told = reason if not crashed else "the owner's worker stopped unexpectedly"
+        if stopped:
+            told += (f"; it stopped {self._crashes} times, the owner's limit: nothing runs "
+                     "until the owner restarts it")
+        if self.connected:
+            self._send(p.WorkerRestarted(reason=told, stopped=stopped))
+
+    # WorkerHooks: called on the worker's reader thread -------------------------------------
+    def worker_done(self, done: Done) -> None:
+        if done.events:
+            try:
+                self.audit.record_many(
+                    [(event, {**fields, "session": self.session_id})
+                     for event, fields in done.events], sync=False)
+            except (ValueError, TypeError, KeyError) as exc:
+                self._worker_misbehaved(f"bad audit events: {exc}")
+        if done.shared_modified:
+            self._worker_misbehaved(f"shared object {done.shared_modified!r} changed inside "
+                                    "the worker; it restarts from the owner's original")
+
+    def worker_snapshot(self, snapshot: Snapshot, encoded: Encoded | None) -> None:
+        summary = snapshot.summary
+        info = ValueInfo(summary.type, None if summary.shape is None else tuple(summary.shape),
+                         summary.dtype, summary.elements, summary.nbytes)
+        if snapshot.failed:  # what the researcher learns if approved: one element's worth
+            info = ValueInfo("failed", None, None, 1, 0)
+        request = Request(id=snapshot.request_id, reason=self._reasons.pop(
+            snapshot.request_id, ""), lineage=snapshot.lineage,
+            sources=frozenset(snapshot.sources), info=info, preview=snapshot.preview,
+            sha256=snapshot.sha256, failed=snapshot.failed)
+        self._snapshots[snapshot.request_id] = (snapshot, encoded)
+        try:
+            self.requests.add(request)
+        except RequestError as exc:
+            self._snapshots.pop(snapshot.request_id, None)
+            self._answer_error(snapshot.request_id, str(exc))
+
+    def worker_request_failed(self, failed: RequestFailed) -> None:
+        self._reasons.pop(failed.request_id, None)
+        request = self._awaiting_release.pop(failed.request_id, None)
+        if request is None:
+            self.audit.record("request", session=self.session_id,
+                              request_id=failed.request_id, refused=failed.reason)
+        self._answer_error(failed.request_id, failed.reason)
+
+    def worker_released(self, request_id: str, header: bytes, buffers: list[memoryview]) -> None:
+        request = self._awaiting_release.pop(request_id, None)
+        if request is None:
+            return  # withdrawn meanwhile, or the session closed
+        self._send_value(request, (header, buffers))
+
+    def worker_exited(self, reason: str, crashed: bool) -> None:
+        if not self._stopping:
+            self._restart(reason, crashed=crashed)
+
+    def _worker_misbehaved(self, why: str) -> None:
+        with self._worker_lock:
+            worker = self._worker
+        if worker is not None:
+            worker.kill(why, crashed=True)
+
+    # -- protocol -------------------------------------------------------------------------
+    def _hello_allowlist(self) -> p.AllowlistSummary | None:
+        return self.allowlist.describe()
+
+    def _on_peer_ready(self, hello: p.Hello) -> None:
+        self.audit.record("peer_authenticated", session=self.session_id, software=hello.software)
+        self._send(p.StoreSnapshot(entries=list(self._shared.values())))
+
+    def _handle(self, message: p.Message, raw: Encoded) -> None:
+        if isinstance(message, p.Ops):
+            self._on_ops(message, raw)
+        elif isinstance(message, p.Free):
+            self._forward(raw)
+        elif isinstance(message, p.RequestValue):
+            self._on_request(message, raw)
+        elif isinstance(message, p.Withdraw):
+            self.requests.withdraw(message.request_id)
+            with self._worker_lock:
+                if self._worker is not None:
+                    self._worker.submit("drop", answered=False, request_id=message.request_id)
+        else:
+            super()._handle(message, raw)
+
+    def _forward(self, raw: Encoded) -> bool:
+        """Pass a researcher's message to the worker as it arrived; False when stopped."""
+        header, buffers = raw
+        with self._worker_lock:
+            if self._worker is None:
+                return False
+            self._worker.submit("peer", [header, *buffers])
+        return True
+
+    def _on_ops(self, message: p.Ops, raw: Encoded) -> None:
+        """Refuse at once what names alone refuse; everything else is the worker's."""
+        refusals = []
+        for op in message.ops:
+            try:
+                self.allowlist.precheck(op)
+            except PolicyViolation as exc:
+                refusals.append(p.OpFailed(result=op.result, operation=op.name,
+                                           error_type="PolicyViolation", policy=True,
+                                           detail=str(exc)))
+        if not self._forward(raw):
+            stopped = "the owner's worker is stopped; nothing runs until the owner restarts it"
+            refusals = [p.OpFailed(result=op.result, operation=op.name, error_type="Stopped",
+                                   policy=True, detail=stopped) for op in message.ops]
+        if refusals:
+            self.audit.record_many([("op_refused", {
+                "session": self.session_id, "operation": f.operation, "pointer_id": f.result,
+                "policy": f.detail}) for f in refusals])
+            for refusal in refusals:
+                self._send(refusal)
+
+    def _on_request(self, message: p.RequestValue, raw: Encoded) -> None:
+        pointer_id = message.target.id if isinstance(message.target, p.PointerRef) else None
+        if message.request_id in self._reasons or message.request_id in self._snapshots:
+            raise ProtocolError(f"request id {message.request_id!r} is already in use")
+        # No message follows yet; the decision's synced write makes this durable first.
+        self.audit.record_many([("request", {
+            "session": self.session_id, "request_id": message.request_id,
+            "pointer_id": pointer_id, "reason": message.reason})], sync=False)
+        self._reasons[message.request_id] = message.reason
+        if not self._forward(raw):
+            self._reasons.pop(message.request_id, None)
+            self._answer_error(message.request_id, "the owner's worker is stopped")
+
+    def _answer_error(self, request_id: str, reason: str) -> None:
+        if self.connected:
+            self._send(p.Decision(request_id=request_id, status="error", reason=reason))
+
+    # -- decisions ------------------------------------------------------------------------
+    def _send_decision(self, request: Request) -> None:
+        """Called by the queue with the decision made; audit first, then send."""
+        if not self.connected:
+            raise RequestError(f"the researcher has left; nothing was sent for {request.id}")
+        snapshot, encoded = self._snapshots.pop(request.id, (None, None))
+        decided = ("decision", {"session": self.session_id, "request_id": request.id,
+                                "status": request.status, "by": request.decided_by,
+                                "reason": request.decision_reason})
+        if request.status != "approved" or snapshot is None:
+            self.audit.record_many([decided])
+            self._send(p.Decision(request_id=request.id, status="denied",
+                                  reason=request.decision_reason))
+            self._drop(request.id)
+            return
+        if snapshot.failed:
+            self.audit.record_many([decided])
+            self._send(p.Decision(request_id=request.id, status="failed",
+                                  operation=snapshot.operation, error_type=snapshot.error_type))
+            return
+        self.audit.record_many([decided], sync=False)
+        if encoded is not None:
+            self._send_value(request, encoded)
+            return
+        with self._worker_lock:
+            worker = self._worker
+            if worker is not None:
+                self._awaiting_release[request.id] = request
+                worker.submit("release", answered=False, request_id=request.id)
+        if worker is None:
+            self._answer_error(request.id, "the owner's worker stopped; ask again")
+
+    def _send_value(self, request: Request, encoded: Encoded) -> None:
+        """Send the frozen bytes, only if they are exactly what the owner saw hashed."""
+        header, buffers = encoded
+        digest = sha256_of([header, *buffers])
+        if digest != request.sha256:
+            self.audit.record("protocol_error", session=self.session_id,
+                              request_id=request.id, message="released bytes do not match "
+                              "the snapshot's hash; nothing was sent")
+            self._answer_error(request.id, "the value could not be released")
+            self._worker_misbehaved("released bytes that do not match their snapshot")
+            return
+        self.audit.record("value_sent", session=self.session_id, request_id=request.id,
+                          nbytes=len(header) + sum(b.nbytes for b in buffers), sha256=digest)
+        self._send((header, buffers))
+
+    def _drop(self, request_id: str) -> None:
+        with self._worker_lock:
+            if self._worker is not None:
+                self._worker.submit("drop", answered=False, request_id=request_id)
+
+    def _rule_failed(self, rule: Rule, request: Request, error: Exception) -> None:
+        self.audit.record("rule_error", session=self.session_id, request_id=request.id,
+                          rule=str(rule), error=repr(error))
+
+    def _record_protocol_error(self, message: str) -> None:
+        self.audit.record("protocol_error", session=self.session_id, message=message)
+
+    def _peer_gone(self, reason: str) -> None:
+        self.requests.close("the researcher has left")
+        self.audit.record("disconnect", session=self.session_id, reason=reason)
+
+    async def _close_signaling(self) -> None:
+        if self._signaling is not None:
+            await self._signaling.close()
+
+    def _before_close(self) -> None:
+        with self._worker_lock:
+            self._stopping = True
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill("the session was closed", crashed=False)
+
+    def _on_closed(self) -> None:
+        self.requests.close("the session is closed")
+        for _, _, sealed in self._share_messages.values():
+            if sealed is not None:
+                sealed.close()
+        self.audit.record("session_closed", session=self.session_id)
+        self.audit.close()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else ("closed" if self._closed else "waiting")
+        return (f"<OwnerSession {state}, {len(self._shared)} shared, "
+                f"{len(self.requests.pending)} pending requests; join with: {self.join_line}>")
+
+    def _repr_html_(self) -> str:
+        state = "connected" if self.connected else (
+            "closed" if self._closed else "waiting for the researcher")
+        return (f"<p><b>duet owner session</b> ({state})</p><p>The researcher runs:</p>"
+                f"<pre>{html.escape(safe_text(self.join_line))}</pre>")
+
+
+def _check_shareable(obj: Any, depth: int) -> None:
+    """Refuse what could hand the worker writable memory or code: buffer-protocol objects,
+    subclasses of containers, arbitrary classes. Arrays, tensors, torch modules, scalars,
+    and plain lists, tuples and dicts of them are fine."""
+    if depth > p.MAX_VALUE_DEPTH:
+        raise ValueError("the shared object is nested too deeply")
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise TypeError("cannot share an array of Python objects")
+        return
+    if type(obj) in (list, tuple):
+        for item in obj:
+            _check_shareable(item, depth + 1)
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, item in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError("shared dicts need str or int keys")
+            _check_shareable(item, depth + 1)
+        return
+    if isinstance(obj, _SCALARS) and type(obj).__module__ in ("builtins", "numpy"):
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        local = [type(m).__name__ for m in obj.modules() if type(m).__module__ == "__main__"]
+        if local:
+            raise TypeError(f"cannot share a model built from classes defined in the notebook "
+                            f"({', '.join(local)}): the worker cannot import them. Define them "
+                            "in a module file, or share the model's state_dict()")
+        return
+    raise TypeError(f"cannot share a {type(obj).__module__}.{type(obj).__name__}: share numpy "
+                    "arrays, torch tensors or modules, numbers, strings, or plain lists, "
+                    "tuples and dicts of these")
+
+
+def _declare(obj: Any, name: str, description: str, tags: tuple[str, ...]) -> p.StoreEntry:
+    """The metadata the owner chooses to declare: type, and shape/dtype for arrays."""
+    shape = dtype = None
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        shape = [int(n) for n in obj.shape]
+        dtype = str(obj.dtype).removeprefix("torch.")
+    kind = type(obj)
+    module = kind.__module__.split(".")[0]
+    type_name = kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
+    return p.StoreEntry(name=name, type=type_name, shape=shape, dtype=dtype,
+                        description=description, tags=list(tags))

@@ -1,0 +1,165 @@
+"""Freezing a requested value, where the data is (the worker).
+
+"Approved is what was previewed": when a request arrives, the value is encoded at once into
+a private copy (the bytes that will be sent if the owner approves), and the preview, the size
+summary and the SHA-256 the audit log records are all computed from that copy. Nothing the
+researcher does afterwards (mutating the object, freeing it) reaches the copy.
+
+Previews are bounded in cost: containers show their first items, arrays and tensors their
+corners, text its beginning, so a 3-million-item list costs no more than a short one.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import protocol as p
+from .audit import sha256_of
+from .ipc import ValueSummary
+
+__all__ = ["Frozen", "PREVIEW_CHARS", "freeze", "preview_of", "summarize"]
+
+PREVIEW_CHARS = 400
+_ITEMS = 8  # container items shown in a preview
+_UNKNOWN = sys.maxsize  # elements of an object we cannot count: no size rule matches it
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """A value's encoded decision message (private copies) and what the owner sees of it."""
+
+    header: bytes
+    buffers: list[memoryview]
+    sha256: str
+    summary: ValueSummary
+    preview: str
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(b.nbytes for b in self.buffers)
+
+
+def freeze(request_id: str, value: Any) -> Frozen:
+    """Encode ``value`` as the approved decision for ``request_id``, copying every buffer;
+    raises ``ProtocolError`` for values the wire cannot carry."""
+    header, views = p.encode(p.Decision(request_id=request_id, status="approved", value=value))
+    buffers = [memoryview(bytearray(view)) for view in views]  # the private copy
+    copy = p.decode(header, buffers)
+    assert isinstance(copy, p.Decision)
+    return Frozen(header, buffers, sha256_of([header, *buffers]), summarize(copy.value),
+                  preview_of(copy.value))
+
+
+# -- size -----------------------------------------------------------------------------------
+def summarize(value: Any) -> ValueSummary:
+    """Type, shape and a count of elements that never undercounts."""
+    shape = dtype = None
+    if isinstance(value, np.ndarray) or _is_tensor(value):
+        shape = [int(n) for n in value.shape]
+        dtype = str(value.dtype).removeprefix("torch.")
+        nbytes = int(value.nbytes) if isinstance(value, np.ndarray) else int(
+            value.numel() * value.element_size())
+    else:
+        nbytes = _nbytes(value, 0)
+    return ValueSummary(type=_type_name(value), shape=shape, dtype=dtype,
+                        elements=_elements(value, 0), nbytes=nbytes)
+
+
+def _elements(value: Any, depth: int) -> int:
+    if depth > p.MAX_VALUE_DEPTH:
+        return _UNKNOWN
+    if isinstance(value, np.ndarray):
+        # structured records and sub-arrays hold several numbers per element: count bytes
+        plain = value.dtype.fields is None and value.dtype.subdtype is None
+        return int(value.size) if plain else int(value.nbytes)
+    if _is_tensor(value):
+        return int(value.numel())
+    if value is None or isinstance(value, (bool, int, float, complex, np.generic)):
+        return 1
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return _total(_elements(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return _total([len(value), *(_elements(v, depth + 1) for v in value.values())])
+    if isinstance(value, slice):
+        return _total(_elements(v, depth + 1) for v in (value.start, value.stop, value.step))
+    return _UNKNOWN
+
+
+def _total(counts: Any) -> int:
+    total = 0
+    for count in counts:
+        total += count
+        if total >= _UNKNOWN:
+            return _UNKNOWN
+    return total
+
+
+def _nbytes(value: Any, depth: int) -> int:
+    if depth > p.MAX_VALUE_DEPTH:
+        return 0
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if _is_tensor(value):
+        return int(value.numel() * value.element_size())
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v, depth + 1) for v in value.values())
+    return 8
+
+
+# -- preview ----------------------------------------------------------------------------------
+def preview_of(value: Any) -> str:
+    """The value as the owner sees it, abbreviated at bounded cost."""
+    text = _preview(value, 0)
+    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
+
+
+def _preview(value: Any, depth: int) -> str:
+    if depth > 3:
+        return "…"
+    if isinstance(value, np.ndarray):
+        with np.printoptions(threshold=20, edgeitems=3, precision=4):
+            return repr(value)
+    if _is_tensor(value):
+        import torch
+
+        torch.set_printoptions(threshold=20, edgeitems=3, precision=4)
+        try:
+            return repr(value)
+        finally:
+            torch.set_printoptions(profile="default")
+    if isinstance(value, (list, tuple)):
+        items = [_preview(v, depth + 1) for v in value[:_ITEMS]]
+        if len(value) > _ITEMS:
+            items.append(f"… (+{len(value) - _ITEMS} more)")
+        open_, close = ("[", "]") if isinstance(value, list) else ("(", ")")
+        return open_ + ", ".join(items) + close
+    if isinstance(value, dict):
+        shown = list(value.items())[:_ITEMS]
+        items = [f"{_preview(k, depth + 1)}: {_preview(v, depth + 1)}" for k, v in shown]
+        if len(value) > _ITEMS:
+            items.append(f"… (+{len(value) - _ITEMS} more)")
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, (str, bytes)):
+        return repr(value[:PREVIEW_CHARS])
+    return repr(value)[:PREVIEW_CHARS]
+
+
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    module = kind.__module__.split(".")[0]
+    return kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"

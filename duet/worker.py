@@ -1,0 +1,257 @@
+"""The worker process: where the researcher's operations run, away from the owner's kernel.
+
+The owner's session starts one worker (``python -m duet.worker``, a fresh interpreter, never a
+fork of a kernel with threads) and talks to it over a socket pair (``duet.ipc``). The worker
+holds the executor and everything it computed; shared arrays and tensors are mapped from
+sealed, read-only memory the kernel filled, so no write from here can reach the owner's data.
+A crash, an out-of-memory kill or a cancel ends only this process; the kernel restarts it.
+
+Two threads: the main thread executes work in arrival order; a reader thread takes frames off
+the socket, answers ``release``/``drop`` of frozen request values at once (so an approval is
+never stuck behind a long computation) and exits the process when the kernel goes away.
+
+Limits, applied before any researcher operation runs: address space (``RLIMIT_AS``), no file
+can grow (``RLIMIT_FSIZE`` 0, so nothing is written to disk), no core dumps, the first choice
+of the kernel's out-of-memory killer, working directory ``/``.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import queue
+import resource
+import signal
+import socket
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import ipc
+from . import protocol as p
+from .errors import DuetError, ProtocolError
+from .executor import Executor, ExecutorEvents
+from .policy import Allowlist
+from .snapshot import Frozen, freeze
+
+__all__ = ["INLINE_BYTES", "main"]
+
+# Frozen values up to this size travel with their snapshot: an auto-approved small result
+# then needs no second round trip to the worker.
+INLINE_BYTES = 256 * 1024
+_MAX_FROM_KERNEL = 1 << 40
+
+
+class _Events(ExecutorEvents):
+    """Collects the executor's audit events for the kernel, one batch at a time."""
+
+    def __init__(self) -> None:
+        self.buffer: list[tuple[str, dict[str, Any]]] = []
+
+    def record(self, event: str, **fields: Any) -> None:
+        self.buffer.append((event, fields))
+
+    def take(self) -> list[tuple[str, dict[str, Any]]]:
+        events, self.buffer = self.buffer, []
+        return events
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, settings: dict[str, Any]) -> None:
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._work: queue.SimpleQueue[tuple[dict[str, Any], list[memoryview]] | None] = (
+            queue.SimpleQueue())
+        self._frozen: dict[str, Frozen] = {}
+        self._frozen_lock = threading.Lock()
+        self._events = _Events()
+        allowlist = Allowlist.from_spec(settings["allowlist"])
+        self._executor = Executor(allowlist, memory_budget=settings.get("memory_budget"),
+                                  events=self._events)
+        self._mappings: dict[str, mmap.mmap] = {}
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def send(self, header: bytes, buffers: list[memoryview] | tuple[()] = ()) -> None:
+        with self._send_lock:
+            ipc.send_frame(self._sock, header, buffers)
+
+    def read_forever(self) -> None:
+        """Reader thread: queue work in order; serve frozen values at once."""
+        try:
+            while True:
+                frame = ipc.recv_frame(self._sock, _MAX_FROM_KERNEL)
+                if frame is None:
+                    break
+                header, buffers = frame
+                message = ipc.unpack(header)
+                kind = message["type"]
+                if kind == "release":
+                    self._release(message["request_id"])
+                elif kind == "drop":
+                    with self._frozen_lock:
+                        self._frozen.pop(message["request_id"], None)
+                else:
+                    self._work.put((message, buffers))
+        finally:
+            os._exit(0)  # the kernel is gone: stop at once, even inside a long operation
+
+    def run(self) -> None:
+        handlers: dict[str, Callable[[dict[str, Any], list[memoryview]], None]] = {
+            "peer": self._peer, "share": self._share, "unshare": self._unshare,
+            "allowlist": self._allowlist,
+        }
+        self.send(ipc.pack("ready", pid=os.getpid()))
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            message, buffers = item
+            handlers[message["type"]](message, buffers)
+
+    def _done(self, shared_modified: str = "") -> None:
+        self.send(ipc.pack("done", events=self._events.take(), shared_modified=shared_modified))
+
+    # -- work from the kernel -----------------------------------------------------------------
+    def _share(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
+        name = message["name"]
+        if message["form"] == "memory":
+            value = self._map(name, message)
+        else:  # anything else the owner shared, pickled by the owner's own kernel
+            value = pickle.loads(buffers[0])
+        self._executor.share(name, value)
+        self._done()
+
+    def _map(self, name: str, message: dict[str, Any]) -> Any:
+        """An array or tensor over the kernel's sealed memory, mapped read-only."""
+        dtype = np.dtype(message["dtype"])
+        shape = tuple(message["shape"])
+        if message["nbytes"] == 0:
+            array = np.empty(shape, dtype)
+            array.flags.writeable = False
+        else:
+            fd = os.open(message["path"], os.O_RDONLY)
+            try:
+                mapping = mmap.mmap(fd, message["nbytes"], prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self._mappings[name] = mapping
+            array = np.frombuffer(mapping, dtype=dtype).reshape(shape)
+        if message["kind"] == "numpy":
+            return array
+        import torch
+
+        with warnings.catch_warnings():  # torch warns that the memory is not writable: good
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+        torch_dtype = message.get("torch_dtype")
+        return tensor.view(getattr(torch, torch_dtype)) if torch_dtype else tensor
+
+    def _unshare(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
+        self._executor.unshare(message["name"])
+        self._done()
+
+    def _allowlist(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
+        self._executor.allowlist = Allowlist.from_spec(message["spec"])
+        self._done()
+
+    def _peer(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
+        """A message from the researcher, exactly as it arrived (the kernel validated it)."""
+        decoded = p.decode(bytes(buffers[0]), buffers[1:])
+        if isinstance(decoded, p.Ops):
+            for op in decoded.ops:
+                self._executor.execute(op)
+            self._done(self._executor.shared_modified())
+        elif isinstance(decoded, p.Free):
+            self._executor.free(decoded.ids)
+            self._done()
+        elif isinstance(decoded, p.RequestValue):
+            self._snapshot(decoded)
+        else:
+            raise ProtocolError(f"the worker does not handle {decoded.type!r}")
+
+    # -- requests -----------------------------------------------------------------------------
+    def _snapshot(self, request: p.RequestValue) -> None:
+        """Freeze the requested value now; the owner decides on exactly these bytes."""
+        pointer_id = request.target.id if isinstance(request.target, p.PointerRef) else None
+        try:
+            entry = self._executor.lookup(request.target)
+        except DuetError as exc:
+            self.send(ipc.pack("request_failed", request_id=request.request_id,
+                               reason=str(exc)))
+            return
+        common = {"request_id": request.request_id, "pointer_id": pointer_id,
+                  "lineage": entry.lineage, "sources": sorted(entry.sources)}
+        empty = {"type": "failed", "elements": 0, "nbytes": 0}
+        if entry.failure is not None:
+            failure = entry.failure
+            self.send(ipc.pack("snapshot", **common, summary=empty,
+                               preview=f"failed: {entry.error or failure.error_type}",
+                               failed=entry.error or failure.error_type,
+                               operation=failure.operation, error_type=failure.error_type))
+            return
+        try:
+            frozen = freeze(request.request_id, entry.value)
+        except (ProtocolError, MemoryError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            self.send(ipc.pack("snapshot", **common, summary=empty,
+                               preview=f"failed: cannot be sent: {problem}",
+                               failed=f"cannot be sent: {problem}", operation="send",
+                               error_type=type(exc).__name__))
+            return
+        inline = frozen.nbytes <= INLINE_BYTES
+        if not inline:
+            with self._frozen_lock:
+                self._frozen[request.request_id] = frozen
+        header = ipc.pack("snapshot", **common, summary=frozen.summary.model_dump(),
+                          preview=frozen.preview, sha256=frozen.sha256, nbytes=frozen.nbytes,
+                          inline=inline)
+        self.send(header, [memoryview(frozen.header), *frozen.buffers] if inline else ())
+
+    def _release(self, request_id: str) -> None:
+        with self._frozen_lock:
+            frozen = self._frozen.pop(request_id, None)
+        if frozen is None:
+            self.send(ipc.pack("request_failed", request_id=request_id,
+                               reason="the frozen value is gone (withdrawn or never made)"))
+            return
+        self.send(ipc.pack("released", request_id=request_id),
+                  [memoryview(frozen.header), *frozen.buffers])
+
+
+def _limit(memory: int | None) -> None:
+    """OS limits, before any researcher operation runs."""
+    if memory:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, no kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        with open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write("1000")
+    except OSError:
+        pass
+    os.chdir("/")
+
+
+def main(argv: list[str]) -> None:
+    sock = socket.socket(fileno=int(argv[1]))
+    settings = json.loads(argv[2])
+    if settings.get("torch"):
+        import torch  # noqa: F401  (imported before the limits: it maps a lot of memory)
+    _limit(settings.get("memory"))
+    worker = Worker(sock, settings)
+    threading.Thread(target=worker.read_forever, name="duet-worker-reader", daemon=True).start()
+    worker.run()
+
+
+if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.enable()  # a crash prints where it happened on the owner's terminal
+    main(sys.argv)
