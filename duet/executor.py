@@ -18,13 +18,15 @@ from __future__ import annotations
 import bisect
 import sys
 import types
-from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, ValuesView
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, ValuesView
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import lineage
 from .errors import PolicyViolation, RequestError
+from .lineage import MAX_LINEAGE
 from .policy import Allowlist, check_name
 from .protocol import MAX_VALUE_DEPTH, DTypeRef, Op, OpFailed, PointerRef, StoreRef
 
@@ -35,21 +37,7 @@ except ImportError:  # numpy < 2
 
 __all__ = ["MAX_LINEAGE", "Entry", "Executor", "ExecutorEvents"]
 
-MAX_LINEAGE = 2000
-_MAX_ITEMS = 8  # literal list items shown in lineage
 _WALK_LIMIT = 100_000  # container items inspected when looking for arrays
-
-_INFIX = {
-    "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
-    "pow": "**", "matmul": "@", "and_": "&", "or_": "|", "xor": "^", "lt": "<", "le": "<=",
-    "eq": "==", "ne": "!=", "gt": ">", "ge": ">=",
-}
-_PREFIX = {"neg": "-", "pos": "+", "invert": "~"}
-# Namespaces dropped from function names in lineage: mean(x), Linear(4, 2), linalg.norm(x).
-_SHORT = (
-    "operator.", "copy.", "numpy.", "torch.nn.functional.", "torch.optim.lr_scheduler.",
-    "torch.optim.", "torch.nn.", "torch.",
-)
 _TORCH_FAMILIES = {"Tensor", "Module", "Optimizer", "Scheduler"}
 
 
@@ -82,7 +70,7 @@ class Entry:
         else:
             how = "by " + "; ".join(self.modified_by[:3]) + ("; …" if len(self.modified_by) > 3
                                                              else "")
-        self.lineage = _cap(f"{self.origin} [modified in place {how}]")
+        self.lineage = lineage.cap(f"{self.origin} [modified in place {how}]")
 
 
 class _Failure(Exception):
@@ -211,13 +199,13 @@ class Executor:
             nbytes = self._account(op.result, value)
         except PolicyViolation as exc:
             return self._report(op, call.operation, _Failure("PolicyViolation", str(exc)),
-                                policy=True)
+                                policy=True, sources=call.sources)
         except _Failure as failure:
-            return self._report(op, call.operation, failure)
+            return self._report(op, call.operation, failure, sources=call.sources)
         except Exception as exc:  # noqa: BLE001 - any error of the op is reported, never raised
             # Only the type crosses the channel: the text may hold data values.
             raised = _Failure(type(exc).__name__, error=f"{type(exc).__name__}: {exc}")
-            return self._report(op, call.operation, raised)
+            return self._report(op, call.operation, raised, sources=call.sources)
         self._entries[op.result] = Entry(value, lineage, nbytes, sources=frozenset(call.sources))
         self._footprints[op.result] = list(_footprint(value))
         self._events.executed(call.operation, lineage, op.result)
@@ -246,6 +234,9 @@ class Executor:
     def used_bytes(self) -> int:
         return self._used
 
+    def object_count(self) -> int:
+        return len(self._entries)
+
     # -- running one op -----------------------------------------------------------------------
     def _run(self, op: Op, call: _Call) -> tuple[Any, str]:
         if op.kind == "function":
@@ -255,9 +246,7 @@ class Executor:
             args, kwargs, arguments = self._arguments(op, call, torch=op.name.startswith("torch."))
             self.allowlist.check_arguments(fn, args, kwargs, qualname=op.name)
             subscript = len(op.args) == 2 and isinstance(op.args[1], tuple) and len(op.args[1])
-            if op.name == "operator.getitem" and subscript:  # x[0, 1:3], not x[(0, 1:3)]
-                arguments[1] = arguments[1][1:-1].removesuffix(",")
-            text = _function_text(op.name, arguments)
+            text = lineage.function(op.name, arguments, subscript=bool(subscript))
             return fn(*args, **kwargs), text
 
         if op.target is None:
@@ -271,7 +260,7 @@ class Executor:
             if op.args or op.kwargs:
                 raise _Failure("BadOperation", "reading an attribute takes no arguments")
             value = self.allowlist.resolve_attribute(target, op.name)
-            return value, f"{target_text}.{op.name}"
+            return value, lineage.attribute(target_text, op.name)
 
         if op.kind == "method":
             call.operation = f"{family}.{op.name}" if family else op.name
@@ -281,10 +270,11 @@ class Executor:
             method = self.allowlist.resolve_method(target, op.name, shared=shared or False)
             args, kwargs, arguments = self._arguments(op, call, torch=torch)
             self.allowlist.check_arguments(method, args, kwargs)
-            text = _cap(f"{target_text}.{op.name}({', '.join(arguments)})")
+            text = lineage.method(target_text, op.name, arguments)
             value = method(*args, **kwargs)
             if mutating:
-                note = f"{call.operation}({_short_arguments(arguments)})"
+                shown = ", ".join(arguments)
+                note = f"{call.operation}({shown if len(shown) <= 40 else '…'})"
                 self._note_modified(op.target, touched, note, call.sources)
             return value, text
 
@@ -294,7 +284,7 @@ class Executor:
         self.allowlist.check_call(target, shared=self._shared_name(op.target, touched) or False)
         args, kwargs, arguments = self._arguments(op, call, torch=True)
         self.allowlist.check_arguments(target, args, kwargs)
-        text = _cap(f"{target_text}({', '.join(arguments)})")
+        text = lineage.call(target_text, arguments)
         value = target(*args, **kwargs)
         if mutating:
             self._note_modified(op.target, touched, f"{call.operation}()", call.sources)
@@ -334,29 +324,27 @@ class Executor:
             resolved = [v for v, _ in items]
             texts = [t for _, t in items]
             if isinstance(value, list):
-                return resolved, _sequence_text(texts, "[", "]")
-            return tuple(resolved), _sequence_text(texts, "(", ",)" if len(texts) == 1 else ")")
+                return resolved, lineage.sequence(texts, "[", "]")
+            return tuple(resolved), lineage.sequence(texts, "(", ")")
         if isinstance(value, dict):
             resolved_dict, texts = {}, []
             for key, item in value.items():
                 resolved_dict[key], text = self._resolve(item, call, torch, depth + 1)
                 texts.append(f"{key!r}: {text}")
-            return resolved_dict, _sequence_text(texts, "{", "}")
+            return resolved_dict, lineage.sequence(texts, "{", "}")
         if isinstance(value, slice):
             parts = [self._resolve(v, call, torch, depth + 1) for v in (value.start, value.stop,
                                                                   value.step)]
-            texts = ["" if v is None else t for v, t in parts]
-            text = ":".join(texts[:2]) + (f":{texts[2]}" if value.step is not None else "")
-            return slice(*(v for v, _ in parts)), text
+            start, stop, step = (None if v is None else t for v, t in parts)
+            return slice(*(v for v, _ in parts)), lineage.slice_text(start, stop, step)
         if value is None or value is Ellipsis or isinstance(
             value, (bool, int, float, complex, str, bytes)
         ):
-            return value, "..." if value is Ellipsis else _scalar_text(value)
+            return value, lineage.scalar(value)
         if isinstance(value, np.ndarray):
-            return value, f"array({value.dtype}[{','.join(map(str, value.shape))}])"
+            return value, lineage.array("array", str(value.dtype), value.shape)
         if _is_tensor(value):
-            dtype = str(value.dtype).removeprefix("torch.")
-            return value, f"tensor({dtype}[{','.join(map(str, value.shape))}])"
+            return value, lineage.array("tensor", str(value.dtype), value.shape)
         raise _Failure("BadArgument", f"cannot use a {type(value).__name__} as an argument")
 
     def _input(self, ref: PointerRef | StoreRef, call: _Call) -> tuple[Any, str]:
@@ -372,6 +360,7 @@ class Executor:
             raise _Failure("UnknownObject", f"object #{ref.id} does not exist "
                            "(never created, already freed, or from another session)")
         if entry.failure is not None:
+            call.sources |= entry.sources  # what failed came from these
             upstream = entry.failure
             cause = upstream.detail if upstream.error_type == "UpstreamFailure" else (
                 f"{upstream.operation} failed with {upstream.error_type}"
@@ -472,14 +461,19 @@ class Executor:
     # -- reporting ----------------------------------------------------------------------------
     def _report(
         self, op: Op, operation: str, failure: _Failure, *, policy: bool = False,
-        store: bool = True,
+        store: bool = True, sources: set[str] | None = None,
     ) -> OpFailed:
+        """Record a failed op. Its entry keeps every shared source the inputs had (a failure
+        is data derived from them) and a lineage naming the operation."""
         message = OpFailed(
             result=op.result, operation=operation, error_type=failure.error_type,
             policy=policy, detail=failure.detail,
         )
         if store:
-            self._entries[op.result] = Entry(None, op.name, 0, message, failure.error)
+            error = failure.error if failure.error.startswith(failure.error_type) else (
+                f"{failure.error_type}: {failure.error}")
+            self._entries[op.result] = Entry(None, f"{operation}(…)", 0, message, error,
+                                             sources=frozenset(sources or ()))
         if policy:
             self._events.refused(operation, failure.detail, op.result)
         else:
@@ -499,43 +493,6 @@ class _Call:
         for item in items:
             if _is_tensor(item):
                 self.versions.append((ref, item, item._version))
-
-
-# -- lineage text ---------------------------------------------------------------------------
-def _cap(text: str) -> str:
-    return text if len(text) <= MAX_LINEAGE else text[: MAX_LINEAGE - 1] + "…"
-
-
-def _scalar_text(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:59] + "…"
-
-
-def _short_arguments(arguments: list[str]) -> str:
-    text = ", ".join(arguments)
-    return text if len(text) <= 40 else "…"
-
-
-def _sequence_text(texts: list[str], open_: str, close: str) -> str:
-    shown = texts[:_MAX_ITEMS]
-    more = f", …(+{len(texts) - _MAX_ITEMS})" if len(texts) > _MAX_ITEMS else ""
-    return f"{open_}{', '.join(shown)}{more}{close}"
-
-
-def _function_text(qualname: str, arguments: list[str]) -> str:
-    short = qualname
-    for prefix in _SHORT:
-        if qualname.startswith(prefix):
-            short = qualname[len(prefix):]
-            break
-    if qualname.startswith("operator."):
-        if short in _INFIX and len(arguments) == 2:
-            return _cap(f"({arguments[0]} {_INFIX[short]} {arguments[1]})")
-        if short in _PREFIX and len(arguments) == 1:
-            return _cap(f"({_PREFIX[short]}{arguments[0]})")
-        if short == "getitem" and len(arguments) == 2:
-            return _cap(f"{arguments[0]}[{arguments[1]}]")
-    return _cap(f"{short}({', '.join(arguments)})")
 
 
 # -- memory: what an object holds -----------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "Released",
     "RequestFailed",
     "Snapshot",
+    "Usage",
     "ValueSummary",
     "WorkerMessage",
     "parse_worker_message",
@@ -173,6 +174,15 @@ class RequestFailed(_Model):
     reason: Text
 
 
+class Usage(_Model):
+    """What the researcher's objects hold in the worker (the owner asked)."""
+
+    type: Literal["usage"] = "usage"
+    objects: int
+    used_bytes: int
+    frozen: int
+
+
 class Released(_Model):
     """The frozen, encoded decision of an approved request (header and buffers follow)."""
 
@@ -180,7 +190,7 @@ class Released(_Model):
     request_id: Annotated[str, Field(max_length=64)]
 
 
-WorkerMessage = Annotated[Ready | Done | Snapshot | RequestFailed | Released,
+WorkerMessage = Annotated[Ready | Done | Snapshot | RequestFailed | Released | Usage,
                           Field(discriminator="type")]
 _adapter: TypeAdapter[WorkerMessage] = TypeAdapter(WorkerMessage)
 

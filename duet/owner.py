@@ -33,8 +33,8 @@ from . import protocol as p
 from .approvals import Request, RequestQueue, Rule, ValueInfo, safe_text
 from .audit import AuditLog, sha256_of
 from .config import SessionConfig
-from .errors import PolicyViolation, ProtocolError, RequestError
-from .ipc import Done, RequestFailed, Snapshot
+from .errors import DuetTimeout, PolicyViolation, ProtocolError, RequestError
+from .ipc import Done, RequestFailed, Snapshot, Usage
 from .policy import Allowlist
 from .session import Encoded, Session
 from .supervisor import SealedArray, WorkerProcess, WorkerSettings, prepare_share
@@ -58,6 +58,7 @@ class OwnerSession(Session):
         self.code = ""
         self.server_url = ""
         self.allowlist = allowlist.copy() if allowlist is not None else Allowlist.default()
+        self._summary = self.allowlist.describe()  # what the researcher is told is allowed
         self.memory_budget = memory_budget
         self.audit = AuditLog(audit_path)
         self.requests = RequestQueue(self._send_decision, self._rule_failed)
@@ -70,7 +71,11 @@ class OwnerSession(Session):
         self._crashes = 0
         self._stopping = False
         self._awaiting_release: dict[str, Request] = {}
+        self._usage_waiters: list[threading.Event] = []
+        self._last_usage: Usage | None = None
         self._reasons: dict[str, str] = {}  # request id -> reason, until its snapshot
+        self._live_ids: set[int] = set()  # the researcher's objects (ids are never reused)
+        self._families: dict[str, str | None] = {}  # shared name -> its type family
         # request id -> its snapshot (and the frozen bytes when they came inline)
         self._snapshots: dict[str, tuple[Snapshot, Encoded | None]] = {}
         self.audit.record("session_started", session=self.session_id)
@@ -107,6 +112,7 @@ class OwnerSession(Session):
         if old is not None and old[2] is not None:
             old[2].close()
         self._shared[name] = entry
+        self._families[name] = self.allowlist.family(obj)
         self.audit.record("share", session=self.session_id, name=name, type=entry.type,
                           shape=entry.shape, dtype=entry.dtype, description=description)
         self._publish_store()
@@ -115,6 +121,7 @@ class OwnerSession(Session):
         if name not in self._shared:
             raise KeyError(f"nothing is shared under {name!r}")
         del self._shared[name]
+        del self._families[name]
         with self._worker_lock:
             _, _, sealed = self._share_messages.pop(name)
             if self._worker is not None:
@@ -140,11 +147,12 @@ class OwnerSession(Session):
     def _publish_allowlist(self, change: str, names: tuple[str, ...]) -> None:
         self.audit.record("allowlist_changed", session=self.session_id, change=change,
                           names=list(names))
+        self._summary = self.allowlist.describe()
         with self._worker_lock:
             if self._worker is not None:
                 self._worker.submit("allowlist", spec=self.allowlist.spec())
         if self.connected:
-            self._send(p.AllowlistUpdate(allowlist=self.allowlist.describe()))
+            self._send(p.AllowlistUpdate(allowlist=self._summary))
 
     @property
     def shared(self) -> dict[str, p.StoreEntry]:
@@ -166,6 +174,21 @@ class OwnerSession(Session):
                 return
         worker.kill("cancelled by the owner", crashed=False)
         worker.wait_exited(10)
+
+    def worker_usage(self, timeout: float = 30.0) -> Usage:
+        """How many objects the researcher holds in the worker, and their bytes (counted
+        against ``memory_budget``); waits behind the work already queued."""
+        with self._worker_lock:
+            worker = self._worker
+            if worker is None:
+                raise RequestError("the worker is stopped")
+            ready = threading.Event()
+            self._usage_waiters.append(ready)
+            worker.submit("usage")
+        if not ready.wait(timeout):
+            raise DuetTimeout(f"the worker did not answer within {timeout} s")
+        assert self._last_usage is not None
+        return self._last_usage
 
     @property
     def worker_pid(self) -> int | None:
@@ -198,6 +221,7 @@ class OwnerSession(Session):
         for request in self.requests.pending:
             self.requests.withdraw(request.id, f"the worker restarted ({reason})")
         self._awaiting_release.clear()
+        self._live_ids.clear()  # the researcher's objects died with the worker
         told = reason if not crashed else "the owner's worker stopped unexpectedly"
         if stopped:
             told += (f"; it stopped {self._crashes} times, the owner's limit: nothing runs "
@@ -249,6 +273,11 @@ class OwnerSession(Session):
             return  # withdrawn meanwhile, or the session closed
         self._send_value(request, (header, buffers))
 
+    def worker_reported_usage(self, usage: Usage) -> None:
+        self._last_usage = usage
+        while self._usage_waiters:
+            self._usage_waiters.pop(0).set()
+
     def worker_exited(self, reason: str, crashed: bool) -> None:
         if not self._stopping:
             self._restart(reason, crashed=crashed)
@@ -261,7 +290,7 @@ class OwnerSession(Session):
 
     # -- protocol -------------------------------------------------------------------------
     def _hello_allowlist(self) -> p.AllowlistSummary | None:
-        return self.allowlist.describe()
+        return self._summary
 
     def _on_peer_ready(self, hello: p.Hello) -> None:
         self.audit.record("peer_authenticated", session=self.session_id, software=hello.software)
@@ -271,6 +300,7 @@ class OwnerSession(Session):
         if isinstance(message, p.Ops):
             self._on_ops(message, raw)
         elif isinstance(message, p.Free):
+            self._live_ids.difference_update(message.ids)
             self._forward(raw)
         elif isinstance(message, p.RequestValue):
             self._on_request(message, raw)
@@ -297,6 +327,7 @@ class OwnerSession(Session):
         for op in message.ops:
             try:
                 self.allowlist.precheck(op)
+                self._check_references(op)
             except PolicyViolation as exc:
                 refusals.append(p.OpFailed(result=op.result, operation=op.name,
                                            error_type="PolicyViolation", policy=True,
@@ -311,6 +342,27 @@ class OwnerSession(Session):
                 "policy": f.detail}) for f in refusals])
             for refusal in refusals:
                 self._send(refusal)
+
+    def _check_references(self, op: p.Op) -> None:
+        """What the kernel knows without data: which ids the researcher created (and freed),
+        what is shared under which name, and the declared kind of a shared target."""
+        if op.result in self._live_ids:
+            raise PolicyViolation(f"object #{op.result} already exists; ids are not reused")
+        self._live_ids.add(op.result)
+        for ref in _references([op.target, *op.args, *op.kwargs.values()], 0):
+            if isinstance(ref, p.StoreRef) and ref.name not in self._families:
+                raise PolicyViolation(f"nothing is shared under the name {ref.name!r}")
+            if isinstance(ref, p.PointerRef) and ref.id not in self._live_ids:
+                raise PolicyViolation(f"object #{ref.id} does not exist (never created, "
+                                      "already freed, or from another session)")
+        if isinstance(op.target, p.StoreRef):
+            family = self._families[op.target.name]
+            if op.kind == "call" and family != "Module":
+                raise PolicyViolation("only torch.nn modules can be called")
+            if op.kind in ("method", "getattr"):
+                if op.name not in self._summary.members.get(family or "", []):
+                    raise PolicyViolation(f"{family or 'this kind of object'}.{op.name} is "
+                                          "not on the owner's allowlist")
 
     def _on_request(self, message: p.RequestValue, raw: Encoded) -> None:
         pointer_id = message.target.id if isinstance(message.target, p.PointerRef) else None
@@ -421,6 +473,20 @@ class OwnerSession(Session):
             "closed" if self._closed else "waiting for the researcher")
         return (f"<p><b>duet owner session</b> ({state})</p><p>The researcher runs:</p>"
                 f"<pre>{html.escape(safe_text(self.join_line))}</pre>")
+
+
+def _references(values: list[Any], depth: int) -> list[p.PointerRef | p.StoreRef]:
+    found: list[p.PointerRef | p.StoreRef] = []
+    for value in values:
+        if isinstance(value, (p.PointerRef, p.StoreRef)):
+            found.append(value)
+        elif isinstance(value, (list, tuple)) and depth < p.MAX_VALUE_DEPTH:
+            found.extend(_references(list(value), depth + 1))
+        elif isinstance(value, dict) and depth < p.MAX_VALUE_DEPTH:
+            found.extend(_references(list(value.values()), depth + 1))
+        elif isinstance(value, slice) and depth < p.MAX_VALUE_DEPTH:
+            found.extend(_references([value.start, value.stop, value.step], depth + 1))
+    return found
 
 
 def _check_shareable(obj: Any, depth: int) -> None:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, lineage
 from . import protocol as p
 from .errors import DuetError, PolicyViolation, RequestDenied, RequestTimeout
 
@@ -78,14 +78,6 @@ class RequestHandle:
 
     def __repr__(self) -> str:
         return f"<RequestHandle {self.id} {self.status}: {self.lineage}>"
-
-# Operators whose Python spelling is the lineage, e.g. operator.add -> "+".
-_BINARY = {
-    "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
-    "pow": "**", "matmul": "@", "and_": "&", "or_": "|", "xor": "^", "lt": "<", "le": "<=",
-    "eq": "==", "ne": "!=", "gt": ">", "ge": ">=",
-}
-
 
 def no_value(what: str) -> NoReturn:
     raise TypeError(
@@ -158,12 +150,15 @@ class Pointer:
 
     # -- building operations -------------------------------------------------------------
     def _op(self, kind: str, name: str, target: Pointer | None, args: tuple[Any, ...],
-            kwargs: dict[str, Any], lineage: str) -> Pointer:
-        return _submit(self._session, kind, name, target, args, kwargs, lineage)
+            kwargs: dict[str, Any], text: str) -> Pointer:
+        return _submit(self._session, kind, name, target, args, kwargs, text)
 
     def _binary(self, name: str, left: Any, right: Any) -> Pointer:
-        lineage = f"({_show(left)} {_BINARY[name]} {_show(right)})"
-        return self._op("function", f"operator.{name}", None, (left, right), {}, lineage)
+        return self._function(f"operator.{name}", left, right)
+
+    def _function(self, qualname: str, *args: Any) -> Pointer:
+        text = lineage.function(qualname, [_show(a) for a in args])
+        return self._op("function", qualname, None, args, {}, text)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -184,8 +179,8 @@ class Pointer:
             raise TypeError("cannot assign attributes of a remote object")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
-        lineage = f"{self._lineage}({_show_args(args, kwargs)})"
-        return self._op("call", "__call__", self, args, kwargs, lineage)
+        text = lineage.call(self._lineage, _show_args(args, kwargs))
+        return self._op("call", "__call__", self, args, kwargs, text)
 
     # -- operators ------------------------------------------------------------------------
     def __add__(self, other: Any) -> Pointer: return self._binary("add", self, other)
@@ -220,17 +215,17 @@ class Pointer:
 
     def __neg__(self) -> Pointer: return self._unary("neg", "-")
     def __pos__(self) -> Pointer: return self._unary("pos", "+")
-    def __abs__(self) -> Pointer:
-        return self._op("function", "operator.abs", None, (self,), {}, f"abs({self._lineage})")
+    def __abs__(self) -> Pointer: return self._function("operator.abs", self)
     def __invert__(self) -> Pointer: return self._unary("invert", "~")
 
     def _unary(self, name: str, symbol: str) -> Pointer:
-        return self._op("function", f"operator.{name}", None, (self,), {},
-                        f"{symbol}{self._lineage}")
+        return self._function(f"operator.{name}", self)
 
     def __getitem__(self, key: Any) -> Pointer:
-        return self._op("function", "operator.getitem", None, (self, key), {},
-                        f"{self._lineage}[{_show_key(key)}]")
+        subscript = isinstance(key, tuple) and len(key) > 0
+        text = lineage.function("operator.getitem", [self._lineage, _show(key)],
+                                subscript=subscript)
+        return self._op("function", "operator.getitem", None, (self, key), {}, text)
 
     # -- what needs a value here -------------------------------------------------------
     def __bool__(self) -> bool: no_value("truth testing (if/while/and/or)")
@@ -265,7 +260,7 @@ class _Member(Pointer):
     __slots__ = ("_name", "_owner")
 
     def __init__(self, owner: Pointer, name: str) -> None:
-        super().__init__(owner._session, None, f"{owner._lineage}.{name}")
+        super().__init__(owner._session, None, lineage.attribute(owner._lineage, name))
         object.__setattr__(self, "_owner", owner)
         object.__setattr__(self, "_name", name)
 
@@ -288,15 +283,15 @@ class _Member(Pointer):
                 f".{self._name}() would modify shared object {owner._ref.name!r}; the owner's "
                 f"data cannot change. Work on a copy, e.g. {owner._ref.name}.copy() or "
                 f".clone()")
-        lineage = f"{self._lineage}({_show_args(args, kwargs)})"
-        return _submit(self._session, "method", self._name, owner, args, kwargs, lineage)
+        text = lineage.method(owner._lineage, self._name, _show_args(args, kwargs))
+        return _submit(self._session, "method", self._name, owner, args, kwargs, text)
 
     def __repr__(self) -> str:
         return f"<Pointer member {self._lineage}>" if self._ref is None else super().__repr__()
 
 
 def _submit(session: PointerHost, kind: str, name: str, target: Pointer | None,
-            args: tuple[Any, ...], kwargs: dict[str, Any], lineage: str) -> Pointer:
+            args: tuple[Any, ...], kwargs: dict[str, Any], text: str) -> Pointer:
     op = p.Op(
         result=session.new_id(), kind=kind, name=name,  # type: ignore[arg-type]
         target=None if target is None else _to_wire(target, session),
@@ -304,7 +299,7 @@ def _submit(session: PointerHost, kind: str, name: str, target: Pointer | None,
         kwargs={k: _to_wire(v, session) for k, v in kwargs.items()},
     )
     session.submit_op(op)
-    return Pointer(session, p.PointerRef(op.result), lineage)
+    return Pointer(session, p.PointerRef(op.result), text)
 
 
 def _to_wire(value: Any, session: PointerHost, depth: int = 0) -> Any:
@@ -334,33 +329,35 @@ def _to_wire(value: Any, session: PointerHost, depth: int = 0) -> Any:
     return value
 
 
-# -- lineage text (researcher side, for display) -----------------------------------------
-def _show(value: Any) -> str:
+# -- lineage text (rendered by duet.lineage, exactly as the owner renders it) -----------
+def _show(value: Any, depth: int = 0) -> str:
     if isinstance(value, Pointer):
         return value._lineage
     if isinstance(value, RemoteModule):
         return type(value).__name__
     if isinstance(value, np.ndarray):
-        return f"array({value.dtype}{list(value.shape)})"
+        return lineage.array("array", str(value.dtype), value.shape)
+    if type(value).__module__ == "torch" and hasattr(value, "shape"):
+        return lineage.array("tensor", str(value.dtype), value.shape)
     if isinstance(value, p.DTypeRef):
         return value.name
-    text = repr(value)
-    return text if len(text) <= 40 else text[:39] + "…"
+    if depth < p.MAX_VALUE_DEPTH:
+        if isinstance(value, list):
+            return lineage.sequence([_show(v, depth + 1) for v in value], "[", "]")
+        if isinstance(value, tuple):
+            return lineage.sequence([_show(v, depth + 1) for v in value], "(", ")")
+        if isinstance(value, dict):
+            return lineage.sequence([f"{k!r}: {_show(v, depth + 1)}" for k, v in value.items()],
+                                    "{", "}")
+        if isinstance(value, slice):
+            return lineage.slice_text(*(None if v is None else _show(v, depth + 1)
+                                        for v in (value.start, value.stop, value.step)))
+    name = dtypes.wire_name(value)
+    return name if name is not None else lineage.scalar(value)
 
 
-def _show_key(key: Any) -> str:
-    if isinstance(key, tuple):
-        return ", ".join(_show_key(k) for k in key)
-    if isinstance(key, slice):
-        parts = ["" if v is None else _show(v) for v in (key.start, key.stop, key.step)]
-        return ":".join(parts[:2]) + (f":{parts[2]}" if key.step is not None else "")
-    if key is Ellipsis:
-        return "..."
-    return _show(key)
-
-
-def _show_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    return ", ".join([_show(a) for a in args] + [f"{k}={_show(v)}" for k, v in kwargs.items()])
+def _show_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    return [_show(a) for a in args] + [f"{k}={_show(v)}" for k, v in kwargs.items()]
 
 
 # -- remote namespaces --------------------------------------------------------------------
@@ -372,9 +369,8 @@ class RemoteFunction:
         self.qualname = qualname
 
     def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
-        short = self.qualname.rsplit(".", 1)[-1]
-        lineage = f"{short}({_show_args(args, kwargs)})"
-        return _submit(self._session, "function", self.qualname, None, args, kwargs, lineage)
+        text = lineage.function(self.qualname, _show_args(args, kwargs))
+        return _submit(self._session, "function", self.qualname, None, args, kwargs, text)
 
     def __repr__(self) -> str:
         return f"<remote function {self.qualname}>"

@@ -125,10 +125,13 @@ class Session:
         self._transport = transport
         self._lanes = {False: asyncio.Queue(), True: asyncio.Queue()}
         self._tasks = [asyncio.create_task(self._drain(urgent)) for urgent in (False, True)]
-        transport.set_handlers(self._on_frame_message, self._on_transport_closed,
-                               on_error=self._protocol_error, progress=self._progress())
+        # Our hello goes first on the main lane, before handlers deliver what came early
+        # (the peer's hello, whose answer must follow ours).
         self._send(p.Hello(version=p.PROTOCOL_VERSION, role=self.role, software=SOFTWARE,
-                           allowlist=self._hello_allowlist()), urgent=True)
+                           allowlist=self._hello_allowlist()))
+        transport.set_handlers(self._on_frame_message, self._on_transport_closed,
+                               on_error=self._protocol_error, progress=self._progress(),
+                               progress_threshold=self.config.progress_threshold)
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
 
     def _hello_allowlist(self) -> p.AllowlistSummary | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
+
 from tabulate import tabulate
 
 from . import protocol as p

@@ -59,6 +59,7 @@ class WorkerHooks(Protocol):
     def worker_request_failed(self, failed: ipc.RequestFailed) -> None: ...
     def worker_released(self, request_id: str, header: bytes,
                         buffers: list[memoryview]) -> None: ...
+    def worker_reported_usage(self, usage: ipc.Usage) -> None: ...
     def worker_exited(self, reason: str, crashed: bool) -> None: ...
 
 
@@ -68,7 +69,7 @@ class SealedArray:
     def __init__(self, array: np.ndarray, kind: str, torch_dtype: str | None) -> None:
         data = np.ascontiguousarray(array)
         self.fd = os.memfd_create("duet-shared", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        view = memoryview(data.reshape(-1).view(np.uint8))
+        view = memoryview(data.reshape(-1).view(np.uint8).data)
         while view.nbytes:
             view = view[os.write(self.fd, view):]
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
@@ -192,6 +193,8 @@ class WorkerProcess:
             self._hooks.worker_snapshot(message, encoded)
         elif isinstance(message, ipc.RequestFailed):
             self._hooks.worker_request_failed(message)
+        elif isinstance(message, ipc.Usage):
+            self._hooks.worker_reported_usage(message)
 
     def _finish(self, why: str) -> None:
         self._outbox.put(None)

@@ -72,7 +72,8 @@ class Transport(abc.ABC):
 
     def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler, *,
                      on_error: Callable[[ProtocolError], None] | None = None,
-                     progress: Progress | None = None) -> None:
+                     progress: Progress | None = None,
+                     progress_threshold: int | None = None) -> None:
         """Attach a session: whole messages, closure, rejected frames, and progress of large
         incoming transfers go to it from now on (earlier arrivals are delivered first)."""
         self._on_message = on_message
@@ -261,9 +262,12 @@ class FramedTransport(Transport):
 
     def set_handlers(self, on_message: MessageHandler, on_close: CloseHandler, *,
                      on_error: Callable[[ProtocolError], None] | None = None,
-                     progress: Progress | None = None) -> None:
+                     progress: Progress | None = None,
+                     progress_threshold: int | None = None) -> None:
         self.on_error = on_error or self.on_error
         self.reassembler.progress = progress or self.reassembler.progress
+        if progress_threshold is not None:
+            self.progress_threshold = progress_threshold
         self.reassembler.progress_threshold = self.progress_threshold
         super().set_handlers(on_message, on_close, on_error=on_error, progress=progress)
 

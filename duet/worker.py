@@ -26,6 +26,7 @@ import resource
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -104,7 +105,7 @@ class Worker:
     def run(self) -> None:
         handlers: dict[str, Callable[[dict[str, Any], list[memoryview]], None]] = {
             "peer": self._peer, "share": self._share, "unshare": self._unshare,
-            "allowlist": self._allowlist,
+            "allowlist": self._allowlist, "usage": self._usage,
         }
         self.send(ipc.pack("ready", pid=os.getpid()))
         while True:
@@ -160,6 +161,11 @@ class Worker:
         self._executor.allowlist = Allowlist.from_spec(message["spec"])
         self._done()
 
+    def _usage(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
+        self.send(ipc.pack("usage", objects=self._executor.object_count(),
+                           used_bytes=self._executor.used_bytes(),
+                           frozen=len(self._frozen)))
+
     def _peer(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
         """A message from the researcher, exactly as it arrived (the kernel validated it)."""
         decoded = p.decode(bytes(buffers[0]), buffers[1:])
@@ -197,7 +203,13 @@ class Worker:
             return
         try:
             frozen = freeze(request.request_id, entry.value)
-        except (ProtocolError, MemoryError) as exc:
+        except ProtocolError as exc:
+            is_module = type(entry.value).__module__.startswith("torch.nn")
+            hint = "; a model's weights leave as model.state_dict()" if is_module else ""
+            self.send(ipc.pack("request_failed", request_id=request.request_id,
+                               reason=f"{exc}{hint}"))
+            return
+        except MemoryError as exc:
             problem = f"{type(exc).__name__}: {exc}"
             self.send(ipc.pack("snapshot", **common, summary=empty,
                                preview=f"failed: cannot be sent: {problem}",
@@ -242,6 +254,7 @@ def _limit(memory: int | None) -> None:
 def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[1]))
     settings = json.loads(argv[2])
+    tempfile.gettempdir()  # found (and cached) while files may still be written: torch asks
     if settings.get("torch"):
         import torch  # noqa: F401  (imported before the limits: it maps a lot of memory)
     _limit(settings.get("memory"))

@@ -11,8 +11,9 @@ import html
 import time
 from typing import Any
 
+from duet import OwnerSession, ResearcherSession
 from duet.approvals import Request
-from duet.session import OwnerSession, ResearcherSession, Session
+from duet.session import Session
 
 __all__ = ["register_formatters", "request_html", "researcher_html", "session_state"]
 

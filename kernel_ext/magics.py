@@ -24,10 +24,11 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.display import display
 
+from duet import OwnerSession, ResearcherSession
 from duet.api import join, launch
 from duet.approvals import Request
 from duet.errors import DuetError
-from duet.session import OwnerSession, ResearcherSession, Session
+from duet.session import Session
 
 from .display import session_state
 from .widgets import approval_panel

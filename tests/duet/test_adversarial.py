@@ -30,9 +30,9 @@ from duet import protocol as p
 r = duet.join(CODE, server=SERVER, ice_servers=[])
 received = []
 original = r._dispatch
-def record(message):
+def record(message, raw):
     received.append(message)
-    original(message)
+    original(message, raw)
 r._dispatch = record                          # see every message the owner sends us
 
 def send(message):
@@ -105,15 +105,17 @@ def test_hostile_researcher_learns_nothing_and_everything_is_audited(
         assert owner.expect("sent") == 1
         researcher.signal_step("decided")
         outcomes = researcher.expect("outcomes", timeout=120)
-        # our own duplicate of its id answered it with an error first; never with the 42
-        assert outcomes["forged"][0] == "RequestError" and "already used" in outcomes["forged"][1]
+        # our duplicate of its id was refused as a protocol error; the forged approval too:
+        # the request itself went to the owner, who denied it
+        assert outcomes["forged"][0] == "RequestDenied"
         assert outcomes["shape"][0] == "RequestDenied"
         assert outcomes["size"][0] == "RequestDenied"
-        for i in range(3):
+        for i in range(3):  # failures are data: asking for them is a request like any other
             kind, message = outcomes[f"fail{i}"]
-            assert kind == "RemoteError"
+            assert kind == "RequestDenied"
             for value in ("12", "250", "99.5", "31337", "7.0", "6341"):
                 assert value not in message.replace("6341.1", ""), message
+        assert "op_failed" not in researcher.expect("received_types")  # failures are data
         assert researcher.expect("approved_values") == [6341.1]
         everything = researcher.expect("all_text")
         assert "31337" not in everything and "250.0" not in everything
@@ -124,9 +126,11 @@ def test_hostile_researcher_learns_nothing_and_everything_is_audited(
     log = duet.AuditLog(tmp_path / "audit.db", readonly=True)
     events = [e.event for e in log]
     assert events.count("value_sent") == 1
-    assert events.count("decision") == 4  # the honest approval, three denials
+    # the honest approval; denials of "please", shape, size and the three failures
+    assert events.count("decision") == 7
     assert "protocol_error" in events                # the forged decision
     assert "op_failed" in events
     reasons = {e.detail.get("reason") for e in log.events(event="request")}
-    assert {"the mean", "please", "replay", "dup", "forged", "just the shape"} <= reasons
+    assert {"the mean", "please", "replay", "forged", "just the shape"} <= reasons
+    assert any("already in use" in str(e.detail) for e in log.events(event="protocol_error"))
     log.close()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from duet.errors import RequestError
-from duet.executor import MAX_LINEAGE, Entry, Executor
+from duet.executor import MAX_LINEAGE, Entry, Executor, ExecutorEvents
 from duet.policy import Allowlist
 from duet.protocol import DTypeRef, Op, OpFailed, PointerRef, StoreRef
 
@@ -59,6 +59,16 @@ class Driver:
 AGES = np.array([25.0, 31.0, 47.0, 19.0, 38.0, 52.0])
 
 
+class Recorder(ExecutorEvents):
+    """Keeps every executor event, as the worker does for the audit log."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+
+    def record(self, event: str, **fields: Any) -> None:
+        self.sink(event, fields)
+
+
 @pytest.fixture
 def events() -> list[tuple[str, dict[str, Any]]]:
     return []
@@ -66,7 +76,7 @@ def events() -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.fixture
 def executor(events: list[tuple[str, dict[str, Any]]]) -> Executor:
-    ex = Executor(Allowlist.default(), on_event=lambda event, **f: events.append((event, f)))
+    ex = Executor(Allowlist.default(), events=Recorder(lambda event, f: events.append((event, f))))
     ex.share("ages", AGES)
     ex.share("weights", torch.arange(6.0).reshape(2, 3))
     ex.share("labels", torch.tensor([0, 2, 1, 98765]))
@@ -372,7 +382,7 @@ def test_failures_propagate_downstream(r: Driver) -> None:
 # -- memory budget -----------------------------------------------------------------------------
 def test_memory_budget(events: list[tuple[str, dict[str, Any]]]) -> None:
     executor = Executor(Allowlist.default(), memory_budget=1000,
-                        on_event=lambda e, **f: events.append((e, f)))
+                        events=Recorder(lambda e, f: events.append((e, f))))
     executor.share("big", np.zeros(10_000))  # shared data does not count
     r = Driver(executor)
     first = r.fn("numpy.zeros", 100)
@@ -485,7 +495,7 @@ def test_events_are_accepted_by_the_audit_log(tmp_path: Path) -> None:
 
     with AuditLog(tmp_path / "audit.sqlite") as log:
         executor = Executor(Allowlist.default(), memory_budget=100,
-                            on_event=lambda event, **f: log.record(event, session="s", **f))
+                            events=Recorder(lambda event, f: log.record(event, session="s", **f)))
         executor.share("ages", AGES)
         r = Driver(executor)
         r.fn("numpy.mean", ages)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import duet
+from duet import OwnerSession, ResearcherSession
 from duet import protocol as p
-from duet.session import OwnerSession, ResearcherSession
 from tests.utils import session_pair
 
 Pair = tuple[OwnerSession, ResearcherSession]
@@ -155,23 +155,35 @@ def test_deciding_twice_or_a_withdrawn_request_is_an_error(pair: Pair) -> None:
     assert len(owner.audit.events(event="value_sent")) == 1
 
 
-def test_requests_for_failed_or_freed_objects_get_clear_errors(pair: Pair) -> None:
+def test_failures_are_data_released_only_by_approval(pair: Pair) -> None:
     owner, researcher = pair
     owner.share(np.arange(4.0), name="x")
     x = researcher.store.wait_for("x", 5)
     singular = researcher.np.linalg.inv(x)
-    with pytest.raises(duet.RemoteError, match="numpy.linalg.inv .*LinAlgError"):
-        singular.get("inverse", timeout=5)
-    with pytest.raises(duet.RemoteError):
-        singular + 1  # the next use raises too
+    later = singular + 1  # no error: whether inv failed is the owner's to release
+    handle = later.request("inverse plus one")
+    request = owner.requests.wait(10)
+    assert request is not None and request.failed.startswith("UpstreamFailure")
+    assert "numpy.linalg.inv failed with LinAlgError" in request.failed
+    assert request.preview.startswith("failed:") and request.sources == {"x"}
+    request.approve()
+    with pytest.raises(duet.RemoteError, match="UpstreamFailure"):
+        handle.result(5)
+    assert owner.audit.events(event="value_sent") == []
+
+
+def test_requests_for_freed_objects_get_clear_errors(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(4.0), name="x")
+    x = researcher.store.wait_for("x", 5)
     freed = x * 2
     freed_ref = freed._resolve()
-    researcher.ping()
-    eventually(lambda: owner._executor.used_bytes() > 0)
+    assert owner.worker_usage().used_bytes > 0
     freed.delete()
-    eventually(lambda: owner._executor.used_bytes() == 0)
+    researcher.ping()
+    assert owner.worker_usage().used_bytes == 0
     # a hostile researcher asks for the freed object anyway
-    handle = researcher._request(freed_ref, "after delete", "x * 2")
+    handle = researcher.request(freed_ref, "after delete", "x * 2")
     with pytest.raises(duet.RequestError, match="does not exist"):
         handle.result(5)
     with pytest.raises(duet.DuetError, match="was deleted"):
@@ -185,11 +197,12 @@ def test_dropped_pointers_are_freed_on_the_owner(pair: Pair) -> None:
     x = researcher.store.wait_for("x", 5)
     pointers = [x + i for i in range(20)]
     researcher.ping()
-    eventually(lambda: owner._executor.used_bytes() == 20 * 8000)
+    assert owner.worker_usage().used_bytes == 20 * 8000
     del pointers
     gc.collect()
     researcher.ping()
-    eventually(lambda: owner._executor.used_bytes() == 0)
+    assert owner.worker_usage().used_bytes == 0
+    assert owner.worker_usage().objects == 0
 
 
 def test_bool_len_iter_and_local_numpy_explain_themselves(pair: Pair) -> None:
@@ -236,7 +249,7 @@ def test_incompatible_peer_is_refused(tmp_path: Path, hello: p.Hello, message: s
     peer_loop = LoopThread()
     a, b = InMemoryTransport.pair()
     try:
-        owner._start(a.start)
+        owner.start(a.start)
         peer_loop.run(b.start(), timeout=5)
         b.set_handlers(lambda header, buffers: None, lambda reason: None)
         peer_loop.run(b.send(*p.encode(hello)), timeout=5)
@@ -292,10 +305,10 @@ def test_owner_changes_the_allowlist_mid_session(pair: Pair) -> None:
     with pytest.raises(duet.PolicyViolation):
         researcher.np.fft.rfft(x)
     owner.allow("numpy.fft.rfft")
-    eventually(lambda: "numpy.fft.rfft" in researcher.allowlist["functions"])
+    eventually(lambda: "numpy.fft.rfft" in researcher.allowlist.functions)
     assert len(researcher.np.fft.rfft(x).get("spectrum", timeout=5)) == 5
     owner.deny("numpy.mean")
-    eventually(lambda: "numpy.mean" not in researcher.allowlist["functions"])
+    eventually(lambda: "numpy.mean" not in researcher.allowlist.functions)
     with pytest.raises(duet.PolicyViolation):
         researcher.np.mean(x)
     with pytest.raises(ValueError):
