@@ -51,6 +51,7 @@ class ResearcherSession(Session):
         # objects with smaller ids died with the owner's worker, and why
         self._restarted: tuple[int, str] = (0, "")
         self._requests: dict[str, concurrent.futures.Future[Any]] = {}
+        self._targets: dict[str, p.PointerRef | p.StoreRef] = {}  # request id -> target
         # Appends and pops on a deque are atomic: Pointer.__del__ may enqueue a free from any
         # thread at any moment (garbage collection), even inside _flush, without a lock.
         self._outbox: deque[p.Op | BaseModel] = deque()
@@ -98,11 +99,13 @@ class ResearcherSession(Session):
         request_id = secrets.token_hex(8)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._requests[request_id] = future
+        self._targets[request_id] = target
         self._enqueue(p.RequestValue(request_id=request_id, target=target, reason=reason))
         return RequestHandle(self, request_id, lineage, future)
 
     def withdraw(self, request_id: str) -> None:
         future = self._requests.pop(request_id, None)
+        self._targets.pop(request_id, None)
         if future is not None and not future.done():
             future.set_exception(RequestError(f"request {request_id} was withdrawn"))
         try:
@@ -171,9 +174,14 @@ class ResearcherSession(Session):
 
     def _on_decision(self, decision: p.Decision) -> None:
         future = self._requests.pop(decision.request_id, None)
+        target = self._targets.pop(decision.request_id, None)
         if future is None or future.done():
             return  # withdrawn, or a decision we never asked for
-        if decision.status == "approved":
+        refused = self._refused.get(target.id) if isinstance(target, p.PointerRef) else None
+        if refused is not None:
+            # the refusal came first on the same ordered channel: say what was refused
+            future.set_exception(p.failure_error(refused))
+        elif decision.status == "approved":
             future.set_result(decision.value)
         elif decision.status == "denied":
             future.set_exception(RequestDenied(decision.request_id, decision.reason))
@@ -194,12 +202,14 @@ class ResearcherSession(Session):
             if not future.done():
                 future.set_exception(error)
         self._requests.clear()
+        self._targets.clear()
 
     def _peer_gone(self, reason: str) -> None:
         for future in list(self._requests.values()):
             if not future.done():
                 future.set_exception(ConnectionLost(f"connection to the owner lost: {reason}"))
         self._requests.clear()
+        self._targets.clear()
 
     async def _close_signaling(self) -> None:
         if self._signaling is not None:

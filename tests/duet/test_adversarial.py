@@ -63,6 +63,7 @@ failing = [
     x.reshape(big.astype(r.np.int64)),         # value-dependent shape
     r.torch.nn.functional.cross_entropy(r.torch.zeros(1, 2), r.torch.tensor(x.astype(r.np.int64))),
 ]
+fail_handles = [ptr.request("error") for ptr in failing]  # failures are data: requests
 r.ping(); time.sleep(0.5); r.ping()
 emit("ready", True)
 wait_for("decided", timeout=120)
@@ -72,9 +73,9 @@ for name, handle in [("forged", pending), ("shape", shape_handle), ("size", size
         outcomes[name] = ["value", handle.result(timeout=30)]
     except duet.DuetError as exc:
         outcomes[name] = [type(exc).__name__, str(exc)]
-for i, ptr in enumerate(failing):
+for i, handle in enumerate(fail_handles):
     try:
-        ptr.get(reason="error", timeout=30)
+        handle.result(timeout=30)
         outcomes[f"fail{i}"] = ["value"]
     except duet.DuetError as exc:
         outcomes[f"fail{i}"] = [type(exc).__name__, str(exc)]

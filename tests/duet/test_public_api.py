@@ -9,20 +9,34 @@ PROMISED = {
 }
 
 
+EXPORTED = PROMISED | {
+    "embedded_server_url", "Allowlist", "AuditEvent", "AuditLog", "BudgetExceeded",
+    "DuetTimeout", "PairingTimeout", "ProtocolError", "RemoteModule", "RequestError",
+    "RequestHandle", "Rule", "SessionConfig", "Store", "WorkerRestarted",
+}
+
+
 def test_all_lists_exactly_the_exported_names() -> None:
-    assert PROMISED <= set(duet.__all__)
+    assert set(duet.__all__) == EXPORTED  # a new public name is a decision: add it here
+    assert len(duet.__all__) == len(set(duet.__all__))
     for name in duet.__all__:
         assert hasattr(duet, name), name
-    public = {n for n in vars(duet) if not n.startswith("_") and n[0].isupper() or n in
-              ("launch", "join", "embedded_server_url")}
+    public = {n for n in vars(duet) if not n.startswith("_")}
     public -= {n for n in vars(duet) if isinstance(getattr(duet, n), type(duet))}
-    assert public <= set(duet.__all__)
+    assert public - {"load_ipython_extension"} == EXPORTED
+
+
+def test_timeouts_are_one_family() -> None:
+    for name in ["RequestTimeout", "PairingTimeout", "DuetTimeout"]:
+        error = getattr(duet, name)
+        assert issubclass(error, duet.DuetTimeout) and issubclass(error, TimeoutError)
+    assert issubclass(duet.PairingTimeout, duet.PairingError)
 
 
 def test_every_error_is_a_duet_error() -> None:
     for name in ["RequestDenied", "RequestTimeout", "PolicyViolation", "RemoteError",
                  "ConnectionLost", "PairingError", "ProtocolError", "RequestError",
-                 "BudgetExceeded"]:
+                 "BudgetExceeded", "WorkerRestarted", "DuetTimeout", "PairingTimeout"]:
         assert issubclass(getattr(duet, name), duet.DuetError)
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import gc
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 import duet
 from duet import OwnerSession, ResearcherSession
 from duet import protocol as p
-from tests.utils import session_pair
+from tests.helpers.sessions import eventually, session_pair
 
 Pair = tuple[OwnerSession, ResearcherSession]
 
@@ -23,13 +22,6 @@ Pair = tuple[OwnerSession, ResearcherSession]
 def pair(tmp_path: Path) -> Iterator[Pair]:
     with session_pair(tmp_path / "audit.db") as sessions:
         yield sessions
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.01)
 
 
 def test_store_lists_declared_metadata_and_updates_live(pair: Pair) -> None:
@@ -178,6 +170,7 @@ def test_requests_for_freed_objects_get_clear_errors(pair: Pair) -> None:
     x = researcher.store.wait_for("x", 5)
     freed = x * 2
     freed_ref = freed._resolve()
+    researcher.ping()  # the op has reached the owner, so the worker has it before we ask
     assert owner.worker_usage().used_bytes > 0
     freed.delete()
     researcher.ping()
