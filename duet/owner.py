@@ -252,6 +252,13 @@ class OwnerSession(Session):
             snapshot.request_id, ""), lineage=snapshot.lineage,
             sources=frozenset(snapshot.sources), info=info, preview=snapshot.preview,
             sha256=snapshot.sha256, failed=snapshot.failed)
+        # No message follows yet; the decision's synced write makes this durable first.
+        self.audit.record_many([("request", {
+            "session": self.session_id, "request_id": request.id,
+            "pointer_id": snapshot.pointer_id, "lineage": request.lineage,
+            "reason": request.reason, "sources": sorted(request.sources),
+            "sha256": request.sha256 or None, "nbytes": snapshot.nbytes or None,
+            "failed": request.failed or None})], sync=False)
         self._snapshots[snapshot.request_id] = (snapshot, encoded)
         try:
             self.requests.add(request)
@@ -260,11 +267,12 @@ class OwnerSession(Session):
             self._answer_error(snapshot.request_id, str(exc))
 
     def worker_request_failed(self, failed: RequestFailed) -> None:
-        self._reasons.pop(failed.request_id, None)
+        reason = self._reasons.pop(failed.request_id, "")
         request = self._awaiting_release.pop(failed.request_id, None)
         if request is None:
             self.audit.record("request", session=self.session_id,
-                              request_id=failed.request_id, refused=failed.reason)
+                              request_id=failed.request_id, reason=reason,
+                              refused=failed.reason)
         self._answer_error(failed.request_id, failed.reason)
 
     def worker_released(self, request_id: str, header: bytes, buffers: list[memoryview]) -> None:
@@ -365,16 +373,14 @@ class OwnerSession(Session):
                                           "not on the owner's allowlist")
 
     def _on_request(self, message: p.RequestValue, raw: Encoded) -> None:
-        pointer_id = message.target.id if isinstance(message.target, p.PointerRef) else None
         if message.request_id in self._reasons or message.request_id in self._snapshots:
             raise ProtocolError(f"request id {message.request_id!r} is already in use")
-        # No message follows yet; the decision's synced write makes this durable first.
-        self.audit.record_many([("request", {
-            "session": self.session_id, "request_id": message.request_id,
-            "pointer_id": pointer_id, "reason": message.reason})], sync=False)
         self._reasons[message.request_id] = message.reason
         if not self._forward(raw):
             self._reasons.pop(message.request_id, None)
+            self.audit.record("request", session=self.session_id,
+                              request_id=message.request_id, reason=message.reason,
+                              refused="the owner's worker is stopped")
             self._answer_error(message.request_id, "the owner's worker is stopped")
 
     def _answer_error(self, request_id: str, reason: str) -> None:

@@ -275,9 +275,8 @@ class _Member(Pointer):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
         owner = self._owner
-        mutating = self._session.allowlist.mutating
-        if isinstance(owner._ref, p.StoreRef) and any(
-                key.endswith("." + self._name) for key in mutating):
+        if isinstance(owner._ref, p.StoreRef) and _always_mutating(
+                self._session.allowlist, self._name):
             # known without any data: the target is the shared object itself
             raise PolicyViolation(
                 f".{self._name}() would modify shared object {owner._ref.name!r}; the owner's "
@@ -288,6 +287,14 @@ class _Member(Pointer):
 
     def __repr__(self) -> str:
         return f"<Pointer member {self._lineage}>" if self._ref is None else super().__repr__()
+
+
+def _always_mutating(allowed: p.AllowlistSummary, name: str) -> bool:
+    """Whether method ``name`` changes its object in every family that has it (``float``
+    converts a tensor but changes a module: then only the owner can tell)."""
+    families = [f for f, members in allowed.members.items()
+                if name in members and f"{f}.{name}" not in allowed.attributes]
+    return bool(families) and all(f"{f}.{name}" in allowed.mutating for f in families)
 
 
 def _submit(session: PointerHost, kind: str, name: str, target: Pointer | None,

@@ -260,7 +260,10 @@ def main(argv: list[str]) -> None:
     _limit(settings.get("memory"))
     worker = Worker(sock, settings)
     threading.Thread(target=worker.read_forever, name="duet-worker-reader", daemon=True).start()
-    worker.run()
+    try:
+        worker.run()
+    except OSError:  # the kernel went away mid-answer: nobody is left to tell
+        os._exit(0)
 
 
 if __name__ == "__main__":

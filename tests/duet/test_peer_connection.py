@@ -101,7 +101,7 @@ s.close()
 import hashlib
 r = duet.join(CODE, server=SERVER, ice_servers=[], progress=False)
 t0 = time.perf_counter()
-value = r.store["big"].get(reason="all of it", timeout=600)
+value = r.store.wait_for("big", 120).get(reason="all of it", timeout=600)
 emit("seconds", time.perf_counter() - t0)
 emit("sha", hashlib.sha256(value.numpy().tobytes()).hexdigest())
 emit("shape", [list(value.shape), str(value.dtype)])
@@ -185,7 +185,7 @@ finally:
 '''
     researcher_script = '''
 r = duet.join(CODE, server=SERVER, ice_servers=[], progress=False, liveness_timeout=3)
-handle = r.store["big"].request("all of it")
+handle = r.store.wait_for("big", 120).request("all of it")
 emit("requested", True)
 try:
     handle.result(timeout=120)

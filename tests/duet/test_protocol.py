@@ -114,3 +114,48 @@ def test_object_dtype_is_refused_on_decode() -> None:
                             "value": msgpack.ExtType(8, msgpack.packb(["numpy", "O", [1], 0]))})
     with pytest.raises(ProtocolError):
         p.decode(header, [b"\x00" * 8])
+
+
+def test_nested_extension_values_are_refused_not_recursed() -> None:
+    import msgpack
+
+    from duet.errors import ProtocolError
+
+    value = msgpack.packb([1])
+    for _ in range(500):  # 1.5 KB of tuples inside tuples: once a C stack overflow
+        value = msgpack.packb(msgpack.ExtType(3, value))
+    header = msgpack.packb({"type": "ops", "ops": [{"result": 1, "kind": "function",
+                                                    "name": "numpy.mean",
+                                                    "args": [msgpack.ExtType(3, value)]}]})
+    assert len(header) < 4096
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        p.decode(header)
+
+
+@pytest.mark.parametrize("shape", [[2**62, 4], [2**40, 2**40], [-1], [1] * 65, "x"])
+def test_array_headers_are_checked_before_allocating(shape: object) -> None:
+    import msgpack
+
+    from duet.errors import ProtocolError
+
+    array = msgpack.ExtType(8, msgpack.packb(["numpy", "float64", shape, 0]))
+    header = msgpack.packb({"type": "decision", "request_id": "ab" * 8, "status": "approved",
+                            "value": array})
+    with pytest.raises(ProtocolError):
+        p.decode(header, [memoryview(b"\0" * 8)])
+
+
+@pytest.mark.parametrize("ext", [
+    (4, [1, 2]), (6, [1.0]), (6, ["a", "b"]), (2, b"\xff\xfe"), (7, b"x" * 300),
+])
+def test_malformed_extension_values_are_protocol_errors(ext: tuple[int, object]) -> None:
+    import msgpack
+
+    from duet.errors import ProtocolError
+
+    code, payload = ext
+    data = payload if isinstance(payload, bytes) else msgpack.packb(payload)
+    header = msgpack.packb({"type": "decision", "request_id": "ab" * 8, "status": "approved",
+                            "value": msgpack.ExtType(code, data)})
+    with pytest.raises(ProtocolError):
+        p.decode(header)

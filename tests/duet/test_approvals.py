@@ -1,0 +1,60 @@
+"""The approval queue as the owner reads it: escaped text, conservative sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from duet.approvals import Request, RequestQueue, ValueInfo, safe_text
+from duet.snapshot import freeze, summarize
+
+
+@pytest.mark.parametrize("hostile", [
+    "\x1b[2J\x1b[31mAPPROVED", "mean\rsecret", "safe\u202eterces", "zero\u200bwidth",
+    "bell\x07", "line\u2028break",
+])
+def test_control_and_bidi_characters_are_escaped(hostile: str) -> None:
+    shown = safe_text(hostile)
+    assert shown.isprintable() and "\\" in shown
+    queue = RequestQueue(lambda request: None)
+    queue.add(Request(id="r1", reason=hostile, lineage=f"mean({hostile})",
+                      sources=frozenset({"x"}), info=ValueInfo("float", None, None, 1, 8),
+                      preview=hostile))
+    for text in (repr(queue), repr(queue[0]), queue._repr_html_()):
+        assert hostile not in text
+        assert not any(ch in text for ch in "\x1b\r\u202e\u200b\x07\u2028")
+
+
+@pytest.mark.parametrize("value, at_least", [
+    (np.zeros(5), 5),
+    (np.zeros(1, dtype=[("a", "f8", (100,))]), 800),  # one record, a hundred numbers
+    (slice(np.zeros(3), None), 3),
+    ([np.zeros(2), [np.zeros(3)]], 5),
+    ({"k": np.zeros(4)}, 5),
+])
+def test_element_counts_never_undercount(value: object, at_least: int) -> None:
+    assert summarize(value).elements >= at_least
+
+
+def test_unknown_objects_never_match_a_size_rule() -> None:
+    assert summarize(object()).elements > 10**18
+
+
+def test_a_frozen_value_is_a_private_copy() -> None:
+    value = np.arange(4.0)
+    frozen = freeze("ab" * 8, value)
+    value[:] = 99
+    assert "99" not in frozen.preview and frozen.summary.elements == 4
+    assert frozen.preview.startswith("array([0., 1., 2., 3.])")
+
+
+def test_previews_of_huge_containers_are_bounded() -> None:
+    frozen = freeze("ab" * 8, list(range(500_000)))
+    assert len(frozen.preview) <= 400 and "more" in frozen.preview
+
+
+def test_values_the_researcher_could_not_receive_are_refused_when_frozen() -> None:
+    from duet.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        freeze("ab" * 8, list(range(3_000_000)))  # a 14 MB header: arrays travel as buffers
