@@ -10,8 +10,8 @@ import torch
 
 from duet import dtypes
 from duet import protocol as p
-from duet.policy import Allowlist
 from duet.pointers import _to_wire
+from duet.policy import Allowlist
 
 NUMPY_SPELLINGS: list[Any] = [float, int, bool, complex, np.float64, np.float32, np.int64,
                               np.uint16, np.dtype("int32"), np.dtype("uint8"), np.bool_]
