@@ -46,6 +46,7 @@ __all__ = [
     "AuditError",
     "AuditEvent",
     "AuditLog",
+    "SessionAudit",
     "default_audit_path",
     "format_table",
     "sha256_of",
@@ -420,6 +421,10 @@ class AuditLog:
             + tabulate(rows, headers, tablefmt="html", disable_numparse=True)
         )
 
+    def bind(self, session: str) -> SessionAudit:
+        """A writer that records every event under ``session``."""
+        return SessionAudit(self, session)
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
@@ -431,6 +436,22 @@ class AuditLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SessionAudit:
+    """An audit writer bound to one session id: ``record(event, **fields)``."""
+
+    def __init__(self, log: AuditLog, session: str) -> None:
+        self.log = log
+        self.session = session
+
+    def record(self, event: str, **fields: Any) -> int:
+        return self.log.record(event, session=self.session, **fields)
+
+    def record_many(self, events: Iterable[tuple[str, Mapping[str, Any]]], *,
+                    sync: bool = True) -> list[int]:
+        return self.log.record_many([(event, {**fields, "session": self.session})
+                                     for event, fields in events], sync=sync)
 
 
 def _clip(value: Any) -> str:

@@ -15,10 +15,8 @@ Not thread-safe: the session calls it from one worker thread, in order, off the 
 
 from __future__ import annotations
 
-import bisect
-import sys
 import types
-from collections.abc import ItemsView, Iterable, Iterator, KeysView, ValuesView
+from collections.abc import ItemsView, Iterable, KeysView, ValuesView
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,17 +25,24 @@ import numpy as np
 from . import lineage
 from .errors import PolicyViolation, RequestError
 from .lineage import MAX_LINEAGE
+from .memory import (
+    Intervals,
+    MemoryBudget,
+    OverBudget,
+    Shared,
+    allocation,
+    buffer_sizes,
+    contents,
+    footprint,
+    is_tensor,
+    protected,
+    touched_by,
+)
 from .policy import Allowlist, check_name
 from .protocol import MAX_VALUE_DEPTH, DTypeRef, Op, OpFailed, PointerRef, StoreRef
 
-try:
-    from numpy.lib.array_utils import byte_bounds
-except ImportError:  # numpy < 2
-    from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
-
 __all__ = ["MAX_LINEAGE", "Entry", "Executor", "ExecutorEvents"]
 
-_WALK_LIMIT = 100_000  # container items inspected when looking for arrays
 _TORCH_FAMILIES = {"Tensor", "Module", "Optimizer", "Scheduler"}
 
 
@@ -83,37 +88,6 @@ class _Failure(Exception):
         self.error = error or detail
 
 
-@dataclass
-class _Shared:
-    value: Any
-    footprint: list[tuple[int, int]]
-
-
-class _Intervals:
-    """Memory intervals of shared objects, answering "does [start, end) overlap one?" fast."""
-
-    def __init__(self, shared: dict[str, _Shared]) -> None:
-        spans = sorted(
-            (start, start + size, name)
-            for name, item in shared.items()
-            for start, size in item.footprint
-        )
-        self._starts = [s for s, _, _ in spans]
-        self._spans = spans
-        self._max_end: list[int] = []
-        for _, end, _ in spans:
-            self._max_end.append(max(end, self._max_end[-1]) if self._max_end else end)
-
-    def find(self, start: int, size: int) -> str | None:
-        end = start + size
-        i = bisect.bisect_left(self._starts, end) - 1
-        while i >= 0 and self._max_end[i] > start:
-            if self._spans[i][1] > start:
-                return self._spans[i][2]
-            i -= 1
-        return None
-
-
 class ExecutorEvents:
     """What the executor reports for the audit log; the default records nothing.
 
@@ -147,11 +121,9 @@ class Executor:
         self.memory_budget = memory_budget
         self._events = events or ExecutorEvents()
         self._entries: dict[int, Entry] = {}
-        self._shared: dict[str, _Shared] = {}
-        self._intervals = _Intervals({})
-        self._held: dict[int, list[int]] = {}  # allocation start -> [size, reference count]
-        self._allocations: dict[int, list[tuple[int, int]]] = {}  # entry id -> counted blocks
-        self._used = 0
+        self._shared: dict[str, Shared] = {}
+        self._intervals = Intervals({})
+        self._budget = MemoryBudget(memory_budget)
         # entry id -> memory intervals, to find the entries an in-place change reaches
         self._footprints: dict[int, list[tuple[int, int]]] = {}
         # torch bumps a tensor's version counter on every in-place change: shared tensors
@@ -163,16 +135,16 @@ class Executor:
         """Make ``obj`` reachable as ``StoreRef(name)``, protected against modification."""
         if not isinstance(name, str) or not name:
             raise ValueError("a shared object needs a non-empty name")
-        value = _protected(obj, 0)
-        self._shared[name] = _Shared(value, list(_footprint(value)))
-        self._intervals = _Intervals(self._shared)
-        self._shared_versions[name] = [(t, t._version) for t in _contents(value)
-                                       if _is_tensor(t)]
+        value = protected(obj, 0)
+        self._shared[name] = Shared(value, list(footprint(value)))
+        self._intervals = Intervals(self._shared)
+        self._shared_versions[name] = [(t, t._version) for t in contents(value)
+                                       if is_tensor(t)]
 
     def unshare(self, name: str) -> None:
         if self._shared.pop(name, None) is None:
             raise KeyError(f"nothing is shared under the name {name!r}")
-        self._intervals = _Intervals(self._shared)
+        self._intervals = Intervals(self._shared)
         self._shared_versions.pop(name, None)
 
     def shared_modified(self) -> str:
@@ -189,33 +161,33 @@ class Executor:
         if op.result in self._entries:
             # Keep the existing object: a reused id must not replace (or free) it.
             failure = _Failure("DuplicateId", f"object #{op.result} already exists")
-            return self._report(op, op.name, failure, store=False)
+            return self._report(op, _Call(op.name), failure, store=False)
         call = _Call(op.name)
         try:
-            value, lineage = self._run(op, call)
+            value = self._run(op, call)
             self._taint_written_inputs(call)
             value = _materialized(value)
             self._protect_result(value)
             nbytes = self._account(op.result, value)
         except PolicyViolation as exc:
-            return self._report(op, call.operation, _Failure("PolicyViolation", str(exc)),
-                                policy=True, sources=call.sources)
+            return self._report(op, call, _Failure("PolicyViolation", str(exc)), policy=True)
         except _Failure as failure:
-            return self._report(op, call.operation, failure, sources=call.sources)
+            return self._report(op, call, failure)
         except Exception as exc:  # noqa: BLE001 - any error of the op is reported, never raised
             # Only the type crosses the channel: the text may hold data values.
             raised = _Failure(type(exc).__name__, error=f"{type(exc).__name__}: {exc}")
-            return self._report(op, call.operation, raised, sources=call.sources)
-        self._entries[op.result] = Entry(value, lineage, nbytes, sources=frozenset(call.sources))
-        self._footprints[op.result] = list(_footprint(value))
-        self._events.executed(call.operation, lineage, op.result)
+            return self._report(op, call, raised)
+        self._entries[op.result] = Entry(value, call.text, nbytes,
+                                         sources=frozenset(call.sources))
+        self._footprints[op.result] = list(footprint(value))
+        self._events.executed(call.operation, call.text, op.result)
         return None
 
     def free(self, ids: Iterable[int]) -> None:
         """Drop entries (unknown ids are ignored: the researcher may free a failed op twice)."""
         for entry_id in ids:
             if self._entries.pop(entry_id, None) is not None:
-                self._release(entry_id)
+                self._budget.release(entry_id)
                 self._footprints.pop(entry_id, None)
 
     def lookup(self, ref: PointerRef | StoreRef) -> Entry:
@@ -224,7 +196,7 @@ class Executor:
             shared = self._shared.get(ref.name)
             if shared is None:
                 raise RequestError(f"nothing is shared under the name {ref.name!r}")
-            size = sum(_buffer_sizes(shared.value).values())
+            size = sum(buffer_sizes(shared.value).values())
             return Entry(shared.value, ref.name, size, sources=frozenset([ref.name]))
         entry = self._entries.get(ref.id)
         if entry is None:
@@ -232,63 +204,74 @@ class Executor:
         return entry
 
     def used_bytes(self) -> int:
-        return self._used
+        return self._budget.used
 
     def object_count(self) -> int:
         return len(self._entries)
 
     # -- running one op -----------------------------------------------------------------------
-    def _run(self, op: Op, call: _Call) -> tuple[Any, str]:
+    def _run(self, op: Op, call: _Call) -> Any:
+        """Run one op; ``call`` collects its sources and lineage text on the way."""
         if op.kind == "function":
-            if op.target is not None:
-                raise _Failure("BadOperation", "a function call takes no target")
-            fn = self.allowlist.resolve_function(op.name)
-            args, kwargs, arguments = self._arguments(op, call, torch=op.name.startswith("torch."))
-            self.allowlist.check_arguments(fn, args, kwargs, qualname=op.name)
-            subscript = len(op.args) == 2 and isinstance(op.args[1], tuple) and len(op.args[1])
-            text = lineage.function(op.name, arguments, subscript=bool(subscript))
-            return fn(*args, **kwargs), text
-
+            return self._run_function(op, call)
         if op.target is None:
             raise _Failure("BadOperation", f"a {op.kind} operation needs a target")
         target, target_text = self._input(op.target, call)
         family = self.allowlist.family(target)
-        torch = family in _TORCH_FAMILIES
+        run = {"getattr": self._run_getattr, "method": self._run_method,
+               "call": self._run_call}[op.kind]
+        return run(op, call, target, target_text, family)
 
-        if op.kind == "getattr":
-            call.operation = f"{family}.{op.name}" if family else op.name
-            if op.args or op.kwargs:
-                raise _Failure("BadOperation", "reading an attribute takes no arguments")
-            value = self.allowlist.resolve_attribute(target, op.name)
-            return value, lineage.attribute(target_text, op.name)
+    def _run_function(self, op: Op, call: _Call) -> Any:
+        if op.target is not None:
+            raise _Failure("BadOperation", "a function call takes no target")
+        fn = self.allowlist.resolve_function(op.name)
+        args, kwargs, arguments = self._arguments(op, call, torch=op.name.startswith("torch."))
+        subscript = len(op.args) == 2 and isinstance(op.args[1], tuple) and len(op.args[1])
+        call.text = lineage.function(op.name, arguments, subscript=bool(subscript))
+        self.allowlist.check_arguments(fn, args, kwargs, qualname=op.name)
+        return fn(*args, **kwargs)
 
-        if op.kind == "method":
-            call.operation = f"{family}.{op.name}" if family else op.name
-            mutating = self.allowlist.is_mutating(target, op.name)
-            touched = self._touched(target, op.name) if mutating else []
-            shared = self._shared_name(op.target, touched)
-            method = self.allowlist.resolve_method(target, op.name, shared=shared or False)
-            args, kwargs, arguments = self._arguments(op, call, torch=torch)
-            self.allowlist.check_arguments(method, args, kwargs)
-            text = lineage.method(target_text, op.name, arguments)
-            value = method(*args, **kwargs)
-            if mutating:
-                shown = ", ".join(arguments)
-                note = f"{call.operation}({shown if len(shown) <= 40 else '…'})"
-                self._note_modified(op.target, touched, note, call.sources)
-            return value, text
+    def _run_getattr(self, op: Op, call: _Call, target: Any, target_text: str,
+                     family: str | None) -> Any:
+        call.operation = f"{family}.{op.name}" if family else op.name
+        call.text = lineage.attribute(target_text, op.name)
+        if op.args or op.kwargs:
+            raise _Failure("BadOperation", "reading an attribute takes no arguments")
+        return self.allowlist.resolve_attribute(target, op.name)
 
+    def _run_method(self, op: Op, call: _Call, target: Any, target_text: str,
+                    family: str | None) -> Any:
+        assert op.target is not None
+        call.operation = f"{family}.{op.name}" if family else op.name
+        mutating = self.allowlist.is_mutating(target, op.name)
+        touched = touched_by(target, op.name) if mutating else []
+        shared = self._shared_name(op.target, touched)
+        method = self.allowlist.resolve_method(target, op.name, shared=shared or False)
+        args, kwargs, arguments = self._arguments(op, call, torch=family in _TORCH_FAMILIES)
+        call.text = lineage.method(target_text, op.name, arguments)
+        self.allowlist.check_arguments(method, args, kwargs)
+        value = method(*args, **kwargs)
+        if mutating:
+            shown = ", ".join(arguments)
+            note = f"{call.operation}({shown if len(shown) <= 40 else '…'})"
+            self._note_modified(op.target, touched, note, call.sources)
+        return value
+
+    def _run_call(self, op: Op, call: _Call, target: Any, target_text: str,
+                  family: str | None) -> Any:
+        assert op.target is not None
         call.operation = "Module.forward" if family == "Module" else "call"
         mutating = self.allowlist.call_mutates(target)
-        touched = list(_footprint(target)) if mutating else []
+        touched = list(footprint(target)) if mutating else []
         self.allowlist.check_call(target, shared=self._shared_name(op.target, touched) or False)
         args, kwargs, arguments = self._arguments(op, call, torch=True)
+        call.text = lineage.call(target_text, arguments)
         self.allowlist.check_arguments(target, args, kwargs)
-        text = lineage.call(target_text, arguments)
         value = target(*args, **kwargs)
         if mutating:
             self._note_modified(op.target, touched, f"{call.operation}()", call.sources)
-        return value, text
+        return value
 
     def _arguments(
         self, op: Op, call: _Call, *, torch: bool
@@ -343,7 +326,7 @@ class Executor:
             return value, lineage.scalar(value)
         if isinstance(value, np.ndarray):
             return value, lineage.array("array", str(value.dtype), value.shape)
-        if _is_tensor(value):
+        if is_tensor(value):
             return value, lineage.array("tensor", str(value.dtype), value.shape)
         raise _Failure("BadArgument", f"cannot use a {type(value).__name__} as an argument")
 
@@ -376,14 +359,7 @@ class Executor:
         sharing its memory, so provenance stays complete."""
         for ref, tensor, version in call.versions:
             if tensor._version != version:
-                self._note_modified(ref, list(_footprint(tensor)), call.operation, call.sources)
-    def _touched(self, target: Any, name: str) -> list[tuple[int, int]]:
-        """Memory a mutating method changes: ``backward`` writes the grads of the graph's
-        leaves, a module or optimizer changes its parameters, anything else itself."""
-        if name == "backward" and _is_tensor(target):
-            return [span for leaf in _graph_leaves(target) for span in _footprint(leaf)]
-        return list(_footprint(target))
-
+                self._note_modified(ref, list(footprint(tensor)), call.operation, call.sources)
     def _shared_name(
         self, ref: PointerRef | StoreRef, touched: list[tuple[int, int]]
     ) -> str | None:
@@ -398,9 +374,9 @@ class Executor:
     def _protect_result(self, value: Any) -> None:
         """A numpy view of shared memory (e.g. ``t.numpy()`` of a shared tensor) becomes
         read-only, so no positional ``out`` argument can write through it."""
-        for item in _contents(value):
+        for item in contents(value):
             if isinstance(item, np.ndarray) and item.flags.writeable:
-                block = _allocation(item)
+                block = allocation(item)
                 if block is not None and self._intervals.find(*block) is not None:
                     item.flags.writeable = False
 
@@ -411,7 +387,7 @@ class Executor:
         """Note the in-place change in the lineage of every entry it reached (a trained
         model's lineage names the training steps and their data), and recount their memory."""
         note = f"{operation} using {', '.join(sorted(sources))}" if sources else operation
-        touched_index = _Intervals({"": _Shared(None, touched)})
+        touched_index = Intervals({"": Shared(None, touched)})
         for entry_id, entry in self._entries.items():
             reached = (isinstance(ref, PointerRef) and ref.id == entry_id) or any(
                 touched_index.find(start, size) is not None
@@ -419,52 +395,30 @@ class Executor:
             )
             if reached:
                 entry.note_modification(note, frozenset(sources))
-                self._release(entry_id)
-                entry.nbytes = self._account(entry_id, entry.value, enforce=False)
-                self._footprints[entry_id] = list(_footprint(entry.value))
+                self._budget.release(entry_id)
+                entry.nbytes = self._budget.account(entry_id, entry.value, self._intervals,
+                                                    enforce=False)
+                self._footprints[entry_id] = list(footprint(entry.value))
 
-    # -- memory budget ------------------------------------------------------------------------
-    def _account(self, entry_id: int, value: Any, *, enforce: bool = True) -> int:
-        """Count ``value``'s memory blocks (each once, however many entries share it) and
-        refuse a result that would exceed the budget. Shared memory is not counted."""
-        blocks = {
-            start: size for start, size in _buffer_sizes(value).items()
-            if self._intervals.find(start, size) is None
-        }
-        added = sum(size for start, size in blocks.items() if start not in self._held)
-        if enforce and self.memory_budget is not None and self._used + added > self.memory_budget:
+    def _account(self, entry_id: int, value: Any) -> int:
+        try:
+            return self._budget.account(entry_id, value, self._intervals)
+        except OverBudget as exc:
             raise _Failure(
                 "BudgetExceeded",
                 "the result would exceed the owner's memory budget for this session; "
                 "free pointers you no longer need",
-                # sizes of results depend on data: only the owner's log has them
-                error=f"the result needs {added} more bytes; {self._used} of "
-                f"{self.memory_budget} bytes are in use",
-            )
-        for start, size in blocks.items():
-            held = self._held.setdefault(start, [0, 0])
-            if size > held[0]:
-                self._used += size - held[0]
-                held[0] = size
-            held[1] += 1
-        self._allocations[entry_id] = list(blocks.items())
-        return sum(blocks.values())
-
-    def _release(self, entry_id: int) -> None:
-        for start, _ in self._allocations.pop(entry_id, []):
-            held = self._held[start]
-            held[1] -= 1
-            if held[1] == 0:
-                self._used -= held[0]
-                del self._held[start]
+                error=str(exc),  # sizes of results depend on data: only the owner's log
+            ) from None
 
     # -- reporting ----------------------------------------------------------------------------
     def _report(
-        self, op: Op, operation: str, failure: _Failure, *, policy: bool = False,
-        store: bool = True, sources: set[str] | None = None,
+        self, op: Op, call: _Call, failure: _Failure, *, policy: bool = False,
+        store: bool = True,
     ) -> OpFailed:
         """Record a failed op. Its entry keeps every shared source the inputs had (a failure
         is data derived from them) and a lineage naming the operation."""
+        operation = call.operation
         message = OpFailed(
             result=op.result, operation=operation, error_type=failure.error_type,
             policy=policy, detail=failure.detail,
@@ -472,8 +426,8 @@ class Executor:
         if store:
             error = failure.error if failure.error.startswith(failure.error_type) else (
                 f"{failure.error_type}: {failure.error}")
-            self._entries[op.result] = Entry(None, f"{operation}(…)", 0, message, error,
-                                             sources=frozenset(sources or ()))
+            self._entries[op.result] = Entry(None, call.text or f"{operation}(…)", 0, message,
+                                             error, sources=frozenset(call.sources))
         if policy:
             self._events.refused(operation, failure.detail, op.result)
         else:
@@ -485,44 +439,15 @@ class Executor:
 class _Call:
     operation: str  # what failure reports name: refined once the target's family is known
     sources: set[str] = field(default_factory=set)  # shared objects among the inputs
+    text: str = ""  # the lineage, once the arguments are known
     # tensors among the arguments with their version counters before the call
     versions: list[tuple[PointerRef, Any, int]] = field(default_factory=list)
 
     def note_input(self, ref: PointerRef, value: Any) -> None:
         items = value if isinstance(value, (list, tuple)) else (value,)
         for item in items:
-            if _is_tensor(item):
+            if is_tensor(item):
                 self.versions.append((ref, item, item._version))
-
-
-# -- memory: what an object holds -----------------------------------------------------------
-def _torch() -> Any:
-    """torch if the process already imported it; an owner sharing only numpy never does."""
-    return sys.modules.get("torch")
-
-
-def _is_tensor(value: Any) -> bool:
-    torch = _torch()
-    return torch is not None and isinstance(value, torch.Tensor)
-
-
-def _protected(value: Any, depth: int) -> Any:
-    """The form in which an object is shared: read-only numpy views, detached tensors."""
-    if depth > MAX_VALUE_DEPTH:
-        raise ValueError("the shared object is nested too deeply")
-    if isinstance(value, np.ndarray):
-        view = value.view()
-        view.flags.writeable = False
-        return view
-    if _is_tensor(value):
-        return value.detach()  # same memory, but no gradient can flow into the owner's tensor
-    if type(value) is list:
-        return [_protected(v, depth + 1) for v in value]
-    if type(value) is tuple:
-        return tuple(_protected(v, depth + 1) for v in value)
-    if type(value) is dict:
-        return {k: _protected(v, depth + 1) for k, v in value.items()}
-    return value
 
 
 def _materialized(value: Any) -> Any:
@@ -530,103 +455,3 @@ def _materialized(value: Any) -> Any:
     if isinstance(value, (types.GeneratorType, KeysView, ValuesView, ItemsView)):
         return list(value)
     return value
-
-
-def _contents(value: Any) -> Iterator[Any]:
-    """Arrays, tensors (with their grads), modules, optimizers and schedulers inside
-    ``value``, bounded in depth and item count."""
-    torch = _torch()
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    seen: set[int] = set()
-    budget = _WALK_LIMIT
-    while stack and budget > 0:
-        item, depth = stack.pop()
-        budget -= 1
-        if id(item) in seen or depth > MAX_VALUE_DEPTH:
-            continue
-        seen.add(id(item))
-        if isinstance(item, np.ndarray):
-            yield item
-        elif isinstance(item, (list, tuple)):
-            stack.extend((v, depth + 1) for v in item)
-        elif isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif torch is None:
-            continue
-        elif isinstance(item, torch.Tensor):
-            yield item
-            if item.is_leaf and item.grad is not None:
-                yield item.grad
-        elif isinstance(item, torch.nn.Module):
-            yield from item.modules()
-            stack.extend((t, depth + 1) for t in item.parameters())
-            stack.extend((t, depth + 1) for t in item.buffers())
-        elif isinstance(item, torch.optim.Optimizer):
-            yield item
-            for group in item.param_groups:
-                stack.extend((p, depth + 1) for p in group["params"])
-            for state in item.state.values():
-                stack.extend((v, depth + 1) for v in state.values())
-        elif isinstance(item, torch.optim.lr_scheduler.LRScheduler):
-            yield item
-            stack.append((item.optimizer, depth + 1))
-
-
-def _allocation(item: Any) -> tuple[int, int] | None:
-    """(start address, size) of the memory block behind an array or tensor."""
-    if isinstance(item, np.ndarray):
-        root = item
-        while isinstance(root.base, np.ndarray):
-            root = root.base
-        if _is_tensor(root.base):  # tensor.numpy() aliases the tensor's storage
-            return _allocation(root.base)
-        if root.nbytes == 0:
-            return None
-        low, high = byte_bounds(root)
-        return int(low), int(high - low)
-    if _is_tensor(item):
-        try:
-            storage = item.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
-            return None
-        size = storage.nbytes()
-        return (int(storage.data_ptr()), int(size)) if size else None
-    return None
-
-
-def _footprint(value: Any) -> Iterator[tuple[int, int]]:
-    """Memory intervals that identify ``value``: data blocks, plus the objects themselves
-    for modules and optimizers (whose mode and settings are state too)."""
-    for item in _contents(value):
-        block = _allocation(item)
-        if block is not None:
-            yield block
-        elif not isinstance(item, np.ndarray) and not _is_tensor(item):
-            yield id(item), 1  # a live object's address is inside no other live block
-
-
-def _buffer_sizes(value: Any) -> dict[int, int]:
-    """Data blocks held by ``value``, start -> size, for the memory budget."""
-    blocks: dict[int, int] = {}
-    for item in _contents(value):
-        block = _allocation(item)
-        if block is not None:
-            blocks[block[0]] = max(block[1], blocks.get(block[0], 0))
-    return blocks
-
-
-def _graph_leaves(tensor: Any) -> list[Any]:
-    """The leaf tensors whose ``.grad`` a ``backward`` from ``tensor`` would write."""
-    if tensor.grad_fn is None:
-        return [tensor] if tensor.requires_grad else []
-    leaves, seen, stack = [], set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if variable is not None:
-            leaves.append(variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return leaves

@@ -82,7 +82,7 @@ def function(qualname: str, arguments: list[str], *, subscript: bool = False) ->
         if short in INFIX and len(arguments) == 2:
             return cap(f"({arguments[0]} {INFIX[short]} {arguments[1]})")
         if short in PREFIX and len(arguments) == 1:
-            return cap(f"{PREFIX[short]}{arguments[0]}")
+            return cap(f"({PREFIX[short]}{arguments[0]})")
         if short == "getitem" and len(arguments) == 2:
             key = arguments[1][1:-1].removesuffix(",") if subscript else arguments[1]
             return cap(f"{arguments[0]}[{key}]")

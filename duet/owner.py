@@ -61,6 +61,7 @@ class OwnerSession(Session):
         self._summary = self.allowlist.describe()  # what the researcher is told is allowed
         self.memory_budget = memory_budget
         self.audit = AuditLog(audit_path)
+        self._audit = self.audit.bind(self.session_id)
         self.requests = RequestQueue(self._send_decision, self._rule_failed)
         self._shared: dict[str, p.StoreEntry] = {}
         # name -> (share message, buffers, sealed memory): sent again to a restarted worker
@@ -78,7 +79,7 @@ class OwnerSession(Session):
         self._families: dict[str, str | None] = {}  # shared name -> its type family
         # request id -> its snapshot (and the frozen bytes when they came inline)
         self._snapshots: dict[str, tuple[Snapshot, Encoded | None]] = {}
-        self.audit.record("session_started", session=self.session_id)
+        self._audit.record("session_started")
         self._worker: WorkerProcess | None = self._start_worker()
 
     @property
@@ -113,7 +114,7 @@ class OwnerSession(Session):
             old[2].close()
         self._shared[name] = entry
         self._families[name] = self.allowlist.family(obj)
-        self.audit.record("share", session=self.session_id, name=name, type=entry.type,
+        self._audit.record("share", name=name, type=entry.type,
                           shape=entry.shape, dtype=entry.dtype, description=description)
         self._publish_store()
 
@@ -128,7 +129,7 @@ class OwnerSession(Session):
                 self._worker.submit("unshare", name=name)
         if sealed is not None:
             sealed.close()  # the worker keeps its mapping until it lets go of the object
-        self.audit.record("unshare", session=self.session_id, name=name)
+        self._audit.record("unshare", name=name)
         self._publish_store()
 
     def allow(self, *names: str, mutating: bool = False) -> None:
@@ -145,7 +146,7 @@ class OwnerSession(Session):
         self._publish_allowlist("deny", names)
 
     def _publish_allowlist(self, change: str, names: tuple[str, ...]) -> None:
-        self.audit.record("allowlist_changed", session=self.session_id, change=change,
+        self._audit.record("allowlist_changed", change=change,
                           names=list(names))
         self._summary = self.allowlist.describe()
         with self._worker_lock:
@@ -215,7 +216,7 @@ class OwnerSession(Session):
                 self._crashes += 1
             stopped = crashed and self._crashes > self.config.max_worker_restarts
             self._worker = None if stopped else self._start_worker()
-        self.audit.record("worker_restarted", session=self.session_id, reason=reason,
+        self._audit.record("worker_restarted", reason=reason,
                           crashed=crashed, stopped=stopped, crashes=self._crashes)
         log.warning("duet: the worker %s: %s", "stopped" if stopped else "restarted", reason)
         for request in self.requests.pending:
@@ -233,9 +234,7 @@ class OwnerSession(Session):
     def worker_done(self, done: Done) -> None:
         if done.events:
             try:
-                self.audit.record_many(
-                    [(event, {**fields, "session": self.session_id})
-                     for event, fields in done.events], sync=False)
+                self._audit.record_many(done.events, sync=False)
             except (ValueError, TypeError, KeyError) as exc:
                 self._worker_misbehaved(f"bad audit events: {exc}")
         if done.shared_modified:
@@ -253,8 +252,8 @@ class OwnerSession(Session):
             sources=frozenset(snapshot.sources), info=info, preview=snapshot.preview,
             sha256=snapshot.sha256, failed=snapshot.failed)
         # No message follows yet; the decision's synced write makes this durable first.
-        self.audit.record_many([("request", {
-            "session": self.session_id, "request_id": request.id,
+        self._audit.record_many([("request", {
+            "request_id": request.id,
             "pointer_id": snapshot.pointer_id, "lineage": request.lineage,
             "reason": request.reason, "sources": sorted(request.sources),
             "sha256": request.sha256 or None, "nbytes": snapshot.nbytes or None,
@@ -270,8 +269,7 @@ class OwnerSession(Session):
         reason = self._reasons.pop(failed.request_id, "")
         request = self._awaiting_release.pop(failed.request_id, None)
         if request is None:
-            self.audit.record("request", session=self.session_id,
-                              request_id=failed.request_id, reason=reason,
+            self._audit.record("request", request_id=failed.request_id, reason=reason,
                               refused=failed.reason)
         self._answer_error(failed.request_id, failed.reason)
 
@@ -301,7 +299,7 @@ class OwnerSession(Session):
         return self._summary
 
     def _on_peer_ready(self, hello: p.Hello) -> None:
-        self.audit.record("peer_authenticated", session=self.session_id, software=hello.software)
+        self._audit.record("peer_authenticated", software=hello.software)
         self._send(p.StoreSnapshot(entries=list(self._shared.values())))
 
     def _handle(self, message: p.Message, raw: Encoded) -> None:
@@ -345,8 +343,8 @@ class OwnerSession(Session):
             refusals = [p.OpFailed(result=op.result, operation=op.name, error_type="Stopped",
                                    policy=True, detail=stopped) for op in message.ops]
         if refusals:
-            self.audit.record_many([("op_refused", {
-                "session": self.session_id, "operation": f.operation, "pointer_id": f.result,
+            self._audit.record_many([("op_refused", {
+                "operation": f.operation, "pointer_id": f.result,
                 "policy": f.detail}) for f in refusals])
             for refusal in refusals:
                 self._send(refusal)
@@ -378,8 +376,7 @@ class OwnerSession(Session):
         self._reasons[message.request_id] = message.reason
         if not self._forward(raw):
             self._reasons.pop(message.request_id, None)
-            self.audit.record("request", session=self.session_id,
-                              request_id=message.request_id, reason=message.reason,
+            self._audit.record("request", request_id=message.request_id, reason=message.reason,
                               refused="the owner's worker is stopped")
             self._answer_error(message.request_id, "the owner's worker is stopped")
 
@@ -393,21 +390,21 @@ class OwnerSession(Session):
         if not self.connected:
             raise RequestError(f"the researcher has left; nothing was sent for {request.id}")
         snapshot, encoded = self._snapshots.pop(request.id, (None, None))
-        decided = ("decision", {"session": self.session_id, "request_id": request.id,
+        decided = ("decision", {"request_id": request.id,
                                 "status": request.status, "by": request.decided_by,
                                 "reason": request.decision_reason})
         if request.status != "approved" or snapshot is None:
-            self.audit.record_many([decided])
+            self._audit.record_many([decided])
             self._send(p.Decision(request_id=request.id, status="denied",
                                   reason=request.decision_reason))
             self._drop(request.id)
             return
         if snapshot.failed:
-            self.audit.record_many([decided])
+            self._audit.record_many([decided])
             self._send(p.Decision(request_id=request.id, status="failed",
                                   operation=snapshot.operation, error_type=snapshot.error_type))
             return
-        self.audit.record_many([decided], sync=False)
+        self._audit.record_many([decided], sync=False)
         if encoded is not None:
             self._send_value(request, encoded)
             return
@@ -424,13 +421,13 @@ class OwnerSession(Session):
         header, buffers = encoded
         digest = sha256_of([header, *buffers])
         if digest != request.sha256:
-            self.audit.record("protocol_error", session=self.session_id,
-                              request_id=request.id, message="released bytes do not match "
-                              "the snapshot's hash; nothing was sent")
+            self._audit.record("protocol_error", request_id=request.id,
+                               message="released bytes do not match the snapshot's hash; "
+                               "nothing was sent")
             self._answer_error(request.id, "the value could not be released")
             self._worker_misbehaved("released bytes that do not match their snapshot")
             return
-        self.audit.record("value_sent", session=self.session_id, request_id=request.id,
+        self._audit.record("value_sent", request_id=request.id,
                           nbytes=len(header) + sum(b.nbytes for b in buffers), sha256=digest)
         self._send((header, buffers))
 
@@ -440,15 +437,15 @@ class OwnerSession(Session):
                 self._worker.submit("drop", answered=False, request_id=request_id)
 
     def _rule_failed(self, rule: Rule, request: Request, error: Exception) -> None:
-        self.audit.record("rule_error", session=self.session_id, request_id=request.id,
+        self._audit.record("rule_error", request_id=request.id,
                           rule=str(rule), error=repr(error))
 
     def _record_protocol_error(self, message: str) -> None:
-        self.audit.record("protocol_error", session=self.session_id, message=message)
+        self._audit.record("protocol_error", message=message)
 
     def _peer_gone(self, reason: str) -> None:
         self.requests.close("the researcher has left")
-        self.audit.record("disconnect", session=self.session_id, reason=reason)
+        self._audit.record("disconnect", reason=reason)
 
     async def _close_signaling(self) -> None:
         if self._signaling is not None:
@@ -466,7 +463,7 @@ class OwnerSession(Session):
         for _, _, sealed in self._share_messages.values():
             if sealed is not None:
                 sealed.close()
-        self.audit.record("session_closed", session=self.session_id)
+        self._audit.record("session_closed")
         self.audit.close()
 
     def __repr__(self) -> str:

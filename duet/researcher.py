@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import logging
 import secrets
 import threading
 from collections import deque
@@ -32,6 +33,8 @@ from .session import Encoded, Session
 from .store import Store
 
 __all__ = ["ResearcherSession"]
+
+log = logging.getLogger(__name__)
 
 
 class ResearcherSession(Session):
@@ -82,8 +85,8 @@ class ResearcherSession(Session):
             return
         try:
             self._enqueue(p.Free(ids=[pointer_id]))
-        except DuetError:
-            pass
+        except DuetError as exc:  # the connection went meanwhile: the owner frees it all
+            log.debug("free of #%d not sent: %s", pointer_id, exc)
 
     def check(self, pointer_id: int) -> None:
         """Raise what the owner told us about this object: a refusal, or a restart."""
@@ -110,8 +113,8 @@ class ResearcherSession(Session):
             future.set_exception(RequestError(f"request {request_id} was withdrawn"))
         try:
             self._enqueue(p.Withdraw(request_id=request_id))
-        except DuetError:
-            pass
+        except DuetError as exc:  # nothing to withdraw from: the owner's queue closed too
+            log.debug("withdrawal of %s not sent: %s", request_id, exc)
 
     # -- the outbox -----------------------------------------------------------------------
     def _enqueue(self, item: p.Op | BaseModel) -> None:
@@ -150,8 +153,8 @@ class ResearcherSession(Session):
                 self._send(p.Ops(ops=batch))
             if freed:
                 self._send(p.Free(ids=freed))
-        except DuetError:
-            pass  # the connection went away: pending calls fail with ConnectionLost
+        except DuetError as exc:  # pending calls fail with ConnectionLost
+            log.debug("flush stopped, the connection went away: %s", exc)
 
     # -- protocol (loop thread) -----------------------------------------------------------
     def _on_peer_ready(self, hello: p.Hello) -> None:

@@ -148,8 +148,8 @@ class Session:
         if transport is not None and not transport.closed:
             try:
                 await asyncio.wait_for(self._send_and_wait(p.Bye(reason=reason)), 2)
-            except (DuetError, asyncio.TimeoutError):
-                pass
+            except (DuetError, asyncio.TimeoutError) as exc:
+                log.debug("%s: bye not sent: %r", self.role, exc)
             await transport.close()
         for task in self._tasks:
             task.cancel()
@@ -247,8 +247,8 @@ class Session:
         """An urgent message that may find the connection gone."""
         try:
             self._send(message, urgent=True)
-        except DuetError:
-            pass
+        except DuetError as exc:
+            log.debug("%s: %s not sent: %s", self.role, type(message).__name__, exc)
 
     def _record_protocol_error(self, message: str) -> None:
         """The owner writes it to the audit log."""

@@ -358,3 +358,19 @@ def test_traffic_keeps_flowing_while_the_owner_computes(pair: Pair) -> None:
     assert not handle.done
     assert owner.connected and researcher.connected
     assert isinstance(handle.result(120), float)
+
+
+def test_researcher_and_owner_read_the_same_lineage(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(12.0).reshape(3, 4), name="x")
+    x = researcher.store.wait_for("x", 5)
+    expressions = [
+        researcher.np.mean(x * 2, axis=0), -x[0, 1:3], abs(x[..., ::2]) @ x[:2],
+        x.astype(float).sum(), researcher.np.concatenate([x, x[:1]]), (1 - x) / 3,
+        researcher.np.where(x > 5, x, 0.5), x.reshape((4, 3)).T[1],
+    ]
+    for pointer in expressions:
+        handle = pointer.request("same text?")
+        request = owner.requests.wait(10)
+        assert request is not None and request.lineage == handle.lineage == pointer.lineage
+        request.deny()

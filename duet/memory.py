@@ -1,0 +1,254 @@
+"""What an object holds in memory, and the two guards built on it.
+
+The executor uses this to protect shared data (a mutating method is refused on anything whose
+memory overlaps a shared object's) and to keep the researcher's objects within the owner's
+memory budget (each memory block counted once, however many objects share it; shared memory
+is not counted). In the worker, shared arrays and tensors are also mapped read-only, so these
+checks give clear refusals; the mapping is what makes a write impossible.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .protocol import MAX_VALUE_DEPTH
+
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # numpy < 2
+    from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
+
+__all__ = [
+    "Intervals",
+    "MemoryBudget",
+    "OverBudget",
+    "Shared",
+    "allocation",
+    "buffer_sizes",
+    "contents",
+    "footprint",
+    "is_tensor",
+    "protected",
+    "touched_by",
+]
+
+_WALK_LIMIT = 100_000  # container items inspected when looking for arrays
+
+
+@dataclass
+class Shared:
+    value: Any
+    footprint: list[tuple[int, int]]
+
+
+class Intervals:
+    """Memory intervals of shared objects, answering "does [start, end) overlap one?" fast."""
+
+    def __init__(self, shared: dict[str, Shared]) -> None:
+        spans = sorted(
+            (start, start + size, name)
+            for name, item in shared.items()
+            for start, size in item.footprint
+        )
+        self._starts = [s for s, _, _ in spans]
+        self._spans = spans
+        self._max_end: list[int] = []
+        for _, end, _ in spans:
+            self._max_end.append(max(end, self._max_end[-1]) if self._max_end else end)
+
+    def find(self, start: int, size: int) -> str | None:
+        end = start + size
+        i = bisect.bisect_left(self._starts, end) - 1
+        while i >= 0 and self._max_end[i] > start:
+            if self._spans[i][1] > start:
+                return self._spans[i][2]
+            i -= 1
+        return None
+
+
+class OverBudget(Exception):
+    """A result would take the researcher's objects past the memory budget."""
+
+    def __init__(self, added: int, used: int, budget: int) -> None:
+        super().__init__(f"the result needs {added} more bytes; {used} of {budget} bytes "
+                         "are in use")
+
+
+class MemoryBudget:
+    """Bytes held by the researcher's objects; each block counted once while referenced."""
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+        self.used = 0
+        self._held: dict[int, list[int]] = {}  # allocation start -> [size, reference count]
+        self._allocations: dict[int, list[tuple[int, int]]] = {}  # entry id -> its blocks
+
+    def account(self, entry_id: int, value: Any, shared: Intervals, *,
+                enforce: bool = True) -> int:
+        """Count ``value``'s blocks for ``entry_id``; raise ``OverBudget`` (counting nothing)
+        if they would not fit. Returns the bytes the value holds."""
+        blocks = {start: size for start, size in buffer_sizes(value).items()
+                  if shared.find(start, size) is None}
+        added = sum(size for start, size in blocks.items() if start not in self._held)
+        if enforce and self.budget is not None and self.used + added > self.budget:
+            raise OverBudget(added, self.used, self.budget)
+        for start, size in blocks.items():
+            held = self._held.setdefault(start, [0, 0])
+            if size > held[0]:
+                self.used += size - held[0]
+                held[0] = size
+            held[1] += 1
+        self._allocations[entry_id] = list(blocks.items())
+        return sum(blocks.values())
+
+    def release(self, entry_id: int) -> None:
+        for start, _ in self._allocations.pop(entry_id, []):
+            held = self._held[start]
+            held[1] -= 1
+            if held[1] == 0:
+                self.used -= held[0]
+                del self._held[start]
+
+
+def touched_by(target: Any, name: str) -> list[tuple[int, int]]:
+    """Memory a mutating method changes: ``backward`` writes the grads of the graph's
+    leaves, a module or optimizer changes its parameters, anything else itself."""
+    if name == "backward" and is_tensor(target):
+        return [span for leaf in _graph_leaves(target) for span in footprint(leaf)]
+    return list(footprint(target))
+
+
+# -- what an object holds -----------------------------------------------------------
+def _torch() -> Any:
+    """torch if the process already imported it; an owner sharing only numpy never does."""
+    return sys.modules.get("torch")
+
+
+def is_tensor(value: Any) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def protected(value: Any, depth: int) -> Any:
+    """The form in which an object is shared: read-only numpy views, detached tensors."""
+    if depth > MAX_VALUE_DEPTH:
+        raise ValueError("the shared object is nested too deeply")
+    if isinstance(value, np.ndarray):
+        view = value.view()
+        view.flags.writeable = False
+        return view
+    if is_tensor(value):
+        return value.detach()  # same memory, but no gradient can flow into the owner's tensor
+    if type(value) is list:
+        return [protected(v, depth + 1) for v in value]
+    if type(value) is tuple:
+        return tuple(protected(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return {k: protected(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def contents(value: Any) -> Iterator[Any]:
+    """Arrays, tensors (with their grads), modules, optimizers and schedulers inside
+    ``value``, bounded in depth and item count."""
+    torch = _torch()
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    seen: set[int] = set()
+    budget = _WALK_LIMIT
+    while stack and budget > 0:
+        item, depth = stack.pop()
+        budget -= 1
+        if id(item) in seen or depth > MAX_VALUE_DEPTH:
+            continue
+        seen.add(id(item))
+        if isinstance(item, np.ndarray):
+            yield item
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif torch is None:
+            continue
+        elif isinstance(item, torch.Tensor):
+            yield item
+            if item.is_leaf and item.grad is not None:
+                yield item.grad
+        elif isinstance(item, torch.nn.Module):
+            yield from item.modules()
+            stack.extend((t, depth + 1) for t in item.parameters())
+            stack.extend((t, depth + 1) for t in item.buffers())
+        elif isinstance(item, torch.optim.Optimizer):
+            yield item
+            for group in item.param_groups:
+                stack.extend((p, depth + 1) for p in group["params"])
+            for state in item.state.values():
+                stack.extend((v, depth + 1) for v in state.values())
+        elif isinstance(item, torch.optim.lr_scheduler.LRScheduler):
+            yield item
+            stack.append((item.optimizer, depth + 1))
+
+
+def allocation(item: Any) -> tuple[int, int] | None:
+    """(start address, size) of the memory block behind an array or tensor."""
+    if isinstance(item, np.ndarray):
+        root = item
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        if is_tensor(root.base):  # tensor.numpy() aliases the tensor's storage
+            return allocation(root.base)
+        if root.nbytes == 0:
+            return None
+        low, high = byte_bounds(root)
+        return int(low), int(high - low)
+    if is_tensor(item):
+        try:
+            storage = item.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+            return None
+        size = storage.nbytes()
+        return (int(storage.data_ptr()), int(size)) if size else None
+    return None
+
+
+def footprint(value: Any) -> Iterator[tuple[int, int]]:
+    """Memory intervals that identify ``value``: data blocks, plus the objects themselves
+    for modules and optimizers (whose mode and settings are state too)."""
+    for item in contents(value):
+        block = allocation(item)
+        if block is not None:
+            yield block
+        elif not isinstance(item, np.ndarray) and not is_tensor(item):
+            yield id(item), 1  # a live object's address is inside no other live block
+
+
+def buffer_sizes(value: Any) -> dict[int, int]:
+    """Data blocks held by ``value``, start -> size, for the memory budget."""
+    blocks: dict[int, int] = {}
+    for item in contents(value):
+        block = allocation(item)
+        if block is not None:
+            blocks[block[0]] = max(block[1], blocks.get(block[0], 0))
+    return blocks
+
+
+def _graph_leaves(tensor: Any) -> list[Any]:
+    """The leaf tensors whose ``.grad`` a ``backward`` from ``tensor`` would write."""
+    if tensor.grad_fn is None:
+        return [tensor] if tensor.requires_grad else []
+    leaves, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None:
+            leaves.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
