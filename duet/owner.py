@@ -404,10 +404,10 @@ class OwnerSession(Session):
             self._send(p.Decision(request_id=request.id, status="failed",
                                   operation=snapshot.operation, error_type=snapshot.error_type))
             return
-        self._audit.record_many([decided], sync=False)
-        if encoded is not None:
-            self._send_value(request, encoded)
+        if encoded is not None:  # one synced transaction: the decision, then what is sent
+            self._send_value(request, encoded, decided)
             return
+        self._audit.record_many([decided], sync=False)
         with self._worker_lock:
             worker = self._worker
             if worker is not None:
@@ -416,19 +416,23 @@ class OwnerSession(Session):
         if worker is None:
             self._answer_error(request.id, "the owner's worker stopped; ask again")
 
-    def _send_value(self, request: Request, encoded: Encoded) -> None:
+    def _send_value(self, request: Request, encoded: Encoded,
+                    decided: tuple[str, dict[str, Any]] | None = None) -> None:
         """Send the frozen bytes, only if they are exactly what the owner saw hashed."""
         header, buffers = encoded
         digest = sha256_of([header, *buffers])
+        before = [decided] if decided is not None else []
         if digest != request.sha256:
+            self._audit.record_many(before)
             self._audit.record("protocol_error", request_id=request.id,
                                message="released bytes do not match the snapshot's hash; "
                                "nothing was sent")
             self._answer_error(request.id, "the value could not be released")
             self._worker_misbehaved("released bytes that do not match their snapshot")
             return
-        self._audit.record("value_sent", request_id=request.id,
-                          nbytes=len(header) + sum(b.nbytes for b in buffers), sha256=digest)
+        self._audit.record_many([*before, ("value_sent", {
+            "request_id": request.id, "nbytes": len(header) + sum(b.nbytes for b in buffers),
+            "sha256": digest})])
         self._send((header, buffers))
 
     def _drop(self, request_id: str) -> None:
