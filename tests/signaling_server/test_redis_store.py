@@ -26,7 +26,8 @@ from .conftest import Connect
 
 
 @contextlib.contextmanager
-def replicas(redis: RedisServer, count: int, **flags: Any) -> Iterator[list[SignalingServerProcess]]:
+def replicas(redis: RedisServer, count: int,
+             **flags: Any) -> Iterator[list[SignalingServerProcess]]:
     """``count`` duet-signaling processes on one Redis."""
     with contextlib.ExitStack() as stack:
         servers = []
