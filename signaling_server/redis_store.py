@@ -124,9 +124,11 @@ class RedisRoomStore:
     kind = "redis"
 
     def __init__(self, url: str, max_rooms: int, tombstone_ttl: float) -> None:
+        # Each waiting peer holds one connection in a blocking pop: size the pool for every
+        # open room's two peers (Redis's own maxclients, 10,000 by default, bounds it too).
         self.redis: aioredis.Redis = aioredis.from_url(
             url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10,
-            health_check_interval=10)
+            health_check_interval=10, max_connections=2 * max_rooms + 64)
         self._max_rooms = max_rooms
         self._tombstone_ttl = tombstone_ttl
         self._create = self.redis.register_script(_CREATE)
