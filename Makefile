@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-deps bench lint container-test clean
+.PHONY: venv demo lab test test-deps bench lint container-test clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,15 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(PY) -m duet.demo
+
+# JupyterLab on 127.0.0.1 with the demo notebooks: open owner.ipynb and researcher.ipynb side
+# by side and run them top to bottom. DUET_LAB_PORT picks the port (default 8888).
+lab: venv
+	@$(PY) -c "import jupyterlab" 2>/dev/null || $(PIP) install --quiet -e ".[lab]"
+	@echo "duet: open owner.ipynb and researcher.ipynb side by side and run them top to bottom"
+	$(VENV)/bin/jupyter lab --no-browser --ip 127.0.0.1 --port $${DUET_LAB_PORT:-8888} \
+		--ServerApp.port_retries=0 --ServerApp.root_dir=notebooks \
+		$$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # Real servers the tests start: Debian's redis-server (installed once, quietly, if missing).
 test-deps:
