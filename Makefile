@@ -30,13 +30,20 @@ lab: venv
 		--ServerApp.port_retries=0 --ServerApp.root_dir=notebooks \
 		$$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
-# Real servers the tests start: Debian's redis-server (installed once, quietly, if missing).
+# What the tests drive besides Python packages: Debian's redis-server (a real Redis) and
+# chromium (the browser test; Playwright from PyPI drives it, its own download cannot run
+# here). Installed once, quietly, if missing.
 test-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-		echo "installing redis-server (Debian package) for the tests"; \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing for the tests (Debian packages):$$missing"; \
 		apt-get update -qq >/dev/null && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 	@command -v redis-server >/dev/null 2>&1 || { echo "redis-server is still missing"; exit 1; }
+	@command -v chromium >/dev/null 2>&1 || { echo "chromium is still missing"; exit 1; }
 
 test: venv test-deps
 	$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
