@@ -79,6 +79,12 @@ def run_cells(page: Page, count: int, start_text: str | None = None) -> None:
         page.wait_for_timeout(150)
 
 
+def brightness(css_colour: str) -> float:
+    """0 (black) to 255 (white) for an ``rgb(...)``/``rgba(...)`` CSS colour."""
+    red, green, blue = (float(v) for v in re.findall(r"[\d.]+", css_colour)[:3])
+    return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
 def shot(page: Page, name: str, focus: str | None = None) -> None:
     """A screenshot for people; ``focus``: scroll to the output containing that text and
     take just that output."""
@@ -150,5 +156,15 @@ def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str) -> None:
             timeout=120_000)
         shot(owner, "5-owner-after-deny", focus="duet approval panel")
         shot(researcher, "6-researcher-denied", focus="no patient rows leave")
+
+        # the dark theme: the panel's text must stay light on the dark background
+        owner.get_by_role("menuitem", name="Settings").click()
+        owner.get_by_text("Theme", exact=True).hover()
+        owner.get_by_text("JupyterLab Dark", exact=True).click()
+        owner.wait_for_timeout(1500)
+        header = owner.locator(".widget-html", has_text="duet approval panel").first
+        colour = header.evaluate("e => getComputedStyle(e).color")
+        assert brightness(colour) > 150, colour  # light text: readable on the dark theme
+        shot(owner, "7-owner-dark-theme", focus="duet approval panel")
         browser.close()
     assert json.dumps(sorted(p.name for p in SHOTS.glob("*.png")))
