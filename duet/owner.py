@@ -31,7 +31,7 @@ import numpy as np
 
 from . import protocol as p
 from .approvals import Request, RequestQueue, Rule, ValueInfo, safe_text
-from .audit import AuditLog, sha256_of
+from .audit import EVENTS, AuditLog, sha256_of
 from .config import SessionConfig
 from .errors import DuetTimeout, PolicyViolation, ProtocolError, RequestError
 from .ipc import Done, RequestFailed, Snapshot, Usage
@@ -79,6 +79,9 @@ class OwnerSession(Session):
         self._families: dict[str, str | None] = {}  # shared name -> its type family
         # request id -> its snapshot (and the frozen bytes when they came inline)
         self._snapshots: dict[str, tuple[Snapshot, Encoded | None]] = {}
+        self._request_rows: dict[str, tuple[str, dict[str, Any]]] = {}  # audit rows to write
+        self._held_rows: list[tuple[str, dict[str, Any]]] = []  # see worker_done
+        self._rows_lock = threading.Lock()
         self._audit.record("session_started")
         self._worker: WorkerProcess | None = self._start_worker()
 
@@ -232,11 +235,15 @@ class OwnerSession(Session):
 
     # WorkerHooks: called on the worker's reader thread -------------------------------------
     def worker_done(self, done: Done) -> None:
-        if done.events:
-            try:
-                self._audit.record_many(done.events, sync=False)
-            except (ValueError, TypeError, KeyError) as exc:
-                self._worker_misbehaved(f"bad audit events: {exc}")
+        """Audit rows of finished work are held until the pipe goes quiet, or until a request
+        or decision is written, whichever comes first: then all go in one transaction, in
+        order (no message follows them, so they never wait for the disk)."""
+        unknown = sorted({event for event, _ in done.events if event not in EVENTS})
+        if unknown:
+            self._worker_misbehaved(f"unknown audit events {unknown}")
+        elif done.events:
+            with self._rows_lock:
+                self._held_rows.extend(done.events)
         if done.shared_modified:
             self._worker_misbehaved(f"shared object {done.shared_modified!r} changed inside "
                                     "the worker; it restarts from the owner's original")
@@ -251,19 +258,24 @@ class OwnerSession(Session):
             snapshot.request_id, ""), lineage=snapshot.lineage,
             sources=frozenset(snapshot.sources), info=info, preview=snapshot.preview,
             sha256=snapshot.sha256, failed=snapshot.failed)
-        # No message follows yet; the decision's synced write makes this durable first.
-        self._audit.record_many([("request", {
+        # Written with the decision when a rule decides at once (one transaction), else
+        # right after: no message follows it, so it need not wait for the disk either way.
+        self._request_rows[request.id] = ("request", {
             "request_id": request.id,
             "pointer_id": snapshot.pointer_id, "lineage": request.lineage,
             "reason": request.reason, "sources": sorted(request.sources),
             "sha256": request.sha256 or None, "nbytes": snapshot.nbytes or None,
-            "failed": request.failed or None})], sync=False)
+            "failed": request.failed or None})
         self._snapshots[snapshot.request_id] = (snapshot, encoded)
         try:
             self.requests.add(request)
         except RequestError as exc:
             self._snapshots.pop(snapshot.request_id, None)
             self._answer_error(snapshot.request_id, str(exc))
+        finally:
+            row = self._request_rows.pop(request.id, None)
+            if row is not None:
+                self._audit.record_many([*self._take_held_rows(), row], sync=False)
 
     def worker_request_failed(self, failed: RequestFailed) -> None:
         reason = self._reasons.pop(failed.request_id, "")
@@ -279,12 +291,23 @@ class OwnerSession(Session):
             return  # withdrawn meanwhile, or the session closed
         self._send_value(request, (header, buffers))
 
+    def worker_quiet(self) -> None:
+        rows = self._take_held_rows()
+        if rows:
+            self._audit.record_many(rows, sync=False)
+
+    def _take_held_rows(self) -> list[tuple[str, dict[str, Any]]]:
+        with self._rows_lock:
+            rows, self._held_rows = self._held_rows, []
+        return rows
+
     def worker_reported_usage(self, usage: Usage) -> None:
         self._last_usage = usage
         while self._usage_waiters:
             self._usage_waiters.pop(0).set()
 
     def worker_exited(self, reason: str, crashed: bool) -> None:
+        self.worker_quiet()
         if not self._stopping:
             self._restart(reason, crashed=crashed)
 
@@ -394,17 +417,18 @@ class OwnerSession(Session):
         if not self.connected:
             raise RequestError(f"the researcher has left; nothing was sent for {request.id}")
         snapshot, encoded = self._snapshots.pop(request.id, (None, None))
-        decided = ("decision", {"request_id": request.id,
-                                "status": request.status, "by": request.decided_by,
-                                "reason": request.decision_reason})
+        row = self._request_rows.pop(request.id, None)
+        decided = [*self._take_held_rows(), *([row] if row is not None else []), ("decision", {
+            "request_id": request.id, "status": request.status, "by": request.decided_by,
+            "reason": request.decision_reason})]
         if request.status != "approved" or snapshot is None:
-            self._audit.record_many([decided])
+            self._audit.record_many(decided)
             self._send(p.Decision(request_id=request.id, status="denied",
                                   reason=request.decision_reason))
             self._drop(request.id)
             return
         if snapshot.failed:
-            self._audit.record_many([decided])
+            self._audit.record_many(decided)
             self._send(p.Decision(request_id=request.id, status="failed",
                                   operation=snapshot.operation, error_type=snapshot.error_type,
                                   reason=snapshot.hint))
@@ -412,7 +436,7 @@ class OwnerSession(Session):
         if encoded is not None:  # one synced transaction: the decision, then what is sent
             self._send_value(request, encoded, decided)
             return
-        self._audit.record_many([decided], sync=False)
+        self._audit.record_many(decided, sync=False)
         with self._worker_lock:
             worker = self._worker
             if worker is not None:
@@ -422,11 +446,11 @@ class OwnerSession(Session):
             self._answer_error(request.id, "the owner's worker stopped; ask again")
 
     def _send_value(self, request: Request, encoded: Encoded,
-                    decided: tuple[str, dict[str, Any]] | None = None) -> None:
+                    decided: list[tuple[str, dict[str, Any]]] | None = None) -> None:
         """Send the frozen bytes, only if they are exactly what the owner saw hashed."""
         header, buffers = encoded
         digest = sha256_of([header, *buffers])
-        before = [decided] if decided is not None else []
+        before = decided or []
         if digest != request.sha256:
             self._audit.record_many(before)
             self._audit.record("protocol_error", request_id=request.id,
@@ -466,8 +490,10 @@ class OwnerSession(Session):
             worker, self._worker = self._worker, None
         if worker is not None:
             worker.kill("the session was closed", crashed=False)
+            worker.wait_exited(10)  # its reader has written what it held
 
     def _on_closed(self) -> None:
+        self.worker_quiet()
         self.requests.close("the session is closed")
         for _, _, sealed in self._share_messages.values():
             if sealed is not None:

@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -60,6 +61,8 @@ class WorkerHooks(Protocol):
     def worker_released(self, request_id: str, header: bytes,
                         buffers: list[memoryview]) -> None: ...
     def worker_reported_usage(self, usage: ipc.Usage) -> None: ...
+    def worker_quiet(self) -> None:
+        """Nothing more is waiting on the pipe right now (a moment to write what was held)."""
     def worker_exited(self, reason: str, crashed: bool) -> None: ...
 
 
@@ -163,6 +166,8 @@ class WorkerProcess:
                     break
                 header, buffers = frame
                 self._dispatch(ipc.parse_worker_message(header), buffers)
+                if not select.select([self._sock], [], [], 0)[0]:
+                    self._hooks.worker_quiet()
         except ProtocolError as exc:
             why = f"the worker sent a malformed message: {exc}"
             self.kill(why, crashed=True)
