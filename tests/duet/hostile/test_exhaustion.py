@@ -1,0 +1,189 @@
+"""Class 5: the owner's process survives anything the researcher sends.
+
+Hostile frames (deeply nested extension types, array headers whose shape overflows, a
+stream that claims exabytes), an allocation larger than the machine, endless operations the
+owner cancels, a segfaulting operation, 10,000 queued requests, and crashes past the
+owner's restart limit. The owner's kernel and session stay up throughout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.duet.hostile.peerkit import script
+from tests.helpers.peers import owner_and_researcher
+
+OWNER = script('''
+import threading
+import torch
+from tests.duet.hostile.peerkit import launch, serve, flag, flagged
+s = launch(max_worker_restarts=2)
+emit("code", s.code)
+s.share(np.array([7.25, 8.5, 9.75, 11.0, 12.5]), name="x")
+s.share(torch.arange(12.0).reshape(4, 3), name="W")
+assert s.wait_for_peer(60)
+cancels = []
+
+def owner_side():
+    for name in ("endless-numpy", "endless-torch"):
+        while not flagged(name):
+            time.sleep(0.02)
+        time.sleep(0.5)                    # the worker is deep inside the operation now
+        started = time.monotonic()
+        s.cancel()
+        cancels.append(time.monotonic() - started)
+        flag(name + "-cancelled")
+    while not flagged("flood-sent"):
+        time.sleep(0.05)
+    started = time.monotonic()
+    while sum(r.reason.startswith("flood") for r in list(s.requests)) < 10_000:
+        time.sleep(0.05)
+    emit("flood_seen_s", time.monotonic() - started)
+    flag("flood-seen")
+    s.requests.add_rule("deny", predicate=lambda q: q.reason.startswith("flood"),
+                        reason="enough")
+    flag("flood-denied")
+
+threading.Thread(target=owner_side, daemon=True).start()
+requests = serve(s, timeout=900)
+emit("cancel_s", cancels)
+emit("protocol_errors", len(s.audit.events(event="protocol_error")))
+restarts = s.audit.events(event="worker_restarted")
+emit("restarts", [[e.detail.get("crashed"), e.detail.get("reason", "")] for e in restarts])
+emit("worker_pid", s.worker_pid)
+emit("requests", len(s.requests))
+emit("connected", s.connected)
+''')
+
+RESEARCHER = script('''
+import struct
+import msgpack
+from tests.duet.hostile.peerkit import join, flag, flagged, outcome
+from tests.helpers.rawwire import send_header, send_frame, new_id
+r = join()
+out = {}
+
+def wait(name):
+    while not flagged(name):
+        time.sleep(0.02)
+
+def ops_header(args):
+    return msgpack.packb({"type": "ops", "ops": [
+        {"result": new_id(r), "kind": "function", "name": "numpy.sum", "args": args}]},
+        use_bin_type=True)
+
+# 1. hostile frames
+nested = msgpack.packb(None)
+for _ in range(600):                                      # ~1.8 KB of nested tuples
+    nested = msgpack.packb(msgpack.ExtType(3, nested))
+send_header(r, ops_header([msgpack.ExtType(3, nested)]))
+deep = b"\\x91" * 100_000 + b"\\xc0"                       # 100,000 nested msgpack arrays
+send_header(r, ops_header([msgpack.ExtType(3, deep)]))
+for shape in ([2**40, 2**40, 2**40], [2**63 - 1, 2], [-1, 8], [1] * 65):
+    header = msgpack.ExtType(8, msgpack.packb(["numpy", "float64", shape, 0]))
+    send_header(r, ops_header([header]), [b"\\0" * 8])
+for dtype in ("object", "V8", "O"):
+    header = msgpack.ExtType(8, msgpack.packb(["numpy", dtype, [1], 0]))
+    send_header(r, ops_header([header]), [b"\\0" * 8])
+send_frame(r, struct.pack("!BIIH", 2, 99, 10, 2) + struct.pack("!QQ", 2**62, 2**62))
+send_frame(r, struct.pack("!BIIH", 2, 98, 2**31, 0))     # a 2 GiB header
+send_header(r, ops_header([msgpack.ExtType(1, msgpack.packb(2**64 - 1))]))
+x = r.store["x"]
+out["after frames"] = outcome(lambda: r.np.sum(x).get("after frames", timeout=60))
+out["connected after frames"] = r.connected
+
+# 2. an allocation larger than the machine
+for name, build in [("np.ones 10**13", lambda: r.np.ones(10**13)),
+                    ("torch.ones 10**13", lambda: r.torch.ones(10**13)),
+                    ("np.zeros 10**7 squared", lambda: r.np.zeros((10**7, 10**7)))]:
+    out[name] = outcome(lambda: build().sum().get(name, timeout=120))
+
+# 3. endless operations the owner cancels
+for name, build in [("endless-numpy",
+                     lambda x: r.np.sum(r.np.broadcast_to(x, (10**15, 5)))),
+                    ("endless-torch",
+                     lambda x: r.torch.ones(1).expand(10**13).sum())]:
+    x = r.store["x"]
+    old = x * 2                               # a pointer made before the restart
+    handle = build(x).request(name + "!keep")
+    flag(name)
+    out[name] = outcome(lambda: handle.result(60))
+    out[name + " old pointer"] = outcome(lambda: (old + 1).get("old", timeout=60))
+    out[name + " old pointer again"] = outcome(lambda: old.get("old again", timeout=60))
+    out[name + " new pointer"] = outcome(lambda: r.np.sum(r.store["x"]).get("new", timeout=60))
+
+# 4. 10,000 queued requests
+x = r.store["x"]
+handles = [x.request(f"flood {i}!keep") for i in range(10_000)]
+flag("flood-sent")
+pings = []
+while not flagged("flood-seen"):
+    pings.append(r.ping(timeout=60))
+    time.sleep(0.05)
+emit("pings", {"count": len(pings), "max_s": max(pings, default=0.0),
+               "median_s": sorted(pings)[len(pings) // 2] if pings else 0.0})
+out["flood pinged"] = len(pings) > 0 and r.ping(timeout=60) > 0
+out["flood last"] = outcome(lambda: handles[-1].result(180))
+
+# 5. a segfaulting operation, then crashes until the owner's restart limit
+W = r.store["W"]
+crashes = []
+for i in range(4):
+    crash = r.torch.nn.functional.embedding(r.torch.tensor([0]), r.store["W"], max_norm=0.5)
+    crashes.append(outcome(lambda: crash.get(f"crash {i}", timeout=60)))
+out["crashes"] = crashes
+out["after the limit"] = outcome(lambda: r.np.zeros(3).get("after limit", timeout=30))
+out["ping after the limit"] = r.ping(timeout=30) > 0
+emit("out", out)
+flag("stop")
+''')
+
+
+def test_the_owner_survives(signaling_url: str, tmp_path: Path) -> None:
+    owner, researcher = owner_and_researcher(OWNER, RESEARCHER, server=signaling_url,
+                                             tmp=tmp_path)
+    try:
+        flood_seen = owner.expect("flood_seen_s", timeout=600)
+        pings = researcher.expect("pings", timeout=120)
+        out = researcher.expect("out", timeout=600)
+        cancels = owner.expect("cancel_s", timeout=60)
+        protocol_errors = owner.expect("protocol_errors")
+        restarts = owner.expect("restarts")
+        worker_pid = owner.expect("worker_pid")
+        owner.expect("requests")
+        connected = owner.expect("connected")
+    finally:
+        owner.kill()
+        researcher.kill()
+    print({"cancel_s": cancels, "flood_seen_s": flood_seen, "pings": pings})
+    # frames: each one a protocol error, the session up and working
+    assert out["after frames"] == ["value", 49.0], out["after frames"]
+    assert out["connected after frames"] is True
+    assert protocol_errors >= 10, protocol_errors
+    # allocations: data (a failure the owner approved releasing) or a worker restart
+    for name in ("np.ones 10**13", "torch.ones 10**13", "np.zeros 10**7 squared"):
+        assert out[name][0] in ("RemoteError", "WorkerRestarted"), (name, out[name])
+    # cancel: one clear error, old pointers gone, new ones work
+    assert len(cancels) == 2
+    for name in ("endless-numpy", "endless-torch"):
+        assert out[name][0] == "WorkerRestarted", (name, out[name])
+        assert out[name + " old pointer"][0] == "WorkerRestarted", out[name + " old pointer"]
+        assert out[name + " old pointer again"][0] == "WorkerRestarted"
+        assert out[name + " new pointer"] == ["value", 49.0], out[name + " new pointer"]
+    # 10,000 requests: all reached the queue, the owner answered pings meanwhile
+    assert out["flood pinged"] is True
+    assert out["flood last"][0] == "RequestDenied", out["flood last"]
+    # crashes: restarts audited; past the limit a clear refusal, the session still up
+    kinds = [kind for kind, _ in out["crashes"]]
+    assert kinds[0] == "WorkerRestarted", out["crashes"]
+    assert all(kind in ("WorkerRestarted", "PolicyViolation") for kind in kinds), out["crashes"]
+    assert any("stopped" in message or "nothing runs" in message
+               for _, message in out["crashes"][1:]), out["crashes"]
+    assert out["after the limit"][0] in ("PolicyViolation", "WorkerRestarted"), out[
+        "after the limit"]
+    assert "stopped" in out["after the limit"][1] or "restart" in out["after the limit"][1]
+    assert out["ping after the limit"] is True
+    crashed = [reason for was_crash, reason in restarts if was_crash]
+    cancelled = [reason for was_crash, reason in restarts if not was_crash]
+    assert len(cancelled) >= 2 and len(crashed) >= 2, restarts
+    assert worker_pid is None
+    assert connected is True
