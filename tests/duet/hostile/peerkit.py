@@ -8,6 +8,7 @@ the test's temporary directory.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -114,8 +115,11 @@ def outcome(fn: Callable[[], Any]) -> list[Any]:
         return ["local:" + type(exc).__name__, str(exc)]
     if hasattr(value, "tolist"):
         value = value.tolist()
-    return ["value", value if isinstance(value, (int, float, list, str, type(None)))
-            else repr(value)]
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        value = repr(value)
+    return ["value", value]
 
 
 def sha(obj: Any) -> str:
