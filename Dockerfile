@@ -42,7 +42,7 @@ RUN --mount=type=secret,id=ca \
     python3 -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(d["project"]["optional-dependencies"]["server"]))' > /tmp/server-requirements.txt; \
     /opt/venv/bin/pip install -r /tmp/server-requirements.txt; \
     /opt/venv/bin/pip install --no-deps .; \
-    /opt/venv/bin/python -c 'import signaling_server, aiohttp, pydantic, pydantic_settings'; \
+    /opt/venv/bin/python -c 'import signaling_server, aiohttp, pydantic, pydantic_settings, redis'; \
     /opt/venv/bin/python -c 'import importlib.util as u, sys; bad = [m for m in ("numpy", "torch", "aiortc", "duet") if u.find_spec(m)]; sys.exit(f"unexpected packages in the image: {bad}" if bad else 0)'; \
     rm -f /opt/venv/bin/duet; \
     /opt/venv/bin/pip uninstall -y setuptools; \

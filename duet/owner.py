@@ -369,6 +369,10 @@ class OwnerSession(Session):
                 if op.name not in self._summary.members.get(family or "", []):
                     raise PolicyViolation(f"{family or 'this kind of object'}.{op.name} is "
                                           "not on the owner's allowlist")
+                if f"{family}.{op.name}" in self._summary.mutating:
+                    raise PolicyViolation(
+                        f"{family}.{op.name} would modify shared object {op.target.name!r}; "
+                        "the owner's data cannot change. Work on a copy")
 
     def _on_request(self, message: p.RequestValue, raw: Encoded) -> None:
         if message.request_id in self._reasons or message.request_id in self._snapshots:

@@ -379,8 +379,14 @@ class Allowlist:
         """Add functions (``"numpy.fft.fft"``) or family members (``"Tensor.cumprod"``).
 
         Raises ``ValueError`` for names that can never be allowed (private, dunder, DENIED,
-        in-place functions, modules) or that do not exist.
+        in-place functions, modules) or that do not exist; then nothing at all is allowed.
         """
+        trial = self.copy()  # all or nothing: one bad name leaves the allowlist as it was
+        trial._allow(names, mutating=mutating)
+        self._functions, self._writes_through = trial._functions, trial._writes_through
+        self._methods, self._attributes = trial._methods, trial._attributes
+
+    def _allow(self, names: tuple[str, ...], *, mutating: bool) -> None:
         for name in names:
             try:
                 parts = check_name(name)

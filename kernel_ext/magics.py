@@ -3,6 +3,7 @@
     %duet launch [--server URL] [--name NAME]        owner: open a duet, show the join line
     %duet join CODE [--server URL] [--name NAME]     researcher: join with the owner's code
     %duet status | requests | close [--name NAME]
+    %duet stop [--name NAME]                         owner: stop the researcher's running work
     %duet approve ID | deny ID [REASON ...]          owner: decide a request (ID or a prefix)
 
 The session is bound to ``session`` in the notebook by default, not ``duet``: after
@@ -83,6 +84,7 @@ def _build_parser() -> _Parser:
 
     for command, text in (("status", "where the session stands"),
                           ("requests", "the owner's approval panel"),
+                          ("stop", "owner: stop the researcher's running operations now"),
                           ("close", "leave the duet")):
         commands.add_parser(command, help=text).add_argument("--name")
     approve = commands.add_parser("approve", help="send a requested value to the researcher")
@@ -193,6 +195,7 @@ class DuetMagics(Magics):
                   f"  join line: {session.join_line}\n"
                   f"  shared: {', '.join(session.shared) or 'nothing yet'}\n"
                   f"  requests: {len(requests)} ({len(requests.pending)} pending)\n"
+                  f"  worker process: {session.worker_pid or 'stopped'}\n"
                   f"  audit log: {session.audit.path}")
         else:
             assert isinstance(session, ResearcherSession)
@@ -213,6 +216,12 @@ class DuetMagics(Magics):
         request = _find(self._owner(args.name).requests, args.id)
         request.deny(" ".join(args.reason))
         print(f"denied {request.id}: {request.lineage}")
+
+    def _cmd_stop(self, args: argparse.Namespace) -> None:
+        owner = self._owner(args.name)
+        owner.cancel()
+        print("duet: the researcher's operations were stopped (the worker restarted; the "
+              "researcher's objects are gone and pending requests withdrawn)")
 
     def _cmd_close(self, args: argparse.Namespace) -> None:
         session = self._session(args.name)

@@ -108,6 +108,13 @@ class _Connection:
             if not self.ws.closed:
                 await self.ws.send_str(message.model_dump_json())
 
+    async def fail(self, exc: RoomError) -> None:
+        """The store failed under us: tell the client why, and end the connection."""
+        log_event("store_error", logging.WARNING, code=exc.code, detail=exc.message)
+        self.room = None  # nothing left to clean up in a store we cannot reach
+        await self.error(exc.code, exc.message)
+        await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"store unavailable")
+
     async def error(self, code: ErrorCode, message: str) -> None:
         log_event("client_error", logging.DEBUG, code=code, detail=message, role=self.role)
         await self.send(Error(code=code, message=message))
@@ -125,7 +132,11 @@ class _Connection:
                     await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"idle")
                     break
                 if msg.type == WSMsgType.TEXT:
-                    await self.handle_text(msg.data)
+                    try:
+                        await self.handle_text(msg.data)
+                    except RoomError as exc:  # the shared store is unreachable
+                        await self.fail(exc)
+                        break
                 elif msg.type == WSMsgType.BINARY:
                     await self.error("malformed", "binary frames are not accepted; send JSON text")
                 else:  # close, closing, closed or a protocol error aiohttp already answered
@@ -257,7 +268,12 @@ class _Connection:
         """Copy the other peer's messages to our socket; end after the room's last one."""
         assert self.mailbox is not None
         while True:
-            text = await self.mailbox.get()
+            try:
+                text = await self.mailbox.get()
+            except RoomError as exc:
+                self.closer = asyncio.current_task()
+                await self.fail(exc)
+                return
             message = server_message_adapter.validate_json(text)
             final = isinstance(message, (PeerLeft, Error))
             if isinstance(message, PeerJoined):
@@ -304,14 +320,23 @@ class _Connection:
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    """200 with the server's state; 503 while the room store does not answer."""
     state = request.app[_STATE]
     config = state.config
+    healthy = await state.store.healthy()
+    rooms: int | None = None
+    if healthy:
+        try:
+            rooms = await state.store.room_count()
+        except RoomError:
+            healthy = False
     return web.json_response(
         {
-            "status": "ok",
+            "status": "ok" if healthy else "unavailable",
             "version": server_version(),
             "protocol": PROTOCOL_VERSION,
-            "rooms": await state.store.room_count(),
+            "store": {"kind": state.store.kind, "healthy": healthy},
+            "rooms": rooms,
             "connections": len(state.connections),
             "uptime": round(time.monotonic() - state.started, 3),
             "limits": {
@@ -321,7 +346,8 @@ async def _healthz(request: web.Request) -> web.Response:
                 "max_connections_per_ip": config.max_connections_per_ip,
                 "idle_timeout": config.idle_timeout,
             },
-        }
+        },
+        status=200 if healthy else 503,
     )
 
 
@@ -378,13 +404,27 @@ def create_app(
     """Build the application; ``store`` defaults to an in-memory store sized by ``config``."""
     config = config or ServerConfig()
     if store is None:
-        store = InMemoryRoomStore(max_rooms=config.max_rooms, tombstone_ttl=config.tombstone_ttl)
+        store = _store_for(config)
     app = web.Application()
     app[_STATE] = _ServerState(config=config, store=store)
+
+    async def close_store(app: web.Application) -> None:
+        await app[_STATE].store.close()
+
+    app.on_cleanup.append(close_store)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/ws", _websocket)
     app.on_shutdown.append(_close_connections)
     return app
+
+
+def _store_for(config: ServerConfig) -> RoomStore:
+    if config.store == "memory":
+        return InMemoryRoomStore(max_rooms=config.max_rooms, tombstone_ttl=config.tombstone_ttl)
+    from .redis_store import RedisRoomStore  # redis-py only where a shared store is used
+
+    return RedisRoomStore(config.store, max_rooms=config.max_rooms,
+                          tombstone_ttl=config.tombstone_ttl)
 
 
 class ServerHandle:

@@ -35,6 +35,7 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--idle-timeout", "idle_timeout", float, "seconds without a client message"),
     ("--shutdown-grace", "shutdown_grace", float, "seconds to close sockets on shutdown"),
     ("--log-level", "log_level", str.upper, "DEBUG, INFO, WARNING or ERROR"),
+    ("--store", "store", str, "memory, or redis://HOST:PORT/DB to share rooms between replicas"),
 ]
 
 

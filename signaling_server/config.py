@@ -49,3 +49,9 @@ class ServerConfig(BaseSettings):
         default=5.0, ge=0, description="seconds open connections get to close on shutdown"
     )
     log_level: LogLevel = "INFO"
+    store: str = Field(
+        default="memory",
+        pattern=r"^(memory|rediss?://.*|unix://.*)$",
+        description="memory (one process), or redis://[:password@]host:port/db (rediss:// for "
+        "TLS) so several replicas share rooms",
+    )

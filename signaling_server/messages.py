@@ -42,6 +42,7 @@ ErrorCode = Literal[
     "limit",  # max rooms or connections per address reached
     "idle_timeout",
     "shutting_down",
+    "unavailable",  # the shared room store (Redis) does not answer; try again
 ]
 
 

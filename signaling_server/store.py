@@ -54,7 +54,12 @@ class Mailbox(Protocol):
 
 
 class RoomStore(Protocol):
-    """Rooms (with expiry and tombstones) and the mailboxes that relay between their peers."""
+    """Rooms (with expiry and tombstones) and the mailboxes that relay between their peers.
+
+    Any method may raise ``RoomError("unavailable", ...)`` when a shared store is unreachable.
+    """
+
+    kind: str
 
     async def create(self, room: str, ttl: float) -> Mailbox:
         """Register a room awaiting its researcher and open the owner's mailbox.
@@ -77,6 +82,12 @@ class RoomStore(Protocol):
 
     async def publish(self, room: str, to_role: Role, message: str) -> bool:
         """Deliver ``message`` to the peer's mailbox; False if that mailbox is closed."""
+
+    async def healthy(self) -> bool:
+        """Whether the store answers (always, in memory)."""
+
+    async def close(self) -> None:
+        """Release connections (on server shutdown)."""
 
 
 @dataclass(slots=True)
@@ -101,6 +112,8 @@ class _QueueMailbox:
 
 class InMemoryRoomStore:
     """A :class:`RoomStore` for a single server process."""
+
+    kind = "memory"
 
     def __init__(self, max_rooms: int, tombstone_ttl: float) -> None:
         self._max_rooms = max_rooms
@@ -177,3 +190,9 @@ class InMemoryRoomStore:
             return False
         mailbox.queue.put_nowait(message)
         return True
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        self._mailboxes.clear()

@@ -241,3 +241,23 @@ def test_check_described_refuses_early_with_suggestions(allowlist: Allowlist) ->
         check_described(described, "attribute", "__class__")
     with pytest.raises(ValueError):
         check_described(described, "import", "os")
+
+
+def test_allow_is_all_or_nothing() -> None:
+    allowlist = Allowlist.default()
+    with pytest.raises(ValueError):
+        allowlist.allow("numpy.fft.rfft", "numpy.ndarray.tofile")
+    assert "numpy.fft.rfft" not in allowlist  # the good name did not slip in before the bad
+
+
+@pytest.mark.parametrize("name", [
+    "numpy.ndarray.tofile", "numpy.ndarray.dump", "numpy.ndarray.setflags", "ndarray.setflags",
+    "torch.Tensor.untyped_storage", "Tensor.data_ptr", "torch.UntypedStorage.from_file",
+    "torch.nn.Module.apply", "Module.register_forward_hook", "torch.nn.Linear.apply",
+    "torch.Tensor.share_memory_", "numpy.lib.format.open_memmap",
+])
+def test_the_denylist_wins_over_every_spelling(name: str) -> None:
+    allowlist = Allowlist.default()
+    with pytest.raises(ValueError):
+        allowlist.allow(name)
+    assert name not in allowlist

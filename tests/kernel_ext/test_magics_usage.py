@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 
 from duet.api import join
-from duet.errors import RequestDenied
+from duet.errors import RequestDenied, WorkerRestarted
 from tests.kernel_ext.conftest import Kernel
 
 
@@ -43,6 +43,18 @@ def test_without_ipywidgets_the_owner_decides_with_html_and_magics(
             assert "only totals leave this hospital" in str(exc)
         else:
             raise AssertionError("the denied request returned a value")
+        endless = researcher.np.sum(researcher.np.broadcast_to(doses, (10**15, 3)))
+        stuck = endless.request("runs for months")
+        researcher.ping()
+        stopped = owner.run("%duet stop")
+        assert "operations were stopped" in stopped.stdout
+        try:
+            stuck.result(30)
+        except WorkerRestarted as exc:
+            assert "cancelled by the owner" in str(exc)
+        else:
+            raise AssertionError("the stopped request returned a value")
+        assert "worker process: " in owner.run("%duet status").stdout
     owner.run("%duet close")
     assert "session is closed" in owner.run("%duet status").stdout
 

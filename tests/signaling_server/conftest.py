@@ -23,8 +23,9 @@ def subprocess_server() -> Iterator[str]:
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
-    """Open raw protocol WebSockets to ``<url>/ws``; all are closed after the test."""
-    async with aiohttp.ClientSession() as session:
+    """Open raw protocol WebSockets to ``<url>/ws``; all are closed after the test (no limit
+    on how many are open at once: aiohttp's default pool stops at 100)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def open_ws(url: str, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
             return await session.ws_connect(f"{url}/ws", **kwargs)
