@@ -67,6 +67,26 @@ emit("types", sorted({m.type for m in received}))
 emit("same", seen_a == seen_b)
 emit("seen", [seen_a, seen_b])
 
+def requested(name):
+    """Requests whose value is too large to freeze or send only for one of the secrets: the
+    owner has not decided, so the researcher must hear the same for both."""
+    x = r.store[name]
+    big = np_.clip(np_.floor(x[3] - 6.0), 0, 1).astype(np_.int64)       # 0 for a, 1 for b
+    before = len(received)
+    handles = {
+        "header over the limit": (np_.ones(big * 3_000_000 + 1)).tolist().request("sized!keep"),
+        "mask then tolist": x[x > 7.0].repeat(1_000_000).tolist().request("mask!keep"),
+        "freeze larger than memory": np_.broadcast_to(
+            x[0:1], (big * 10**11 + 1,)).request("freeze!keep"),
+    }
+    r.np.zeros(1).get("sync", timeout=60)
+    time.sleep(1.0)
+    r.np.zeros(1).get("sync", timeout=60)
+    outcomes = {k: outcome(lambda: h.result(0.5))[0] for k, h in handles.items()}
+    return outcomes, normalized(received[before:])
+
+emit("requested", [requested("a"), requested("b")])
+
 # names alone may be refused at once: these are immediate PolicyViolations
 x = r.store["a"]
 z = r.np.zeros(5)
@@ -112,6 +132,11 @@ def test_failure_is_not_a_channel(signaling_url: str, tmp_path: Path) -> None:
         assert seen_a == seen_b, (seen_a, seen_b)
         # what it heard during each attack was the answer to its own sync request
         assert [m.get("type") for m in seen_a] == ["'decision'"], seen_a
+        (outcomes_a, heard_a), (outcomes_b, heard_b) = researcher.expect("requested")
+        # undecided requests: nothing but "pending" for either secret, whatever their size
+        assert outcomes_a == outcomes_b, (outcomes_a, outcomes_b)
+        assert set(outcomes_a.values()) == {"RequestTimeout"}, outcomes_a
+        assert heard_a == heard_b, (heard_a, heard_b)
         refusals = researcher.expect("refusals")
         for what, (kind, message) in refusals.items():
             assert kind == "PolicyViolation", (what, kind, message)
@@ -124,14 +149,14 @@ def test_failure_is_not_a_channel(signaling_url: str, tmp_path: Path) -> None:
         assert failures["ce!deny"][0] == "RequestDenied", failures
         kind, message = failures["huge!"]
         assert kind in ("RemoteError", "WorkerRestarted"), failures
-        for kind, message in failures.values():
+        for _, message in failures.values():
             for value in ("5.3", "7.9", "53", "79"):
                 assert value not in message, message
         requests = owner.expect("requests", timeout=60)
         # no request but the researcher's own syncs reached the owner during the attacks
         made = {reason for reason in requests if reason != "sync"}
         assert made <= {"index", "derived", "ce!deny", "huge", "out", "dtype", "save",
-                        "private"}, made
+                        "private", "sized!keep", "mask!keep", "freeze!keep"}, made
         assert requests["index"]["preview"].startswith("failed:"), requests["index"]
         assert "IndexError" in requests["index"]["preview"], requests["index"]
         assert requests["derived"]["preview"].startswith("failed:"), requests["derived"]

@@ -176,6 +176,10 @@ def test_the_researcher_cannot_modify_owner_data(signaling_url: str, tmp_path: P
     assert changed == [], (changed, results)
     assert flags is True
     assert connected is True
+    # every crash the researcher was told about is in the owner's audit log
+    told = sum(kind == "WorkerRestarted" and "unexpectedly" in message
+               for kind, message in results.values())
+    assert restarts >= min(told, 1), (restarts, results)
     assert results["after"] == ["value", 72.0], results["after"]
     assert results["X after"] == ["value", 49.0], results["X after"]
     assert results["D0 after"] == ["value", 6.0], results["D0 after"]

@@ -26,8 +26,9 @@ torch.manual_seed(1234)
 np.random.seed(99)
 torch_first = torch.rand(3)
 numpy_first = np.random.rand(3)
-settings = lambda: [str(torch.get_default_dtype()), torch.is_grad_enabled(),
-                    torch.get_num_threads(), np.geterr(), torch.are_deterministic_algorithms_enabled()]
+def settings():
+    return [str(torch.get_default_dtype()), torch.is_grad_enabled(), torch.get_num_threads(),
+            np.geterr(), torch.are_deterministic_algorithms_enabled()]
 before = settings()
 assert s.wait_for_peer(60)
 serve(s)
