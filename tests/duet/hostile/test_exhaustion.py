@@ -187,3 +187,108 @@ def test_the_owner_survives(signaling_url: str, tmp_path: Path) -> None:
     assert len(cancelled) >= 2 and len(crashed) >= 2, restarts
     assert worker_pid is None
     assert connected is True
+
+
+MEMORY_OWNER = script('''
+import psutil
+from tests.duet.hostile.peerkit import launch, flag, flagged
+s = launch(memory_budget=64 * 1024**2)
+emit("code", s.code)
+s.requests.add_rule("approve", predicate=lambda q: q.reason in ("sync", "warm up"))
+s.share(np.arange(5.0), name="x")
+assert s.wait_for_peer(60)
+kernel = psutil.Process()
+
+def worker_rss():
+    return psutil.Process(s.worker_pid).memory_info().rss
+
+def settle():
+    s.requests.wait(1)
+    time.sleep(1.0)
+
+while not flagged("baseline"):
+    time.sleep(0.02)
+rss = {"kernel_before": kernel.memory_info().rss, "worker_before": worker_rss()}
+flag("measured")
+started = time.monotonic()
+while len([q for q in s.requests if q.reason.startswith("held")]) < 40:
+    time.sleep(0.05)
+settle()
+rss["kernel_held"] = kernel.memory_info().rss
+rss["worker_held"] = worker_rss()
+emit("held_s", time.monotonic() - started)
+s.requests.add_rule("deny", predicate=lambda q: q.reason.startswith("held"))
+settle()
+rss["worker_denied"] = worker_rss()
+flag("denied")
+# freed once decided: 40 more requests reuse the memory (RSS alone cannot tell, since the
+# allocator may keep freed pages)
+while len([q for q in s.requests if q.reason.startswith("again")]) < 40:
+    time.sleep(0.05)
+settle()
+rss["worker_again"] = worker_rss()
+s.requests.add_rule("deny", predicate=lambda q: q.reason.startswith("again"))
+flag("denied again")
+while not flagged("objects"):
+    time.sleep(0.05)
+settle()
+rss["worker_objects"] = worker_rss()
+emit("rss", rss)
+emit("connected", s.connected)
+flag("stop")
+''')
+
+MEMORY_RESEARCHER = script('''
+from tests.duet.hostile.peerkit import join, flag, flagged, outcome
+r = join()
+r.np.zeros(1).sum().request("warm up")       # the worker has imported what it needs
+time.sleep(2.0)
+flag("baseline")
+while not flagged("measured"):
+    time.sleep(0.02)
+big = r.np.ones(2_000_000)                     # 16 MB, within the 64 MB budget
+handles = [big.request(f"held {i}") for i in range(40)]
+while not flagged("denied"):
+    time.sleep(0.05)
+last = outcome(lambda: handles[-1].result(120))
+handles = [big.request(f"again {i}") for i in range(40)]
+while not flagged("denied again"):
+    time.sleep(0.05)
+del big
+# Python objects count against the budget too: each list is ~160 MB of floats
+lists = [r.np.ones(5_000_000).tolist() for _ in range(4)]
+synced = outcome(lambda: r.np.sum(r.np.zeros(1)).get("sync", timeout=120))
+flag("objects")
+emit("last", last)
+emit("synced", synced)
+while not flagged("stop"):
+    time.sleep(0.05)
+''')
+
+
+def test_memory_held_by_requests_and_objects_is_bounded(signaling_url: str,
+                                                        tmp_path: Path) -> None:
+    owner, researcher = owner_and_researcher(MEMORY_OWNER, MEMORY_RESEARCHER,
+                                             server=signaling_url, tmp=tmp_path)
+    try:
+        held_s = owner.expect("held_s", timeout=400)
+        rss = owner.expect("rss", timeout=400)
+        connected = owner.expect("connected")
+        last = researcher.expect("last", timeout=60)
+        synced = researcher.expect("synced", timeout=60)
+    finally:
+        owner.kill()
+        researcher.kill()
+    mb = {k: round(v / 2**20) for k, v in rss.items()}
+    print({"rss_mb": mb, "held_s": held_s})
+    assert last[0] == "RequestDenied", last
+    assert synced == ["value", 0.0], synced
+    assert connected is True
+    # 40 frozen copies of 16 MB are 640 MB: never in the owner's kernel ...
+    assert mb["kernel_held"] - mb["kernel_before"] < 300, mb
+    # ... freed once decided ...
+    assert mb["worker_again"] - mb["worker_denied"] < 300, mb
+    # ... and, while pending, counted against the owner's 64 MB budget
+    assert mb["worker_held"] - mb["worker_before"] < 64 + 300, mb
+    # 4 lists of 5 million Python floats (~640 MB) under a 64 MB budget
+    assert mb["worker_objects"] - mb["worker_before"] < 64 + 300, mb
