@@ -130,6 +130,11 @@ attack("optimizer over shared parameters", sgd)
 attack("dict value fill", lambda: store("D0")["a"].fill(0.0))
 attack("dict tensor add_", lambda: store("D0")["b"].add_(1.0))
 attack("clip into shared", lambda: store("X").clip(0.0, 1.0, store("X")))
+attack("module half() in place", lambda: store("model").half())
+attack("module requires_grad_", lambda: store("model").requires_grad_(False))
+attack("parameter requires_grad_", lambda: store("model").weight.requires_grad_(False))
+attack("module zero_grad after backward", lambda: (
+    store("model")(r.torch.ones(1, 3)).sum().backward(), store("model").zero_grad()))
 attack("ufunc out shared", lambda: r.np.multiply(store("X"), 0.0, store("X")))
 
 # writes through aliases made before unshare

@@ -110,6 +110,24 @@ flow("stack", lambda: r.np.stack([r.np.zeros(5), x]))           # a container of
 flow("tensor-of-list", lambda: r.torch.tensor([r.np.zeros(5), x]))  # a nested container
 flow("init-then-add_", lambda: into(lambda: r.torch.zeros(3), lambda j: (
     r.torch.nn.init.constant_(j, 0.0), j.add_(W.sum(0)))))
+flow("load_state_dict of a dict holding W", lambda: into(
+    lambda: r.torch.nn.Linear(3, 4),
+    lambda m: m.load_state_dict({"weight": W, "bias": r.torch.zeros(4)})).weight)
+flow("scatter_", lambda: into(lambda: r.torch.zeros(3), lambda t: t.scatter_(
+    0, r.torch.tensor([0, 1, 2]), W[1])))
+flow("masked_fill_", lambda: into(lambda: r.torch.zeros(3), lambda t: t.masked_fill_(
+    r.torch.tensor([True, False, True]), W[2, 2])))
+flow("lerp_", lambda: into(lambda: r.torch.zeros(3), lambda t: t.lerp_(W[0], 1.0)))
+flow("addcmul_", lambda: into(lambda: r.torch.zeros(3), lambda t: t.addcmul_(
+    W[0], r.torch.ones(3))))
+flow("np.copyto", lambda: into(lambda: r.np.zeros(5), lambda z: r.np.copyto(z, x)))
+flow("np.putmask", lambda: into(lambda: r.np.zeros(5), lambda z: r.np.putmask(
+    z, r.np.ones(5) > 0, x)))
+flow("np.place", lambda: into(lambda: r.np.zeros(5), lambda z: r.np.place(
+    z, r.np.ones(5) > 0, x)))
+flow("vector_to_parameters", lambda: into(lambda: r.torch.nn.Linear(3, 4), lambda m: (
+    r.torch.nn.utils.vector_to_parameters(r.torch.cat([W.flatten(), r.torch.zeros(4)]),
+                                          m.parameters()))).weight)
 flow("index_put_", lambda: into(lambda: r.torch.zeros(3), lambda k: k.index_put_(
     (r.torch.tensor([0, 1, 2]),), W[3])))
 
@@ -146,7 +164,6 @@ def test_approved_is_what_was_previewed(signaling_url: str, tmp_path: Path) -> N
     finally:
         owner.kill()
         researcher.kill()
-    print({k: v[0] for k, v in out.items()})
     # mutation after the request changes neither preview nor value
     assert out["put"] == ["value", [0.0] * 5], out["put"]
     assert out["clip-out"] == ["value", [0.0] * 5], out["clip-out"]
