@@ -161,6 +161,7 @@ class Snapshot(_Model):
     failed: Text = ""
     operation: Text = ""
     error_type: Annotated[str, Field(max_length=200)] = ""
+    hint: Annotated[str, Field(max_length=200)] = ""  # advice that depends on the type alone
     sha256: Annotated[str, Field(max_length=64)] = ""
     nbytes: int = 0
     inline: bool = False  # the encoded decision travels with this message

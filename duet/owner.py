@@ -406,7 +406,8 @@ class OwnerSession(Session):
         if snapshot.failed:
             self._audit.record_many([decided])
             self._send(p.Decision(request_id=request.id, status="failed",
-                                  operation=snapshot.operation, error_type=snapshot.error_type))
+                                  operation=snapshot.operation, error_type=snapshot.error_type,
+                                  reason=snapshot.hint))
             return
         if encoded is not None:  # one synced transaction: the decision, then what is sent
             self._send_value(request, encoded, decided)

@@ -190,7 +190,7 @@ class ResearcherSession(Session):
             future.set_exception(RequestDenied(decision.request_id, decision.reason))
         elif decision.status == "failed":
             future.set_exception(RemoteError(decision.operation or "an operation",
-                                             decision.error_type or "an error"))
+                                             decision.error_type or "an error", decision.reason))
         else:
             future.set_exception(RequestError(
                 f"request {decision.request_id} could not be served: {decision.reason}"))

@@ -203,18 +203,16 @@ class Worker:
             return
         try:
             frozen = freeze(request.request_id, entry.value)
-        except ProtocolError as exc:
+        except (ProtocolError, MemoryError) as exc:
+            # Whether a value can be sent can depend on the data (a list too long for a
+            # message, say): like any failure, it is the owner's to release.
             is_module = type(entry.value).__module__.startswith("torch.nn")
-            hint = "; a model's weights leave as model.state_dict()" if is_module else ""
-            self.send(ipc.pack("request_failed", request_id=request.request_id,
-                               reason=f"{exc}{hint}"))
-            return
-        except MemoryError as exc:
-            problem = f"{type(exc).__name__}: {exc}"
+            hint = "a model's weights leave as model.state_dict()" if is_module else ""
+            problem = f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
             self.send(ipc.pack("snapshot", **common, summary=empty,
                                preview=f"failed: cannot be sent: {problem}",
-                               failed=f"cannot be sent: {problem}", operation="send",
-                               error_type=type(exc).__name__))
+                               failed=f"cannot be sent: {problem}", operation="sending the value",
+                               error_type=type(exc).__name__, hint=hint))
             return
         inline = frozen.nbytes <= INLINE_BYTES
         if not inline:

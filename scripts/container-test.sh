@@ -34,9 +34,9 @@
 #   DUET_BUILD_CA         CA bundle passed as the build secret "ca"; default
 #                         /etc/ssl/certs/ca-certificates.crt (skipped if missing)
 #   DUET_CONTAINER_KEEP_LOGS=1  keep the log directory even when everything passed
-set -euo pipefail
+set -Eeuo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 PY=$ROOT/.venv/bin/python
 IMAGE=localhost/duet-signaling:container-test
@@ -69,13 +69,22 @@ die() {
 }
 
 iptables_state() {
-    # Rules and chains only: no counters, no "generated on" comments.
+    # Rules and chains only: no counters, no "generated on" comments. A machine with no rules
+    # prints nothing (and a missing ip6tables-save fails): that is a state too, not an error.
     if command -v iptables-save >/dev/null 2>&1; then
-        { iptables-save; ip6tables-save; } 2>/dev/null | grep -v '^#' |
-            sed -E 's/\[[0-9]+:[0-9]+\]//g' | sha256sum | cut -d' ' -f1
+        { iptables-save || true; ip6tables-save || true; } 2>/dev/null |
+            { grep -v '^#' || true; } | sed -E 's/\[[0-9]+:[0-9]+\]//g' | sha256sum |
+            cut -d' ' -f1
     else
         echo "no-iptables"
     fi
+}
+
+# Any command that fails outside a check says so before the script ends (set -e alone would
+# end it silently, as the iptables probe once did on a machine with no rules).
+on_error() {
+    printf '\nERROR: "%s" failed with status %s (scripts/container-test.sh line %s)\n' \
+        "$1" "$2" "$3" >&2
 }
 
 cleanup() {
@@ -99,10 +108,6 @@ cleanup() {
     fi
     exit "$status"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
 # The host's Debian mirror (deb822 .sources or one-line .list), as apt uses it for bookworm.
 debian_mirror() {
     python3 - <<'EOF'
@@ -130,6 +135,17 @@ for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
 print(uris[0] if uris else "http://deb.debian.org/debian")
 EOF
 }
+
+# Sourced with DUET_CONTAINER_TEST_FUNCTIONS_ONLY=1 (the tests), stop here: helpers defined.
+if [[ ${DUET_CONTAINER_TEST_FUNCTIONS_ONLY:-0} == 1 ]]; then
+    rm -rf "$LOGDIR"
+    return 0 2>/dev/null || exit 0
+fi
+trap 'on_error "$BASH_COMMAND" "$?" "$LINENO"' ERR
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
 
 # ---------------------------------------------------------------------------------------------
 step "1/10 prerequisites"
@@ -302,6 +318,9 @@ else
     info "$hc"
     fail healthcheck "podman healthcheck run"
 fi
+
+step "9b/10 the image with --store redis:// against a redis-server on this machine"
+PY=$PY bash scripts/container-redis-check.sh "$IMAGE" || fail redis_store "the image with a Redis store"
 
 # ---------------------------------------------------------------------------------------------
 step "10/10 podman stop (SIGTERM), clean exit, remove container and image"
