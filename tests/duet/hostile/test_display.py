@@ -39,6 +39,22 @@ s.share(np.arange(5.0), name="x")
 s.share({"a": np.arange(3.0)}, name="D")
 assert s.wait_for_peer(60)
 requests = serve(s)
+# the notebook side: the approval panel's HTML and the %duet magics' printed lines
+from kernel_ext.display import request_html
+emit("panel_html", [request_html(q) for q in s.requests])
+import contextlib, io
+from IPython.core.interactiveshell import InteractiveShell
+from tests.duet.hostile.peerkit import flag
+ip = InteractiveShell.instance()
+ip.user_ns["s"] = s
+ip.extension_manager.load_extension("kernel_ext")
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    for q in list(s.requests.pending):
+        if q.reason in ("lineage key!keep", "string argument!keep"):
+            ip.run_line_magic("duet", f"deny {q.id} not today")
+emit("magic_output", printed.getvalue())
+flag("owner-done")
 emit("queue_repr", repr(s.requests))
 emit("queue_html", s.requests._repr_html_())
 emit("request_reprs", [repr(q) for q in s.requests])
@@ -87,6 +103,8 @@ r.np.zeros(1).get("sync", timeout=120)
 emit("handles", {{k: outcome(lambda: h.result(0.1)) for k, h in HANDLES.items()}})
 emit("pings", pings)
 flag("stop")
+while not os.path.exists(os.path.join(TMP, "owner-done")):
+    time.sleep(0.05)
 ''')
 
 
@@ -96,7 +114,9 @@ def test_the_owner_screen_cannot_lie(signaling_url: str, tmp_path: Path) -> None
     try:
         handles = researcher.expect("handles", timeout=300)
         pings = researcher.expect("pings", timeout=60)
-        queue_repr = owner.expect("queue_repr", timeout=120)
+        panel_html = owner.expect("panel_html", timeout=120)
+        magic_output = owner.expect("magic_output", timeout=60)
+        queue_repr = owner.expect("queue_repr", timeout=60)
         queue_html = owner.expect("queue_html")
         request_reprs = owner.expect("request_reprs")
         count = owner.expect("count")
@@ -113,6 +133,11 @@ def test_the_owner_screen_cannot_lie(signaling_url: str, tmp_path: Path) -> None
     assert "\\x1b" in queue_repr and "\\u202e" in queue_repr
     assert UNSAFE.findall(queue_html) == [], UNSAFE.findall(queue_html)
     assert "\\x1b" in queue_html
+    # the approval panel (kernel_ext) and what %duet prints show the same text escaped
+    assert magic_output.count("denied") == 2, magic_output
+    raw = {f"panel {i}": sorted(set(UNSAFE.findall(text))) for i, text in enumerate(panel_html)}
+    raw["%duet deny"] = sorted(set(UNSAFE.findall(magic_output)))
+    assert {where: chars for where, chars in raw.items() if chars} == {}
     for text in request_reprs:
         assert "\n" not in text and UNSAFE.findall(text) == [], text
     assert sum("\\x1b" in text for text in request_reprs) >= 3  # a reason, a key, an argument
