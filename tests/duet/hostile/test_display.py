@@ -137,7 +137,8 @@ def test_the_owner_screen_cannot_lie(signaling_url: str, tmp_path: Path) -> None
     assert magic_output.count("denied") == 2, magic_output
     raw = {f"panel {i}": sorted(set(UNSAFE.findall(text))) for i, text in enumerate(panel_html)}
     raw["%duet deny"] = sorted(set(UNSAFE.findall(magic_output)))
-    assert {where: chars for where, chars in raw.items() if chars} == {}
+    unescaped = {where: chars for where, chars in raw.items() if chars}
+    assert unescaped == {}, f"unescaped in {sorted(unescaped)}: {unescaped}"
     for text in request_reprs:
         assert "\n" not in text and UNSAFE.findall(text) == [], text
     assert sum("\\x1b" in text for text in request_reprs) >= 3  # a reason, a key, an argument
