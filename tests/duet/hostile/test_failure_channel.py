@@ -13,7 +13,7 @@ from tests.helpers.peers import owner_and_researcher
 
 OWNER = script('''
 from tests.duet.hostile.peerkit import launch, serve
-s = launch()
+s = launch(memory_budget=64 * 1024**2)
 emit("code", s.code)
 # floor(x[3]*10) = 53 = 0b110101 and 79 = 0b1001111: bits 1, 3 and 5 differ ...
 s.share(np.array([1.0, 2.0, 3.0, 5.3, 4.0]), name="a")
@@ -42,11 +42,13 @@ def attacks(x):
     negative = np_.zeros(np_.floor(x[3] - 6.0).astype(np_.int64) + 3)  # 2 vs 4: both fine
     empty = np_.zeros(np_.floor(6.0 - x[3]).astype(np_.int64) * 5)  # 0 vs -5: ValueError for b
     huge = np_.zeros(np_.clip(np_.floor(x[3] - 6.0), 0, 1).astype(np_.int64) * 10**12 + 1)
+    budget = np_.ones(np_.clip(np_.floor(x[3] - 6.0), 0, 1).astype(np_.int64) * 10**7 + 1)
     ce = F.cross_entropy(r.torch.zeros(1, 6),
                          r.torch.tensor(np_.floor(x[3:4]).astype(np_.int64)))  # class 7 of 6
     chol = np_.linalg.cholesky(np_.diag(x - 6.0) + np_.eye(5) * 6.0)  # pos.def. for both
     chol2 = np_.linalg.cholesky(np_.diag(x[3:4] - 6.0))              # fails for a only
-    later = [bits[1] + 1, (index * 2).sum(), ce.mean(), chol2 @ chol2, huge.sum(), empty + 1]
+    later = [bits[1] + 1, (index * 2).sum(), ce.mean(), chol2 @ chol2, huge.sum(), empty + 1,
+             budget.sum()]    # 80 MB for b only: over the owner's 64 MB budget
     return bits + [index, negative, empty, huge, ce, chol, chol2] + later
 
 def run(name):

@@ -19,7 +19,10 @@ s.share(np.array([7.25, 8.5, 9.75, 11.0, 12.5]), name="secret")
 s.share(torch.arange(12.0).reshape(4, 3), name="W")
 model = torch.nn.Linear(1, 1)
 s.share(model, name="model")
+s.share(np.array([1.0, 2.0, 3.0]), name="public", description="published statistics")
 s.requests.add_rule("approve", max_elements=1)
+# "approve what derives from the public table": must not approve what also holds the secret
+s.requests.add_rule("approve", name="public")
 assert s.wait_for_peer(60)
 requests = serve(s)          # every reason ends in !keep: only the rule decides
 emit("requests", requests)
@@ -50,6 +53,8 @@ def ask_raw(name, result):
                                reason=name + "!keep"))
 
 ask("control: one sum", lambda: r.np.sum(x))
+ask("control: public", lambda: r.store["public"] * 2)
+ask("public mixed with the secret", lambda: r.np.concatenate([r.store["public"], x]))
 # a slice object wrapping the array, built on the raw wire (and with a shared stop too)
 for name, args in [("slice", [p.StoreRef("secret"), None, None]),
                    ("slice3", [0, p.StoreRef("W"), p.StoreRef("secret")])]:
@@ -97,8 +102,10 @@ def test_max_elements_one_approves_one_element_only(signaling_url: str, tmp_path
                 if reason.endswith("!keep")}
     assert statuses.pop("control: one sum") == "approved"  # the rule works
     assert handles.pop("control: one sum") == ["value", 49.0]
+    assert statuses.pop("control: public") == "approved"
+    assert handles.pop("control: public") == ["value", [2.0, 4.0, 6.0]]
     # every variant was asked for, and none came back as a value
-    assert len(handles) + len(local) + 2 == 19, (handles, local)
+    assert len(handles) + len(local) + 2 == 20, (handles, local)
     assert {name: result for name, result in handles.items() if result[0] == "value"} == {}
     # the rule approved nothing that holds data: only failures (refusals by name, values that
     # cannot be sent), which hold no elements and release only the kind of failure
