@@ -5,7 +5,7 @@ Researcher: ``r = duet.join(code, server=URL)``; ``x = r.store["ages"]``;
 ``r.np.mean(x).get(reason="...")`` returns once the owner approves.
 """
 
-from .api import embedded_server_url, join, launch
+from .api import embedded_server_url, join, launch, local_invitation
 from .approvals import Request, RequestQueue, Rule
 from .audit import AuditEvent, AuditLog
 from .config import SessionConfig
@@ -69,4 +69,5 @@ __all__ = [
     "embedded_server_url",
     "join",
     "launch",
+    "local_invitation",
 ]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
+
+import platformdirs
 
 from .codes import JoinCode
 from .config import IceServerSpec, SessionConfig
@@ -19,7 +24,7 @@ from .researcher import ResearcherSession
 from .rtc import connect_as_owner, connect_as_researcher
 from .signaling import SignalingClient, normalize_server_url
 
-__all__ = ["embedded_server_url", "join", "launch"]
+__all__ = ["embedded_server_url", "join", "launch", "local_invitation"]
 
 log = logging.getLogger(__name__)
 ENV_SERVER = "DUET_SIGNALING_URL"
@@ -98,9 +103,42 @@ def launch(server: str | None = None, *, ice_servers: Sequence[IceServerSpec] | 
         return transport
 
     session.start(connect)
+    if loopback:
+        _write_invitation(session.code, url)
     if show:
         print(f"duet: share this line with the researcher:\n  {session.join_line}")
     return session
+
+
+def _invitation_path() -> Path:
+    return Path(platformdirs.user_data_dir("duet")) / "last-invitation.json"
+
+
+def _write_invitation(code: str, server: str) -> None:
+    """Same-machine duets only: leave the join code where this user's researcher notebook
+    finds it (``local_invitation``), readable by this user alone."""
+    path = _invitation_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"code": code, "server": server, "created": time.time()}, out)
+        os.replace(path.with_suffix(".tmp"), path)
+    except OSError as exc:
+        log.info("could not leave the invitation for a local researcher: %s", exc)
+
+
+def local_invitation(max_age: float = 3600.0) -> tuple[str, str] | None:
+    """``(code, server)`` of the newest duet this user launched on this machine (through a
+    loopback signaling server) within ``max_age`` seconds, or None: two notebooks side by side
+    in one JupyterLab need no copy and paste. ``duet.join(*duet.local_invitation())``."""
+    try:
+        invite = json.loads(_invitation_path().read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(invite, dict) or time.time() - float(invite.get("created", 0)) > max_age:
+        return None
+    return str(invite["code"]), str(invite["server"])
 
 
 def join(code: str, server: str | None = None, *,

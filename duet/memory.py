@@ -228,13 +228,52 @@ def footprint(value: Any) -> Iterator[tuple[int, int]]:
 
 
 def buffer_sizes(value: Any) -> dict[int, int]:
-    """Data blocks held by ``value``, start -> size, for the memory budget."""
+    """Data blocks held by ``value``, start -> size, for the memory budget: array and tensor
+    buffers, and Python containers with their items (``tolist()`` of a big array is big)."""
     blocks: dict[int, int] = {}
     for item in contents(value):
         block = allocation(item)
         if block is not None:
             blocks[block[0]] = max(block[1], blocks.get(block[0], 0))
+    python = python_bytes(value)
+    if python:
+        blocks[id(value)] = python  # a live object's address is inside no other block
     return blocks
+
+
+def python_bytes(value: Any) -> int:
+    """Bytes of the Python objects in a list, tuple or dict tree (not their arrays), estimated
+    from a bounded sample when there are very many."""
+    if not isinstance(value, (list, tuple, dict)):
+        return 0
+    total, seen = 0, 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, dict)) and depth <= MAX_VALUE_DEPTH:
+            total += sys.getsizeof(item)
+            children = list(item.values()) if isinstance(item, dict) else item
+            if len(children) > _SAMPLE:  # a long flat list: measure a sample, scale it up
+                sample = children[:_SAMPLE]
+                scale = len(children) / _SAMPLE
+                total += int(scale * sum(python_bytes(c) or _scalar_bytes(c) for c in sample))
+                continue
+            stack.extend((c, depth + 1) for c in children)
+        elif not isinstance(item, np.ndarray) and not is_tensor(item):
+            total += _scalar_bytes(item)
+        seen += 1
+        if seen > _WALK_LIMIT:
+            break
+    return total
+
+
+def _scalar_bytes(item: Any) -> int:
+    if isinstance(item, (np.ndarray, list, tuple, dict)) or is_tensor(item):
+        return 0
+    return sys.getsizeof(item)
+
+
+_SAMPLE = 1000
 
 
 def _graph_leaves(tensor: Any) -> list[Any]:

@@ -245,8 +245,8 @@ class OwnerSession(Session):
         summary = snapshot.summary
         info = ValueInfo(summary.type, None if summary.shape is None else tuple(summary.shape),
                          summary.dtype, summary.elements, summary.nbytes)
-        if snapshot.failed:  # what the researcher learns if approved: one element's worth
-            info = ValueInfo("failed", None, None, 1, 0)
+        if snapshot.failed:  # no size rule releases a failure: the owner (or a rule that
+            info = ValueInfo("failed", None, None, sys.maxsize, 0)  # names it) decides
         request = Request(id=snapshot.request_id, reason=self._reasons.pop(
             snapshot.request_id, ""), lineage=snapshot.lineage,
             sources=frozenset(snapshot.sources), info=info, preview=snapshot.preview,

@@ -43,10 +43,15 @@ class Frozen:
         return len(self.header) + sum(b.nbytes for b in self.buffers)
 
 
-def freeze(request_id: str, value: Any) -> Frozen:
+def freeze(request_id: str, value: Any, room: int | None = None) -> Frozen:
     """Encode ``value`` as the approved decision for ``request_id``, copying every buffer;
-    raises ``ProtocolError`` for values the wire cannot carry."""
+    raises ``ProtocolError`` for values the wire cannot carry, and ``MemoryError`` when the
+    copy would need more than ``room`` bytes (what is left of the owner's memory budget)."""
     header, views = p.encode(p.Decision(request_id=request_id, status="approved", value=value))
+    size = len(header) + sum(view.nbytes for view in views)
+    if room is not None and size > room:
+        raise MemoryError(f"the frozen copy needs {size} bytes; {max(room, 0)} are left in the "
+                          "owner's memory budget")
     buffers = [memoryview(bytearray(view)) for view in views]  # the private copy
     copy = p.decode(header, buffers)
     assert isinstance(copy, p.Decision)

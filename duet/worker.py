@@ -71,6 +71,7 @@ class Worker:
             queue.SimpleQueue())
         self._frozen: dict[str, Frozen] = {}
         self._frozen_lock = threading.Lock()
+        self._frozen_bytes = 0  # held for undecided requests: counted against the budget
         self._events = _Events()
         allowlist = Allowlist.from_spec(settings["allowlist"])
         self._executor = Executor(allowlist, memory_budget=settings.get("memory_budget"),
@@ -95,8 +96,7 @@ class Worker:
                 if kind == "release":
                     self._release(message["request_id"])
                 elif kind == "drop":
-                    with self._frozen_lock:
-                        self._frozen.pop(message["request_id"], None)
+                    self._take_frozen(message["request_id"])
                 else:
                     self._work.put((message, buffers))
         finally:
@@ -201,8 +201,12 @@ class Worker:
                                failed=entry.error or failure.error_type,
                                operation=failure.operation, error_type=failure.error_type))
             return
+        budget = self._executor.memory_budget
+        with self._frozen_lock:
+            room = None if budget is None else (
+                budget - self._executor.used_bytes() - self._frozen_bytes)
         try:
-            frozen = freeze(request.request_id, entry.value)
+            frozen = freeze(request.request_id, entry.value, room)
         except (ProtocolError, MemoryError) as exc:
             # Whether a value can be sent can depend on the data (a list too long for a
             # message, say): like any failure, it is the owner's to release.
@@ -218,14 +222,21 @@ class Worker:
         if not inline:
             with self._frozen_lock:
                 self._frozen[request.request_id] = frozen
+                self._frozen_bytes += frozen.nbytes
         header = ipc.pack("snapshot", **common, summary=frozen.summary.model_dump(),
                           preview=frozen.preview, sha256=frozen.sha256, nbytes=frozen.nbytes,
                           inline=inline)
         self.send(header, [memoryview(frozen.header), *frozen.buffers] if inline else ())
 
-    def _release(self, request_id: str) -> None:
+    def _take_frozen(self, request_id: str) -> Frozen | None:
         with self._frozen_lock:
             frozen = self._frozen.pop(request_id, None)
+            if frozen is not None:
+                self._frozen_bytes -= frozen.nbytes
+        return frozen
+
+    def _release(self, request_id: str) -> None:
+        frozen = self._take_frozen(request_id)
         if frozen is None:
             self.send(ipc.pack("request_failed", request_id=request_id,
                                reason="the frozen value is gone (withdrawn or never made)"))

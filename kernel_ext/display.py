@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from duet import OwnerSession, ResearcherSession
-from duet.approvals import Request
+from duet.approvals import Request, safe_text
 from duet.session import Session
 
 __all__ = ["register_formatters", "request_html", "researcher_html", "session_state"]
@@ -31,25 +31,38 @@ def session_state(session: Session) -> str:
 
 
 def request_html(request: Request) -> str:
-    """One request as the owner needs it to decide: who asks why, for what, and what it is."""
+    """One request as the owner needs it to decide: who asks why, for what, what it is, and
+    every shared object it comes from. Researcher-written text is escaped twice over: HTML, and
+    control or bidirectional characters (``safe_text``); long lineage wraps, never cut."""
     colour = _STATUS_COLOURS.get(request.status, "inherit")
     shape = "" if request.shape is None else f", shape {list(request.shape)}"
     decided = ""
-    if request.status in ("approved", "denied"):
+    if request.status in ("approved", "denied", "withdrawn"):
         why = f": {request.decision_reason}" if request.decision_reason else ""
-        decided = f" by {html.escape(request.decided_by)}{html.escape(why)}"
+        decided = f" by {_text(request.decided_by)}{_text(why)}" if request.decided_by else (
+            _text(why))
     created = time.strftime("%H:%M:%S", time.localtime(request.created))
+    sources = ", ".join(sorted(request.sources)) or "none (no shared data)"
+    value = ("<b style='color:#c62828'>computing it failed</b> (approving tells the "
+             "researcher only which operation failed, and how)" if request.failed else
+             f"{_text(request.type)}{_text(shape)}, {request.nbytes:,} bytes")
     return (
-        f'<div style="border-left:3px solid {colour};padding-left:8px;margin:4px 0">'
-        f"<b>request <code>{html.escape(request.id)}</code></b> at {created} "
-        f'<span style="color:{colour}"><b>{html.escape(request.status)}</b></span>{decided}<br>'
-        f"<b>reason:</b> {html.escape(request.reason) or '<i>none given</i>'}<br>"
-        f"<b>lineage:</b> <code>{html.escape(request.lineage)}</code><br>"
-        f"<b>value:</b> {html.escape(request.type)}{html.escape(shape)}, "
-        f"{request.nbytes:,} bytes"
-        f'<pre style="margin:2px 0;max-height:10em;overflow:auto">'
-        f"{html.escape(request.preview)}</pre></div>"
+        f'<div class="duet-request" style="border-left:3px solid {colour};padding-left:8px;'
+        f'margin:4px 0">'
+        f"<b>request <code>{_text(request.id)}</code></b> at {created} "
+        f'<span style="color:{colour}"><b>{_text(request.status)}</b></span>{decided}<br>'
+        f"<b>reason:</b> {_text(request.reason) or '<i>none given</i>'}<br>"
+        f"<b>sources:</b> {_text(sources)}<br>"
+        f'<b>lineage:</b> <code style="white-space:pre-wrap;word-break:break-all">'
+        f"{_text(request.lineage)}</code><br>"
+        f"<b>value:</b> {value}"
+        f'<pre style="margin:2px 0;max-height:10em;overflow:auto;white-space:pre-wrap">'
+        f"{_text(request.preview)}</pre></div>"
     )
+
+
+def _text(text: str) -> str:
+    return html.escape(safe_text(text))
 
 
 def researcher_html(session: ResearcherSession) -> str:

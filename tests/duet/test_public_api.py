@@ -12,7 +12,7 @@ PROMISED = {
 EXPORTED = PROMISED | {
     "embedded_server_url", "Allowlist", "AuditEvent", "AuditLog", "BudgetExceeded",
     "DuetTimeout", "PairingTimeout", "ProtocolError", "RemoteModule", "RequestError",
-    "RequestHandle", "Rule", "SessionConfig", "Store", "WorkerRestarted",
+    "RequestHandle", "Rule", "SessionConfig", "Store", "WorkerRestarted", "local_invitation",
 }
 
 
@@ -49,3 +49,21 @@ def test_signaling_server_does_not_import_duet() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_same_machine_launch_leaves_its_invitation_for_this_user(tmp_path: object) -> None:
+    import os
+    import stat
+    import time
+
+    from duet.api import _invitation_path
+
+    owner = duet.launch(ice_servers=[], show=False, audit_path=f"{tmp_path}/audit.db")
+    try:
+        assert duet.local_invitation() == (owner.code, owner.server_url)
+        mode = stat.S_IMODE(os.stat(_invitation_path()).st_mode)
+        assert mode == 0o600  # the join code is a secret: this user only
+        time.sleep(0.01)
+        assert duet.local_invitation(max_age=0) is None  # stale invitations are ignored
+    finally:
+        owner.close()

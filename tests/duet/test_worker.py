@@ -169,3 +169,28 @@ def researcher_saw_restart(researcher: duet.ResearcherSession, reason: str) -> b
     except duet.WorkerRestarted as exc:
         return reason in str(exc)
     return False
+
+
+def test_frozen_copies_and_python_objects_count_against_the_budget(tmp_path: Path) -> None:
+    with session_pair(tmp_path / "audit.db", memory_budget=3 * 2**20) as (owner, researcher):
+        owner.share(np.zeros(2**18), name="x")  # 2 MiB, shared: not counted
+        x = researcher.store.wait_for("x", 5)
+        first = x.request("a frozen copy of 2 MiB fits")
+        second = x.request("a second one does not")
+        requests = [owner.requests.wait(10)]
+        eventually(lambda: len(owner.requests) == 2, timeout=10)
+        failed = owner.requests[1]
+        assert failed.failed.startswith("cannot be sent: MemoryError")
+        assert "left in the owner's memory budget" in failed.preview
+        assert requests[0] is not None and not requests[0].failed
+        requests[0].deny()
+        failed.deny()
+        for handle in (first, second):
+            with pytest.raises(duet.RequestDenied):
+                handle.result(10)
+        # 262,144 Python floats are ~8 MiB of objects: over the budget, so a failure
+        owner.requests.add_rule("approve")
+        listed = x.tolist()
+        with pytest.raises(duet.RemoteError, match="BudgetExceeded"):
+            listed.get("as a list", timeout=30)
+        assert owner.worker_usage().used_bytes == 0

@@ -1,0 +1,143 @@
+"""The owner's approval panel in a real JupyterLab, in a real browser, as a person uses it.
+
+JupyterLab serves copies of the demo notebooks on 127.0.0.1; Playwright drives Debian's
+chromium (``make test`` installs it; Playwright's own browser download cannot run here) in two
+tabs: the owner runs the first cells (launch, share), the researcher runs its cells up to a
+blocking ``.get()``, the request shows up in the owner's rendered panel, a click on Approve
+sends the value, and a Deny with a typed reason reaches the researcher as RequestDenied.
+The test asserts on the DOM; screenshots of each step go to build/browser/ for people.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.helpers.signaling import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "build" / "browser"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[str]:
+    for name in ("owner.ipynb", "researcher.ipynb"):
+        shutil.copy(ROOT / "notebooks" / name, tmp_path / name)
+    port, token = free_port(), secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if k not in ("DUET_DEMO_CODE_FILE",
+                                                            "DUET_SIGNALING_URL")}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("jupyter")), "lab", "--no-browser",
+         "--ip", "127.0.0.1", "--port", str(port), "--ServerApp.port_retries=0",
+         f"--ServerApp.root_dir={tmp_path}", f"--IdentityProvider.token={token}",
+         "--allow-root"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield f"{base}|{token}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def open_notebook(page: Page, base: str, token: str, name: str) -> None:
+    page.goto(f"{base}/lab/tree/{name}?token={token}")
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=60_000)
+    page.get_by_text("Kernel status: Idle").first.wait_for(state="attached", timeout=90_000)
+
+
+def run_cells(page: Page, count: int, start_text: str | None = None) -> None:
+    """Select the first cell (or the one containing ``start_text``), then Shift+Enter."""
+    cells = page.locator(".jp-Notebook .jp-Cell")
+    target = cells.filter(has_text=start_text).first if start_text else cells.first
+    target.click()
+    page.keyboard.press("Escape")  # command mode: Shift+Enter runs and moves on
+    for _ in range(count):
+        page.keyboard.press("Shift+Enter")
+        page.wait_for_timeout(150)
+
+
+def shot(page: Page, name: str, focus: str | None = None) -> None:
+    """A screenshot for people; ``focus``: scroll to the output containing that text and
+    take just that output."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    news = page.get_by_role("button", name="No")
+    if news.count():
+        news.first.click()  # JupyterLab's "news?" toast would cover the corner
+    if focus is not None:
+        area = page.locator(".jp-OutputArea", has_text=focus).first
+        area.scroll_into_view_if_needed()
+        area.screenshot(path=str(SHOTS / f"{name}.png"))
+    else:
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
+
+
+def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str) -> None:
+    base, token = lab.split("|")
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is missing: make test installs Debian's chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True,
+                                             args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        owner, researcher = context.new_page(), context.new_page()
+        open_notebook(owner, base, token, "owner.ipynb")
+        run_cells(owner, 12)  # imports, data, %duet launch (panel), share, wait for the peer
+        panel = owner.locator(".widget-html", has_text="duet approval panel").first
+        expect(panel).to_be_visible(timeout=120_000)
+        shot(owner, "1-owner-launched")
+
+        open_notebook(researcher, base, token, "researcher.ipynb")
+        run_cells(researcher, 10)  # join (same-machine invitation), pointers, a blocking get
+        pending = owner.locator(".widget-vbox", has_text="class balance of the training set")
+        expect(pending.last).to_be_visible(timeout=120_000)
+        card = pending.last.inner_text()
+        assert "y_train.float().mean()" in card and "sources" in card.lower()
+        shot(owner, "2-owner-pending-request", focus="duet approval panel")
+
+        for _ in range(2):  # the class balance, then the feature means
+            approve = owner.get_by_role("button", name="Approve").first
+            expect(approve).to_be_enabled(timeout=120_000)
+            approve.click()
+            owner.wait_for_timeout(500)
+        expect(researcher.locator(".jp-OutputArea-output",
+                                  has_text=re.compile(r"of training patients are benign"))
+               .first).to_be_visible(timeout=120_000)
+        expect(owner.locator(".widget-html", has_text="approved").first).to_be_visible()
+        shot(owner, "3-owner-after-approval", focus="duet approval panel")
+        shot(researcher, "4-researcher-value", focus="of training patients are benign")
+
+        run_cells(researcher, 1, start_text="a few patients to sanity-check")
+        deny_card = owner.locator(".widget-vbox", has_text="a few patients to sanity-check")
+        expect(deny_card.last).to_be_visible(timeout=120_000)
+        deny_card.last.get_by_placeholder("reason for denying").fill("no patient rows leave")
+        deny_card.last.get_by_role("button", name="Deny").click()
+        expect(researcher.locator(".jp-OutputArea-output",
+                                  has_text="no patient rows leave").first).to_be_visible(
+            timeout=120_000)
+        shot(owner, "5-owner-after-deny", focus="duet approval panel")
+        shot(researcher, "6-researcher-denied", focus="no patient rows leave")
+        browser.close()
+    assert json.dumps(sorted(p.name for p in SHOTS.glob("*.png")))
