@@ -130,6 +130,12 @@ attack("optimizer over shared parameters", sgd)
 attack("dict value fill", lambda: store("D0")["a"].fill(0.0))
 attack("dict tensor add_", lambda: store("D0")["b"].add_(1.0))
 attack("clip into shared", lambda: store("X").clip(0.0, 1.0, store("X")))
+attack("ParameterList around a shared parameter, load_state_dict",
+       lambda: r.torch.nn.ParameterList([store("model").weight]).load_state_dict(
+           {"0": r.torch.zeros(2, 3)}))
+attack("state_dict entry zero_", lambda: store("model").state_dict()["weight"].zero_())
+attack("state_dict keep_vars entry mul_",
+       lambda: store("model").state_dict(keep_vars=True)["bias"].mul_(0.0))
 attack("module half() in place", lambda: store("model").half())
 attack("module requires_grad_", lambda: store("model").requires_grad_(False))
 attack("parameter requires_grad_", lambda: store("model").weight.requires_grad_(False))

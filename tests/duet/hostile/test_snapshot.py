@@ -21,6 +21,8 @@ s = launch()
 emit("code", s.code)
 s.share(np.array([7.25, 8.5, 9.75, 11.0, 12.5]), name="secret")
 s.share(torch.arange(12.0).reshape(4, 3) + 0.5, name="W")
+for i in range(25):
+    s.share(np.zeros(2), name=f"part{i:02d}")
 s.requests.add_rule("deny", name="secret", reason="never the secret")
 s.requests.add_rule("deny", name="W", reason="never W")
 assert s.wait_for_peer(60)
@@ -137,6 +139,10 @@ out["concat"] = outcome(lambda: r.np.concatenate(parts).get("concat", timeout=60
 many = [r.np.zeros(3)] * 60 + [x[0:3]] + [r.np.zeros(3)] * 60
 out["concat-many"] = outcome(lambda: r.np.concatenate(many).get("concat-many", timeout=60))
 
+# many sources: every one of them is shown, however long the list
+pieces = [r.store[f"part{i:02d}"] for i in range(25)] + [x]
+out["25 sources"] = outcome(lambda: r.np.concatenate(pieces).get("25 sources", timeout=60))
+
 # (c) the bytes sent are the frozen bytes: mutate while the approved value is in transfer
 big = r.np.zeros(4_000_000)
 handle = big.request("hold:transfer")
@@ -195,6 +201,10 @@ def test_approved_is_what_was_previewed(signaling_url: str, tmp_path: Path) -> N
         request = requests[name]
         assert request["sources"] == ["secret"], request
         assert "secret" in request["repr"], request["repr"]
+    many = requests["25 sources"]
+    assert many["sources"] == sorted([f"part{i:02d}" for i in range(25)] + ["secret"]), many
+    assert all(f"part{i:02d}" in many["repr"] for i in range(25)), many["repr"]
+    assert out["25 sources"][0] == "RequestDenied"
     # the bytes sent are the frozen ones, and the audit hash is theirs
     low, high, digest = out["transfer"][1]
     assert (low, high) == (0.0, 0.0), out["transfer"]
