@@ -87,7 +87,36 @@ for dtype in ("object", "V8", "O"):
 send_frame(r, struct.pack("!BIIH", 2, 99, 10, 2) + struct.pack("!QQ", 2**62, 2**62))
 send_frame(r, struct.pack("!BIIH", 2, 98, 2**31, 0))     # a 2 GiB header
 send_header(r, ops_header([msgpack.ExtType(1, msgpack.packb(2**64 - 1))]))
+# a flood of maximal operation batches: the owner decodes them, its loop must keep answering
+import threading
+flood_pings = []
+flooding = threading.Event()
+
+def ping_meanwhile():
+    while not flooding.is_set():
+        try:
+            flood_pings.append(r.ping(timeout=60))
+        except duet.DuetError as exc:
+            flood_pings.append(repr(exc))
+            return
+        time.sleep(0.05)
+
+pinger = threading.Thread(target=ping_meanwhile)
+pinger.start()
+for _ in range(8):
+    first = new_id(r)
+    batch = [{"result": first + i, "kind": "function", "name": "operator.add", "args": [i, 1]}
+             for i in range(60_000)]
+    for _ in range(60_000 - 1):
+        new_id(r)
+    send_header(r, msgpack.packb({"type": "ops", "ops": batch}, use_bin_type=True))
 x = r.store["x"]
+out["after op flood"] = outcome(lambda: r.np.sum(x).get("after op flood", timeout=300))
+flooding.set()
+pinger.join()
+numbers = [t for t in flood_pings if isinstance(t, float)]
+emit("op_flood_pings", {"count": len(numbers), "max_s": max(numbers, default=None),
+                        "errors": [t for t in flood_pings if not isinstance(t, float)]})
 out["after frames"] = outcome(lambda: r.np.sum(x).get("after frames", timeout=60))
 out["connected after frames"] = r.connected
 
@@ -142,6 +171,7 @@ def test_the_owner_survives(signaling_url: str, tmp_path: Path) -> None:
     owner, researcher = owner_and_researcher(OWNER, RESEARCHER, server=signaling_url,
                                              tmp=tmp_path)
     try:
+        op_flood = researcher.expect("op_flood_pings", timeout=600)
         flood_seen = owner.expect("flood_seen_s", timeout=600)
         pings = researcher.expect("pings", timeout=120)
         out = researcher.expect("out", timeout=600)
@@ -154,7 +184,10 @@ def test_the_owner_survives(signaling_url: str, tmp_path: Path) -> None:
     finally:
         owner.kill()
         researcher.kill()
-    print({"cancel_s": cancels, "flood_seen_s": flood_seen, "pings": pings})
+    print({"cancel_s": cancels, "flood_seen_s": flood_seen, "pings": pings,
+           "op_flood_pings": op_flood})
+    assert out["after op flood"] == ["value", 49.0], out["after op flood"]
+    assert op_flood["errors"] == [] and op_flood["count"] > 0, op_flood
     # frames: each one a protocol error, the session up and working
     assert out["after frames"] == ["value", 49.0], out["after frames"]
     assert out["connected after frames"] is True
