@@ -268,6 +268,14 @@ settle()
 rss["worker_objects"] = worker_rss()
 emit("rss", rss)
 emit("connected", s.connected)
+# close() during an endless operation: returns at once, and the process can exit
+while not flagged("endless"):
+    time.sleep(0.02)
+time.sleep(0.5)
+emit("worker_pid", s.worker_pid)
+started = time.monotonic()
+s.close()
+emit("close_s", time.monotonic() - started)
 flag("stop")
 ''')
 
@@ -294,12 +302,23 @@ synced = outcome(lambda: r.np.sum(r.np.zeros(1)).get("sync", timeout=120))
 flag("objects")
 emit("last", last)
 emit("synced", synced)
+endless = r.np.sum(r.np.broadcast_to(r.store["x"], (10**15, 5))).request("endless")
+flag("endless")
 while not flagged("stop"):
     time.sleep(0.05)
 ''')
 
 
-def test_memory_held_by_requests_and_objects_is_bounded(signaling_url: str,
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_memory_is_bounded_and_close_stops_everything(signaling_url: str,
                                                         tmp_path: Path) -> None:
     owner, researcher = owner_and_researcher(MEMORY_OWNER, MEMORY_RESEARCHER,
                                              server=signaling_url, tmp=tmp_path)
@@ -307,13 +326,18 @@ def test_memory_held_by_requests_and_objects_is_bounded(signaling_url: str,
         held_s = owner.expect("held_s", timeout=400)
         rss = owner.expect("rss", timeout=400)
         connected = owner.expect("connected")
+        worker_pid = owner.expect("worker_pid", timeout=120)
+        close_s = owner.expect("close_s", timeout=120)
+        exit_code = owner.wait(60)                 # nothing keeps the owner's process alive
         last = researcher.expect("last", timeout=60)
         synced = researcher.expect("synced", timeout=60)
     finally:
         owner.kill()
         researcher.kill()
     mb = {k: round(v / 2**20) for k, v in rss.items()}
-    print({"rss_mb": mb, "held_s": held_s})
+    print({"rss_mb": mb, "held_s": held_s, "close_during_endless_s": close_s})
+    assert exit_code == 0
+    assert worker_pid is not None and not _alive(worker_pid)
     assert last[0] == "RequestDenied", last
     assert synced == ["value", 0.0], synced
     assert connected is True
