@@ -19,10 +19,7 @@ s.share(np.array([7.25, 8.5, 9.75, 11.0, 12.5]), name="secret")
 s.share(torch.arange(12.0).reshape(4, 3), name="W")
 model = torch.nn.Linear(1, 1)
 s.share(model, name="model")
-s.share(np.array([1.0, 2.0, 3.0]), name="public", description="published statistics")
 s.requests.add_rule("approve", max_elements=1)
-# "approve what derives from the public table": must not approve what also holds the secret
-s.requests.add_rule("approve", name="public")
 assert s.wait_for_peer(60)
 requests = serve(s)          # every reason ends in !keep: only the rule decides
 emit("requests", requests)
@@ -53,8 +50,6 @@ def ask_raw(name, result):
                                reason=name + "!keep"))
 
 ask("control: one sum", lambda: r.np.sum(x))
-ask("control: public", lambda: r.store["public"] * 2)
-ask("public mixed with the secret", lambda: r.np.concatenate([r.store["public"], x]))
 # a slice object wrapping the array, built on the raw wire (and with a shared stop too)
 for name, args in [("slice", [p.StoreRef("secret"), None, None]),
                    ("slice3", [0, p.StoreRef("W"), p.StoreRef("secret")])]:
@@ -102,13 +97,60 @@ def test_max_elements_one_approves_one_element_only(signaling_url: str, tmp_path
                 if reason.endswith("!keep")}
     assert statuses.pop("control: one sum") == "approved"  # the rule works
     assert handles.pop("control: one sum") == ["value", 49.0]
-    assert statuses.pop("control: public") == "approved"
-    assert handles.pop("control: public") == ["value", [2.0, 4.0, 6.0]]
     # every variant was asked for, and none came back as a value
-    assert len(handles) + len(local) + 2 == 20, (handles, local)
+    assert len(handles) + len(local) + 2 == 19, (handles, local)
     assert {name: result for name, result in handles.items() if result[0] == "value"} == {}
     # the rule approved nothing that holds data: only failures (refusals by name, values that
     # cannot be sent), which hold no elements and release only the kind of failure
     approved = {name: requests[name + "!keep"]["preview"] for name, status in statuses.items()
                 if status == "approved"}
     assert all(preview.startswith("failed:") for preview in approved.values()), approved
+
+
+NAME_OWNER = script('''
+from tests.duet.hostile.peerkit import launch, serve
+s = launch()
+emit("code", s.code)
+s.share(np.array([7.25, 8.5, 9.75, 11.0, 12.5]), name="secret")
+s.share(np.array([1.0, 2.0, 3.0, 4.0, 5.0]), name="public", description="published")
+# "approve what derives from the public table": nothing that also derives from the secret
+s.requests.add_rule("approve", name="public")
+assert s.wait_for_peer(60)
+requests = serve(s)          # every reason ends in !keep: only the rule decides
+emit("requests", {k: [v["status"], v["sources"]] for k, v in requests.items()})
+''')
+
+NAME_RESEARCHER = script('''
+from tests.duet.hostile.peerkit import join, flag, outcome
+r = join()
+x, public = r.store["secret"], r.store["public"]
+asks = {
+    "control: public only": public * 2,
+    "concatenate": r.np.concatenate([public, x]),
+    "public plus a secret sum": public + x.sum(),
+    "where on the secret": r.np.where(x > 10, public, -public),
+    "sorted by the secret": public[r.np.argsort(x)],
+}
+handles = {name: pointer.request(name + "!keep") for name, pointer in asks.items()}
+r.np.zeros(1).request("sync").result(60)
+time.sleep(0.5)
+emit("outcomes", {name: outcome(lambda: h.result(0.5)) for name, h in handles.items()})
+flag("stop")
+''')
+
+
+def test_an_approve_rule_by_name_releases_nothing_from_other_sources(
+        signaling_url: str, tmp_path: Path) -> None:
+    owner, researcher = owner_and_researcher(NAME_OWNER, NAME_RESEARCHER,
+                                             server=signaling_url, tmp=tmp_path)
+    try:
+        outcomes = researcher.expect("outcomes", timeout=120)
+        requests = owner.expect("requests", timeout=60)
+    finally:
+        owner.kill()
+        researcher.kill()
+    assert outcomes.pop("control: public only") == ["value", [2.0, 4.0, 6.0, 8.0, 10.0]]
+    for name in outcomes:
+        assert requests[name + "!keep"][1] == ["public", "secret"], requests[name + "!keep"]
+    released = {name: result for name, result in outcomes.items() if result[0] == "value"}
+    assert released == {}, released
