@@ -264,7 +264,7 @@ def python_bytes(value: Any) -> int:
         seen += 1
         if seen > _WALK_LIMIT:
             break
-    return total
+    return total if total >= _SMALL else 0  # a handful of small objects is not worth a block
 
 
 def _scalar_bytes(item: Any) -> int:
@@ -274,6 +274,7 @@ def _scalar_bytes(item: Any) -> int:
 
 
 _SAMPLE = 1000
+_SMALL = 64 * 1024
 
 
 def _graph_leaves(tensor: Any) -> list[Any]:

@@ -109,19 +109,30 @@ def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str) -> None:
         expect(panel).to_be_visible(timeout=120_000)
         shot(owner, "1-owner-launched")
 
+        # the owner's kernel is busy with a cell of its own when the request arrives: the panel
+        # must show it anyway (clicks wait for the kernel, as any widget's do)
+        owner.keyboard.press("b")
+        owner.keyboard.press("Enter")
+        owner.keyboard.type("import time; time.sleep(25); print('owner cell done')")
+        owner.keyboard.press("Shift+Enter")
+        owner.get_by_text("Kernel status: Busy").first.wait_for(state="attached")
+
         open_notebook(researcher, base, token, "researcher.ipynb")
         run_cells(researcher, 10)  # join (same-machine invitation), pointers, a blocking get
         pending = owner.locator(".widget-vbox", has_text="class balance of the training set")
         expect(pending.last).to_be_visible(timeout=120_000)
+        assert owner.get_by_text("Kernel status: Busy").count() > 0  # still busy: it updated
+        assert owner.locator(".jp-OutputArea-output", has_text="owner cell done").count() == 0
         card = pending.last.inner_text()
         assert "y_train.float().mean()" in card and "sources" in card.lower()
         shot(owner, "2-owner-pending-request", focus="duet approval panel")
 
-        for _ in range(2):  # the class balance, then the feature means
-            approve = owner.get_by_role("button", name="Approve").first
-            expect(approve).to_be_enabled(timeout=120_000)
-            approve.click()
-            owner.wait_for_timeout(500)
+        expect(owner.locator(".jp-OutputArea-output", has_text="owner cell done").first
+               ).to_be_visible(timeout=60_000)  # idle again: clicks reach the kernel now
+        for reason in ("class balance of the training set", "average of each measurement"):
+            card = owner.locator(".widget-vbox", has_text=reason).last
+            expect(card).to_be_visible(timeout=120_000)
+            card.get_by_role("button", name="Approve").click()
         expect(researcher.locator(".jp-OutputArea-output",
                                   has_text=re.compile(r"of training patients are benign"))
                .first).to_be_visible(timeout=120_000)
