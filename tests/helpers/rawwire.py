@@ -82,8 +82,8 @@ def normalized(messages: Iterable[Any]) -> list[dict[str, Any]]:
 def op(result: int, name: str, *, kind: str = "function", target: Any = None,
        args: list[Any] | None = None, kwargs: dict[str, Any] | None = None) -> Any:
     """A protocol operation built by hand (names the public API would refuse to spell)."""
-    return p.Op(result=result, kind=kind, name=name, target=target, args=args or [],
-                kwargs=kwargs or {})
+    return p.Op.model_validate({"result": result, "kind": kind, "name": name, "target": target,
+                                "args": args or [], "kwargs": kwargs or {}})
 
 
 def new_id(researcher: Any) -> int:
