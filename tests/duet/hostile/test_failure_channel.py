@@ -55,7 +55,12 @@ def attacks(x):
         send_raw(r, op(new_id(r), "shape", kind="getattr", target=p.PointerRef(bits[k].id)))
     later = [bits[1] + 1, (index * 2).sum(), ce.mean(), chol2 @ chol2, huge.sum(), empty + 1,
              budget.sum()]    # 80 MB for b only: over the owner's 64 MB budget
-    return bits + [index, negative, empty, huge, ce, chol, chol2] + later
+    # torch: a matrix singular for a only; a class out of range for b only
+    singular = r.torch.tensor(np_.clip(np_.floor(x[3:4] - 6.0), 0, 1)).reshape(1, 1)
+    solved = r.torch.linalg.solve(singular, singular * 0 + 1)
+    one_hot = F.one_hot(r.torch.tensor(np_.floor(x[3:4]).astype(np_.int64)), 6)
+    return bits + [index, negative, empty, huge, ce, chol, chol2] + later + [
+        solved, one_hot, one_hot.sum(), solved.sum()]
 
 def run(name):
     x = r.store[name]
@@ -121,7 +126,7 @@ emit("dtype_as_string", as_string)
 # a failed value is an ordinary request: the owner decides it
 failures = {
     "index!": outcome(lambda: pb[8].get("index", timeout=60)),          # IndexError in b
-    "derived!": outcome(lambda: pb[-5].get("derived", timeout=60)),    # (index*2).sum()
+    "derived!": outcome(lambda: pb[16].get("derived", timeout=60)),    # (index*2).sum()
     "ce!deny": outcome(lambda: pb[12].get("ce!deny", timeout=60)),
     "huge!": outcome(lambda: pb[11].get("huge", timeout=60)),
 }
