@@ -181,3 +181,52 @@ def test_failure_is_not_a_channel(signaling_url: str, tmp_path: Path) -> None:
     finally:
         owner.kill()
         researcher.kill()
+
+
+TIMEOUT_OWNER = script('''
+from tests.duet.hostile.peerkit import launch, serve
+s = launch(op_timeout=1.0, max_worker_restarts=1)
+emit("code", s.code)
+s.share(np.array([1.0, 2.0, 3.0, 5.3, 4.0]), name="a")
+assert s.wait_for_peer(60)
+serve(s)
+restarts = s.audit.events(event="worker_restarted")
+emit("restarts", [[e.detail.get("crashed"), e.detail.get("reason", "")] for e in restarts])
+emit("connected", s.connected)
+''')
+
+TIMEOUT_RESEARCHER = script('''
+from tests.duet.hostile.peerkit import join, flag, outcome
+r = join()
+x = r.store["a"]
+# an operation that runs past the owner's time limit only when a bit of the secret is set is
+# one bit per restart: restarts by timeout must count against the owner's limit like crashes
+seen = []
+for k in range(4):
+    n = (r.np.floor(x[3] * 10).astype(r.np.int64) // 2**k) % 2 + 1     # 1 or 2
+    endless = r.np.sum(r.np.broadcast_to(x, (n * 10**15, 5)))         # endless either way
+    seen.append(outcome(lambda: endless.get(f"endless {k}", timeout=60)))
+seen.append(outcome(lambda: r.np.zeros(3).get("after", timeout=30)))
+emit("seen", seen)
+flag("stop")
+''')
+
+
+def test_restarts_by_timeout_are_capped(signaling_url: str, tmp_path: Path) -> None:
+    owner, researcher = owner_and_researcher(TIMEOUT_OWNER, TIMEOUT_RESEARCHER,
+                                             server=signaling_url, tmp=tmp_path)
+    try:
+        seen = researcher.expect("seen", timeout=240)
+        restarts = owner.expect("restarts", timeout=60)
+        connected = owner.expect("connected")
+    finally:
+        owner.kill()
+        researcher.kill()
+    kinds = [kind for kind, _ in seen]
+    assert kinds[0] == "WorkerRestarted", seen
+    assert all(kind in ("WorkerRestarted", "PolicyViolation") for kind in kinds), seen
+    # past the limit of one restart nothing runs: the channel closes
+    assert "stopped" in seen[-1][1] or "nothing runs" in seen[-1][1], seen
+    assert len(restarts) == 2 and all(crashed for crashed, _ in restarts), restarts
+    assert "longer than the owner's limit" in restarts[0][1], restarts
+    assert connected is True
