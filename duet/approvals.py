@@ -63,8 +63,13 @@ class Rule:
     reason: str = ""
 
     def matches(self, request: Request) -> bool:
-        if self.name is not None and self.name not in request.sources:
-            return False
+        if self.name is not None:
+            # deny: anything derived from the name; approve: only what derives from the name
+            # alone (a value mixing in another shared object is that object's data too)
+            if self.action == "deny" and self.name not in request.sources:
+                return False
+            if self.action == "approve" and request.sources != frozenset({self.name}):
+                return False
         if self.lineage is not None and not re.search(self.lineage, request.lineage):
             return False
         if self.max_elements is not None and request.info.elements > self.max_elements:
@@ -208,7 +213,8 @@ class RequestQueue(Sequence[Request]):
                  apply_to_pending: bool = True) -> Rule:
         """Decide matching requests automatically, e.g. ``add_rule("approve", max_elements=1)``.
 
-        ``name``: the value derives from this shared object; ``lineage``: a regular expression
+        ``name``: for "deny", the value derives from this shared object (among others); for
+        "approve", from this shared object and no other; ``lineage``: a regular expression
         searched in the lineage; ``max_elements``: at most this many elements; ``predicate``:
         any test of the ``Request``. Rules apply in the order added; the first match decides.
         """

@@ -87,7 +87,14 @@ async def _execute(notebook: Any, directory: Path, env: dict[str, str], timeout:
     manager = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=str(ipc_prefix))
     client = NotebookClient(notebook, km=manager, timeout=timeout,
                             resources={"metadata": {"path": str(directory)}})
-    await client.async_execute(env=env)
+    try:
+        await client.async_execute(env=env)
+    finally:
+        # nbclient shuts down only kernels it created itself: stop ours, so the kernel does
+        # not outlive us and log "Parent appears to have exited" on its own.
+        if await manager.is_alive():
+            await manager.shutdown_kernel(now=False)
+        manager.cleanup_resources()
 
 
 async def _run_both(notebooks: list[Any], directory: Path, env: dict[str, str],

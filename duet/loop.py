@@ -14,9 +14,11 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-T = TypeVar("T")
+from .errors import DuetTimeout
 
 __all__ = ["LoopThread"]
+
+T = TypeVar("T")
 
 
 class LoopThread:
@@ -59,7 +61,7 @@ class LoopThread:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise TimeoutError(f"no result within {timeout} s") from None
+            raise DuetTimeout(f"no result within {timeout} s") from None
         except KeyboardInterrupt:
             future.cancel()  # Ctrl-C / "interrupt kernel" stops the wait and the work
             raise

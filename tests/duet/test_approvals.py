@@ -58,3 +58,17 @@ def test_values_the_researcher_could_not_receive_are_refused_when_frozen() -> No
 
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         freeze("ab" * 8, list(range(3_000_000)))  # a 14 MB header: arrays travel as buffers
+
+
+def test_an_approve_rule_by_name_never_releases_another_sources_data() -> None:
+    sent: list[str] = []
+    queue = RequestQueue(lambda request: sent.append(request.status))
+    queue.add_rule("approve", name="public")
+    info = ValueInfo("float", None, None, 1, 8)
+    for rid, sources in (("mixed", {"public", "secret"}), ("pure", {"public"}), ("none", set())):
+        queue.add(Request(id=rid, reason="", lineage=rid, sources=frozenset(sources),
+                          info=info, preview="1.0"))
+    assert {r.id: r.status for r in queue} == {"mixed": "pending", "pure": "approved",
+                                               "none": "pending"}
+    queue.add_rule("deny", name="secret")
+    assert queue.get("mixed").status == "denied"

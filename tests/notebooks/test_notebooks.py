@@ -70,6 +70,8 @@ def test_make_demo_runs_on_the_embedded_server(tmp_path: Path) -> None:
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "requests: 6 (5 approved, 1 denied)" in done.stdout
+    # both kernels were shut down, not left to notice that their parent is gone
+    assert "Parent appears to have exited" not in done.stdout + done.stderr
     assert "owner's answer: 'individual patient records" in done.stdout
     built = tmp_path / "build" / "demo"
     assert {p.name for p in built.iterdir()} >= {"owner.ipynb", "researcher.ipynb",
@@ -89,5 +91,6 @@ def test_demo_fails_loudly_and_stops_the_other_notebook(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "FAILED" in done.stdout and "the owner notebook broke" in done.stdout
     assert "researcher.ipynb: stopped because the other notebook failed" in done.stdout
+    assert "Parent appears to have exited" not in done.stdout + done.stderr
     saved = nbformat.read(tmp_path / "build" / "owner.ipynb", as_version=4)
     assert "the owner notebook broke" in json.dumps(saved.cells[0].outputs)

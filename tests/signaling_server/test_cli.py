@@ -129,3 +129,13 @@ def test_server_imports_nothing_from_duet() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_store_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_config([]).store == "memory"
+    monkeypatch.setenv("DUET_SIGNALING_STORE", "redis://:secret@10.1.2.3:6379/0")
+    assert parse_config([]).store == "redis://:secret@10.1.2.3:6379/0"
+    assert parse_config(["--store", "rediss://cache:6380/1"]).store == "rediss://cache:6380/1"
+    with pytest.raises(SystemExit) as exited:
+        parse_config(["--store", "postgres://db"])
+    assert exited.value.code == 2

@@ -208,3 +208,29 @@ def test_real_duet_sessions_pair_across_replicas(redis: RedisServer) -> None:
                 researcher.close()
         finally:
             owner.close()
+
+
+async def test_a_replica_starts_while_redis_is_down_and_recovers(connect: Connect) -> None:
+    redis = RedisServer()  # not started yet: its port refuses connections
+    try:
+        with tempfile.TemporaryFile() as log:
+            server = SignalingServerProcess(log, store=redis.url)
+            try:
+                for _ in range(150):
+                    try:
+                        status, body = health(server.url)
+                        break
+                    except OSError:
+                        await asyncio.sleep(0.1)
+                assert status == 503 and body["store"] == {"kind": "redis", "healthy": False}
+                redis.start()
+                for _ in range(100):
+                    if health(server.url)[0] == 200:
+                        break
+                    await asyncio.sleep(0.1)
+                assert health(server.url)[0] == 200
+                await pair_raw(connect, server.url, server.url)
+            finally:
+                server.stop()
+    finally:
+        redis.kill()
