@@ -130,6 +130,18 @@ flow("np.place", lambda: into(lambda: r.np.zeros(5), lambda z: r.np.place(
 flow("vector_to_parameters", lambda: into(lambda: r.torch.nn.Linear(3, 4), lambda m: (
     r.torch.nn.utils.vector_to_parameters(r.torch.cat([W.flatten(), r.torch.zeros(4)]),
                                           m.parameters()))).weight)
+def grad_of_weight():
+    lin = r.torch.nn.Linear(3, 1)
+    lin(W).sum().backward()                 # the gradient is written into lin.weight.grad
+    return lin.weight.grad
+
+def grad_of_leaf():
+    t = r.torch.ones(3, requires_grad=True)
+    (t * W[0]).sum().backward()             # t.grad is exactly W[0]
+    return t.grad
+
+flow("grad after backward", grad_of_weight)
+flow("leaf grad equals W row", grad_of_leaf)
 flow("index_put_", lambda: into(lambda: r.torch.zeros(3), lambda k: k.index_put_(
     (r.torch.tensor([0, 1, 2]),), W[3])))
 
