@@ -68,6 +68,15 @@ def _config(config: SessionConfig | None, ice_servers: Sequence[IceServerSpec] |
     return replace(config, **overrides) if overrides else config
 
 
+def _local_ice(config: SessionConfig, url: str) -> SessionConfig:
+    """Both peers on this machine (a loopback signaling server, unless ``ice_loopback`` says
+    otherwise): the default public STUN server could add nothing but a DNS lookup and packets
+    to the internet, so none is used unless servers were given explicitly."""
+    if config.ice_servers is None and config.loopback_for(url):
+        return replace(config, ice_servers=[])
+    return config
+
+
 def launch(server: str | None = None, *, ice_servers: Sequence[IceServerSpec] | None = None,
            audit_path: str | os.PathLike[str] | None = None, allowlist: Allowlist | None = None,
            memory_budget: int | None = 2 * 1024**3, config: SessionConfig | None = None,
@@ -81,6 +90,7 @@ def launch(server: str | None = None, *, ice_servers: Sequence[IceServerSpec] | 
     """
     config = _config(config, ice_servers, options)
     url = normalize_server_url(_server_for_owner(server))
+    config = _local_ice(config, url)
     code = JoinCode.generate()
     session = OwnerSession(config, allowlist=allowlist, audit_path=audit_path,
                            memory_budget=memory_budget)
@@ -149,6 +159,7 @@ def join(code: str, server: str | None = None, *,
     config = _config(config, ice_servers, options)
     join_code = JoinCode.parse(code)
     url = normalize_server_url(_server_for_researcher(server))
+    config = _local_ice(config, url)
     session = ResearcherSession(config)
     loopback = config.loopback_for(url)
 

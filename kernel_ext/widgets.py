@@ -18,7 +18,7 @@ from typing import Any
 from duet.approvals import Request, RequestQueue
 from duet.errors import DuetError
 
-from .display import request_html
+from .display import _STATUS_COLOURS, request_html
 
 __all__ = ["ApprovalPanel", "RequestsFallback", "approval_panel", "widgets_available"]
 
@@ -61,15 +61,36 @@ class _Row:
                              layout=w.Layout(width="24em"))
         self.deny = w.Button(description="Deny", button_style="danger",
                              tooltip=f"refuse request {request.id}")
-        self.approve.on_click(lambda _: panel._decide(request, approve=True, reason=""))
-        self.deny.on_click(lambda _: panel._decide(request, approve=False,
-                                                   reason=self.reason.value))
+        self.approve.on_click(lambda _: panel._decide(self, approve=True))
+        self.deny.on_click(lambda _: panel._decide(self, approve=False))
+        for widget, name in ((self.approve, "approve"), (self.reason, "reason"),
+                             (self.deny, "deny")):
+            widget.add_class(f"duet-{name}")
         self.box = w.VBox([w.HTML(request_html(request)),
                            w.HBox([self.approve, self.reason, self.deny])])
+        self.box.add_class("duet-row")
+
+    def freeze(self) -> None:
+        """Disable the controls at once: a second click must not decide twice."""
+        for widget in (self.approve, self.reason, self.deny):
+            widget.disabled = True
 
     def close(self) -> None:
         for widget in (self.approve, self.reason, self.deny, *self.box.children, self.box):
             widget.close()
+
+
+def _decided_html(request: Request) -> str:
+    """One line per decided request, below the pending ones; lineage wrapped, never cut."""
+    colour = _STATUS_COLOURS.get(request.status, "inherit")
+    why = f": {request.decision_reason}" if request.decision_reason else ""
+    return (f'<div class="duet-decided" data-request-id="{html.escape(request.id)}" '
+            f'data-status="{html.escape(request.status)}" style="margin:2px 0">'
+            f'<b style="color:{colour}">{html.escape(request.status)}</b> '
+            f"<code>{html.escape(request.id)}</code> "
+            f'<code style="white-space:pre-wrap;overflow-wrap:anywhere">'
+            f"{html.escape(request.lineage)}</code> "
+            f"by {html.escape(request.decided_by)}{html.escape(why)}</div>")
 
 
 class ApprovalPanel:
@@ -85,6 +106,7 @@ class ApprovalPanel:
         self._message = w.HTML()
         self._recent = w.HTML()
         self.widget = w.VBox([self._header, self._message, self._recent])
+        self.widget.add_class("duet-panel")
         queue.on_change(self._on_change)
         self.refresh()
 
@@ -107,32 +129,35 @@ class ApprovalPanel:
             closed = self.queue.closed_reason
             self._header.value = (
                 f"<b>duet approval panel</b>: {len(pending)} pending"
+                + (f", {len(self.queue) - len(pending)} decided" if len(self.queue) > len(pending)
+                   else "")
                 + (f" &mdash; <i>{html.escape(closed)}; nothing more can be sent</i>"
                    if closed else ""))
             decided = [r for r in self.queue if r.status != "pending"][-RECENT:][::-1]
-            self._recent.value = "".join(
-                f"<div>{html.escape(r.status)} <code>{html.escape(r.id)}</code> "
-                f"<code>{html.escape(r.lineage[:80])}</code> by {html.escape(r.decided_by)}</div>"
-                for r in decided)
+            self._recent.value = (
+                '<div style="margin-top:6px;opacity:0.8"><b>decided</b>, newest first</div>'
+                + "".join(_decided_html(r) for r in decided)) if decided else ""
             self.widget.children = [self._header, self._message,
                                     *(row.box for row in self._rows.values()), self._recent]
 
     def _on_change(self, _request: Request) -> None:
         self.refresh()
 
-    def _decide(self, request: Request, *, approve: bool, reason: str) -> None:
+    def _decide(self, row: _Row, *, approve: bool) -> None:
         """A click: decide, and say what happened (errors too: a click has no traceback)."""
+        request = row.request
+        row.freeze()
         try:
             if approve:
                 request.approve()
             else:
-                request.deny(reason)
+                request.deny(row.reason.value)
         except DuetError as exc:
             self._message.value = (f'<span style="color:#c62828">request {html.escape(request.id)}'
                                    f": {html.escape(str(exc))}</span>")
         else:
             verb = "approved" if approve else "denied"
-            self._message.value = f"{verb} <code>{html.escape(request.id)}</code>"
+            self._message.value = f"last click: {verb} <code>{html.escape(request.id)}</code>"
         self.refresh()
 
     def _ipython_display_(self) -> None:

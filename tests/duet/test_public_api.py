@@ -67,3 +67,17 @@ def test_a_same_machine_launch_leaves_its_invitation_for_this_user(tmp_path: obj
         assert duet.local_invitation(max_age=0) is None  # stale invitations are ignored
     finally:
         owner.close()
+
+
+def test_a_same_machine_duet_uses_no_public_stun_server(tmp_path: object) -> None:
+    owner = duet.launch(show=False, audit_path=f"{tmp_path}/audit.db")  # embedded: loopback
+    try:
+        assert list(owner.config.ice_servers or ["default"]) == []
+    finally:
+        owner.close()
+    explicit = duet.launch(show=False, audit_path=f"{tmp_path}/audit2.db",
+                           ice_servers=["stun:stun.example.org:3478"])
+    try:  # what the owner asks for is kept (nothing is contacted before a researcher joins)
+        assert list(explicit.config.ice_servers or []) == ["stun:stun.example.org:3478"]
+    finally:
+        explicit.close()
