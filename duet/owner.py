@@ -274,8 +274,9 @@ class OwnerSession(Session):
             self._answer_error(snapshot.request_id, str(exc))
         finally:
             row = self._request_rows.pop(request.id, None)
-            if row is not None:
-                self._audit.record_many([*self._take_held_rows(), row], sync=False)
+            if row is not None:  # not decided at once: held like finished work's rows
+                with self._rows_lock:
+                    self._held_rows.append(row)
 
     def worker_request_failed(self, failed: RequestFailed) -> None:
         reason = self._reasons.pop(failed.request_id, "")
