@@ -76,7 +76,7 @@ def run_cells(page: Page, count: int, start_text: str | None = None) -> None:
     page.keyboard.press("Escape")  # command mode: Shift+Enter runs and moves on
     for _ in range(count):
         page.keyboard.press("Shift+Enter")
-        page.wait_for_timeout(150)
+        page.wait_for_timeout(300)
 
 
 def brightness(css_colour: str) -> float:
@@ -119,14 +119,18 @@ def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str) -> None:
         # must show it anyway (clicks wait for the kernel, as any widget's do)
         owner.keyboard.press("b")
         owner.keyboard.press("Enter")
-        owner.keyboard.type("import time; time.sleep(25); print('owner cell done')")
+        owner.keyboard.type("import time; time.sleep(90); print('owner cell done')")
         owner.keyboard.press("Shift+Enter")
         owner.get_by_text("Kernel status: Busy").first.wait_for(state="attached")
 
         open_notebook(researcher, base, token, "researcher.ipynb")
         run_cells(researcher, 10)  # join (same-machine invitation), pointers, a blocking get
+        # a fresh checkout's first kernels compile and import torch: be patient, step by step
+        expect(researcher.locator(".jp-OutputArea-output",
+                                  has_text="joining the duet launched on this machine").first
+               ).to_be_visible(timeout=240_000)
         pending = owner.locator(".widget-vbox", has_text="class balance of the training set")
-        expect(pending.last).to_be_visible(timeout=120_000)
+        expect(pending.last).to_be_visible(timeout=240_000)
         assert owner.get_by_text("Kernel status: Busy").count() > 0  # still busy: it updated
         assert owner.locator(".jp-OutputArea-output", has_text="owner cell done").count() == 0
         card = pending.last.inner_text()
@@ -134,7 +138,7 @@ def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str) -> None:
         shot(owner, "2-owner-pending-request", focus="duet approval panel")
 
         expect(owner.locator(".jp-OutputArea-output", has_text="owner cell done").first
-               ).to_be_visible(timeout=60_000)  # idle again: clicks reach the kernel now
+               ).to_be_visible(timeout=120_000)  # idle again: clicks reach the kernel now
         for reason in ("class balance of the training set", "average of each measurement"):
             card = owner.locator(".widget-vbox", has_text=reason).last
             expect(card).to_be_visible(timeout=120_000)
