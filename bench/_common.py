@@ -764,10 +764,11 @@ class DuetResearcher:
 
 @contextmanager
 def duet_pair(
-    server: str, options: dict[str, Any], researcher_class: Any = DuetResearcher
+    server: str, options: dict[str, Any], researcher_class: Any = DuetResearcher,
+    owner_class: Any = DuetOwner,
 ) -> Iterator[tuple[Peer, Peer, dict[str, float]]]:
     """Owner and researcher in two fresh processes, connected; yields them and setup times."""
-    with peers(("duet-owner", DuetOwner, (server, options)),
+    with peers(("duet-owner", owner_class, (server, options)),
                ("duet-researcher", researcher_class, (server, options))) as (owner, researcher):
         code = owner.call("launch")
         join_s = researcher.call("join", code, timeout=120)
