@@ -34,6 +34,7 @@ from .memory import (
     buffer_sizes,
     contents,
     footprint,
+    inventory,
     is_tensor,
     protected,
     touched_by,
@@ -67,6 +68,8 @@ class Entry:
         """Record an in-place change, so that a model trained by ``opt.step()`` says so, and
         on which shared data, in its lineage. The operations are kept in ``modified_by``; the
         lineage stays short enough to read in an approval table."""
+        if note in self.modified_by and sources <= self.sources:
+            return  # every training step says the same: the lineage would not change
         self.sources |= sources
         if note not in self.modified_by:
             self.modified_by.append(note)
@@ -167,8 +170,9 @@ class Executor:
             value = self._run(op, call)
             self._taint_written_inputs(call)
             value = _materialized(value)
-            self._protect_result(value)
-            nbytes = self._account(op.result, value)
+            held = inventory(value)  # one walk: protection, budget and footprint
+            self._protect_result(held.arrays)
+            nbytes = self._account(op.result, value, held.sizes)
         except PolicyViolation as exc:
             return self._report(op, call, _Failure("PolicyViolation", str(exc)), policy=True)
         except _Failure as failure:
@@ -179,7 +183,7 @@ class Executor:
             return self._report(op, call, raised)
         self._entries[op.result] = Entry(value, call.text, nbytes,
                                          sources=frozenset(call.sources))
-        self._footprints[op.result] = list(footprint(value))
+        self._footprints[op.result] = held.footprint
         self._events.executed(call.operation, call.text, op.result)
         return None
 
@@ -371,11 +375,12 @@ class Executor:
                 return name
         return None
 
-    def _protect_result(self, value: Any) -> None:
-        """A numpy view of shared memory (e.g. ``t.numpy()`` of a shared tensor) becomes
-        read-only, so no positional ``out`` argument can write through it."""
-        for item in contents(value):
-            if isinstance(item, np.ndarray) and item.flags.writeable:
+    def _protect_result(self, arrays: list[np.ndarray]) -> None:
+        """A numpy view of shared memory (e.g. ``t.numpy()`` of a shared tensor) among a
+        result's ``arrays`` becomes read-only, so no positional ``out`` argument can write
+        through it."""
+        for item in arrays:
+            if item.flags.writeable:
                 block = allocation(item)
                 if block is not None and self._intervals.find(*block) is not None:
                     item.flags.writeable = False
@@ -395,14 +400,15 @@ class Executor:
             )
             if reached:
                 entry.note_modification(note, frozenset(sources))
+                held = inventory(entry.value)
                 self._budget.release(entry_id)
                 entry.nbytes = self._budget.account(entry_id, entry.value, self._intervals,
-                                                    enforce=False)
-                self._footprints[entry_id] = list(footprint(entry.value))
+                                                    enforce=False, sizes=held.sizes)
+                self._footprints[entry_id] = held.footprint
 
-    def _account(self, entry_id: int, value: Any) -> int:
+    def _account(self, entry_id: int, value: Any, sizes: dict[int, int]) -> int:
         try:
-            return self._budget.account(entry_id, value, self._intervals)
+            return self._budget.account(entry_id, value, self._intervals, sizes=sizes)
         except OverBudget as exc:
             raise _Failure(
                 "BudgetExceeded",

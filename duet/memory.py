@@ -26,6 +26,7 @@ except ImportError:  # numpy < 2
 
 __all__ = [
     "Intervals",
+    "Inventory",
     "MemoryBudget",
     "OverBudget",
     "Shared",
@@ -33,6 +34,7 @@ __all__ = [
     "buffer_sizes",
     "contents",
     "footprint",
+    "inventory",
     "is_tensor",
     "protected",
     "touched_by",
@@ -90,10 +92,13 @@ class MemoryBudget:
         self._allocations: dict[int, list[tuple[int, int]]] = {}  # entry id -> its blocks
 
     def account(self, entry_id: int, value: Any, shared: Intervals, *,
-                enforce: bool = True) -> int:
+                enforce: bool = True, sizes: dict[int, int] | None = None) -> int:
         """Count ``value``'s blocks for ``entry_id``; raise ``OverBudget`` (counting nothing)
-        if they would not fit. Returns the bytes the value holds."""
-        blocks = {start: size for start, size in buffer_sizes(value).items()
+        if they would not fit. Returns the bytes the value holds. ``sizes``: the value's
+        ``buffer_sizes`` when the caller already has them (one walk of the value, not two)."""
+        if sizes is None:
+            sizes = buffer_sizes(value)
+        blocks = {start: size for start, size in sizes.items()
                   if shared.find(start, size) is None}
         added = sum(size for start, size in blocks.items() if start not in self._held)
         if enforce and self.budget is not None and self.used + added > self.budget:
@@ -120,19 +125,40 @@ def touched_by(target: Any, name: str) -> list[tuple[int, int]]:
     """Memory a mutating method changes: ``backward`` writes the grads of the graph's
     leaves, a module or optimizer changes its parameters, anything else itself."""
     if name == "backward" and is_tensor(target):
-        return [span for leaf in _graph_leaves(target) for span in footprint(leaf)]
-    return list(footprint(target))
+        return inventory(_graph_leaves(target)).footprint
+    return inventory(target).footprint
 
 
 # -- what an object holds -----------------------------------------------------------
+_torch_module: Any = None
+
+
 def _torch() -> Any:
-    """torch if the process already imported it; an owner sharing only numpy never does."""
-    return sys.modules.get("torch")
+    """torch if the process already imported it; an owner sharing only numpy never does.
+    (Found once: this runs for every object of every operation.)"""
+    global _torch_module
+    if _torch_module is None:
+        _torch_module = sys.modules.get("torch")
+    return _torch_module
 
 
 def is_tensor(value: Any) -> bool:
     torch = _torch()
     return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _torch_classes() -> tuple[type, type, type, type] | None:
+    """(Tensor, Module, Optimizer, LRScheduler) once torch is loaded; None before."""
+    global _classes
+    if _classes is None:
+        torch = _torch()
+        if torch is not None:
+            _classes = (torch.Tensor, torch.nn.Module, torch.optim.Optimizer,
+                        torch.optim.lr_scheduler.LRScheduler)
+    return _classes
+
+
+_classes: tuple[type, type, type, type] | None = None
 
 
 def protected(value: Any, depth: int) -> Any:
@@ -156,46 +182,59 @@ def protected(value: Any, depth: int) -> Any:
 
 def contents(value: Any) -> Iterator[Any]:
     """Arrays, tensors (with their grads), modules, optimizers and schedulers inside
-    ``value``, bounded in depth and item count."""
-    torch = _torch()
+    ``value``, bounded in depth and item count. (This runs several times per operation of a
+    training step: the checks are ordered by how often each kind turns up.)"""
+    classes = _torch_classes()
+    tensor, module, optimizer, scheduler = classes or (_Never, _Never, _Never, _Never)
     stack: list[tuple[Any, int]] = [(value, 0)]
     seen: set[int] = set()
     budget = _WALK_LIMIT
     while stack and budget > 0:
         item, depth = stack.pop()
         budget -= 1
-        if id(item) in seen or depth > MAX_VALUE_DEPTH:
+        key = id(item)
+        if key in seen or depth > MAX_VALUE_DEPTH:
             continue
-        seen.add(id(item))
-        if isinstance(item, np.ndarray):
+        seen.add(key)
+        if isinstance(item, tensor):
+            yield item
+            if item.is_leaf:
+                grad = item.grad
+                if grad is not None:
+                    yield grad
+        elif isinstance(item, np.ndarray):
             yield item
         elif isinstance(item, (list, tuple)):
             stack.extend((v, depth + 1) for v in item)
         elif isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
-        elif torch is None:
-            continue
-        elif isinstance(item, torch.Tensor):
+        elif isinstance(item, module):
+            # what modules(), parameters() and buffers() yield, read from the module tree
+            # directly (torch's generators cost several times more); submodules at the same
+            # depth, as modules() knows no depth limit
             yield item
-            if item.is_leaf and item.grad is not None:
-                yield item.grad
-        elif isinstance(item, torch.nn.Module):
-            yield from item.modules()
-            stack.extend((t, depth + 1) for t in item.parameters())
-            stack.extend((t, depth + 1) for t in item.buffers())
-        elif isinstance(item, torch.optim.Optimizer):
+            stack.extend((m, depth) for m in item._modules.values() if m is not None)
+            stack.extend((t, depth + 1) for t in item._parameters.values() if t is not None)
+            stack.extend((t, depth + 1) for t in item._buffers.values() if t is not None)
+        elif isinstance(item, optimizer):
             yield item
             for group in item.param_groups:
                 stack.extend((p, depth + 1) for p in group["params"])
             for state in item.state.values():
                 stack.extend((v, depth + 1) for v in state.values())
-        elif isinstance(item, torch.optim.lr_scheduler.LRScheduler):
+        elif isinstance(item, scheduler):
             yield item
             stack.append((item.optimizer, depth + 1))
 
 
+class _Never:
+    """Stands for torch.Tensor when torch is not loaded: nothing is an instance of it."""
+
+
 def allocation(item: Any) -> tuple[int, int] | None:
     """(start address, size) of the memory block behind an array or tensor."""
+    if is_tensor(item):
+        return _storage_block(item)
     if isinstance(item, np.ndarray):
         root = item
         while isinstance(root.base, np.ndarray):
@@ -206,39 +245,62 @@ def allocation(item: Any) -> tuple[int, int] | None:
             return None
         low, high = byte_bounds(root)
         return int(low), int(high - low)
-    if is_tensor(item):
-        try:
-            storage = item.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
-            return None
-        size = storage.nbytes()
-        return (int(storage.data_ptr()), int(size)) if size else None
     return None
+
+
+def _storage_block(tensor: Any) -> tuple[int, int] | None:
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
+    size = storage.nbytes()
+    return (storage.data_ptr(), size) if size else None
+
+
+@dataclass
+class Inventory:
+    """What one walk of a value finds: its ``footprint``, its ``buffer_sizes`` and the
+    numpy arrays inside it. The executor needs all three for every result; one walk."""
+
+    footprint: list[tuple[int, int]]
+    sizes: dict[int, int]
+    arrays: list[np.ndarray]
+
+
+def inventory(value: Any) -> Inventory:
+    footprint: list[tuple[int, int]] = []
+    sizes: dict[int, int] = {}
+    arrays: list[np.ndarray] = []
+    classes = _torch_classes()
+    tensor = classes[0] if classes is not None else _Never
+    for item in contents(value):
+        if isinstance(item, tensor):
+            block = _storage_block(item)
+        elif isinstance(item, np.ndarray):
+            arrays.append(item)
+            block = allocation(item)
+        else:  # a module, optimizer or scheduler: its address is in no other live block
+            footprint.append((id(item), 1))
+            continue
+        if block is not None:
+            footprint.append(block)
+            sizes[block[0]] = max(block[1], sizes.get(block[0], 0))
+    python = python_bytes(value)
+    if python:
+        sizes[id(value)] = python  # a live object's address is inside no other block
+    return Inventory(footprint, sizes, arrays)
 
 
 def footprint(value: Any) -> Iterator[tuple[int, int]]:
     """Memory intervals that identify ``value``: data blocks, plus the objects themselves
     for modules and optimizers (whose mode and settings are state too)."""
-    for item in contents(value):
-        block = allocation(item)
-        if block is not None:
-            yield block
-        elif not isinstance(item, np.ndarray) and not is_tensor(item):
-            yield id(item), 1  # a live object's address is inside no other live block
+    yield from inventory(value).footprint
 
 
 def buffer_sizes(value: Any) -> dict[int, int]:
     """Data blocks held by ``value``, start -> size, for the memory budget: array and tensor
     buffers, and Python containers with their items (``tolist()`` of a big array is big)."""
-    blocks: dict[int, int] = {}
-    for item in contents(value):
-        block = allocation(item)
-        if block is not None:
-            blocks[block[0]] = max(block[1], blocks.get(block[0], 0))
-    python = python_bytes(value)
-    if python:
-        blocks[id(value)] = python  # a live object's address is inside no other block
-    return blocks
+    return inventory(value).sizes
 
 
 def python_bytes(value: Any) -> int:

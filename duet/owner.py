@@ -379,7 +379,7 @@ class OwnerSession(Session):
         if op.result in self._live_ids:
             raise PolicyViolation(f"object #{op.result} already exists; ids are not reused")
         self._live_ids.add(op.result)
-        for ref in _references([op.target, *op.args, *op.kwargs.values()], 0):
+        for ref in _references((op.target, *op.args, *op.kwargs.values()), 0):
             if isinstance(ref, p.StoreRef) and ref.name not in self._families:
                 raise PolicyViolation(f"nothing is shared under the name {ref.name!r}")
             if isinstance(ref, p.PointerRef) and ref.id not in self._live_ids:
@@ -514,17 +514,29 @@ class OwnerSession(Session):
                 f"<pre>{html.escape(safe_text(self.join_line))}</pre>")
 
 
-def _references(values: list[Any], depth: int) -> list[p.PointerRef | p.StoreRef]:
+_LEAVES = (int, float, str, bool, bytes, type(None), p.DTypeRef, p.ArrayRef)
+
+
+def _references(values: Iterable[Any], depth: int) -> list[p.PointerRef | p.StoreRef]:
+    """Every reference among an operation's arguments; arguments nested deeper than the
+    executor follows are refused here, at once (the names alone decide it)."""
     found: list[p.PointerRef | p.StoreRef] = []
     for value in values:
+        if isinstance(value, _LEAVES):
+            continue
         if isinstance(value, (p.PointerRef, p.StoreRef)):
             found.append(value)
-        elif isinstance(value, (list, tuple)) and depth < p.MAX_VALUE_DEPTH:
-            found.extend(_references(list(value), depth + 1))
-        elif isinstance(value, dict) and depth < p.MAX_VALUE_DEPTH:
-            found.extend(_references(list(value.values()), depth + 1))
-        elif isinstance(value, slice) and depth < p.MAX_VALUE_DEPTH:
-            found.extend(_references([value.start, value.stop, value.step], depth + 1))
+            continue
+        if depth >= p.MAX_VALUE_DEPTH and (isinstance(value, slice) or (
+                isinstance(value, (list, tuple, dict)) and value)):
+            # the executor would refuse the items inside, whatever the data
+            raise PolicyViolation("arguments are nested too deeply")
+        if isinstance(value, (list, tuple)):
+            found.extend(_references(value, depth + 1))
+        elif isinstance(value, dict):
+            found.extend(_references(value.values(), depth + 1))
+        elif isinstance(value, slice):
+            found.extend(_references((value.start, value.stop, value.step), depth + 1))
     return found
 
 

@@ -369,6 +369,7 @@ def _ext_value(code: int, data: bytes) -> Any:
     if code == _EXT_DTYPE:
         return DTypeRef(_text(data))
     if code == _EXT_ARRAY:
+        _nesting.arrays = getattr(_nesting, "arrays", 0) + 1
         header = msgpack.unpackb(data)
         if not (isinstance(header, list) and len(header) == 4):
             raise ProtocolError("malformed array header")
@@ -423,10 +424,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def decode(header: bytes, buffers: Sequence[memoryview | bytes | bytearray] = ()) -> Message:
-    """Decode and validate a message; any defect raises ``ProtocolError``."""
+def decode(header: bytes, buffers: Sequence[memoryview | bytes | bytearray] = (), *,
+           validated: bool = False) -> Message:
+    """Decode and validate a message; any defect raises ``ProtocolError``.
+
+    ``validated=True`` is for bytes this process's side already decoded with validation (the
+    owner's worker receives the researcher's operations exactly as the owner's kernel
+    validated them): the models are built without checking again.
+    """
     if len(header) > MAX_HEADER_BYTES:
         raise ProtocolError(f"message header of {len(header)} bytes exceeds the limit")
+    _nesting.arrays = 0  # counted by the extension hook: no second walk to find them
     try:
         raw = _unpack(header)
     except ProtocolError:
@@ -435,15 +443,21 @@ def decode(header: bytes, buffers: Sequence[memoryview | bytes | bytearray] = ()
         raise ProtocolError(f"malformed frame ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise ProtocolError("a message must be a map")
-    try:
-        message = _message_adapter.validate_python(raw)
-    except ValidationError as exc:
-        kind = raw.get("type")
-        errors = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3]
-        )
-        raise ProtocolError(f"invalid {kind!r} message: {errors}") from None
-    if buffers or _has_arrays(raw):
+    arrays = _nesting.arrays
+    if validated and raw.get("type") == "ops":
+        message: Message = Ops.model_construct(
+            ops=[Op.model_construct(**op) for op in raw["ops"]])
+    else:
+        try:
+            message = _message_adapter.validate_python(raw)
+        except ValidationError as exc:
+            kind = raw.get("type")
+            errors = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3]
+            )
+            raise ProtocolError(f"invalid {kind!r} message: {errors}") from None
+    if buffers or arrays:
+        _has_arrays(raw)  # bounds the depth before the recursive attach
         message = _attach_buffers(message, buffers)
     return message
 

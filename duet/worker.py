@@ -167,8 +167,9 @@ class Worker:
                            frozen=len(self._frozen)))
 
     def _peer(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
-        """A message from the researcher, exactly as it arrived (the kernel validated it)."""
-        decoded = p.decode(bytes(buffers[0]), buffers[1:])
+        """A message from the researcher, exactly as it arrived (the kernel validated it, so
+        it is not validated twice)."""
+        decoded = p.decode(bytes(buffers[0]), buffers[1:], validated=True)
         if isinstance(decoded, p.Ops):
             for op in decoded.ops:
                 self._executor.execute(op)
