@@ -184,8 +184,8 @@ def contents(value: Any) -> Iterator[Any]:
     """Arrays, tensors (with their grads), modules, optimizers and schedulers inside
     ``value``, bounded in depth and item count. (This runs several times per operation of a
     training step: the checks are ordered by how often each kind turns up.)"""
-    classes = _torch_classes()
-    tensor, module, optimizer, scheduler = classes or (_Never, _Never, _Never, _Never)
+    classes: Any = _torch_classes() or (_Never, _Never, _Never, _Never)
+    tensor, module, optimizer, scheduler = classes
     stack: list[tuple[Any, int]] = [(value, 0)]
     seen: set[int] = set()
     budget = _WALK_LIMIT
