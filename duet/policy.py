@@ -800,6 +800,9 @@ def check_literals(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
                      if k not in _FUNCTION_KEYWORDS and isinstance(v, tuple) and len(v) == 2)
         for value in given:
             _check_function_names(name, value, 0)
+    if (name.startswith("sklearn.") or short == "set_params") and kwargs.get("copy") is False:
+        raise PolicyViolation("copy=False is not allowed: scikit-learn would then work in "
+                              "place on its input, which may be the owner's data")
     n_jobs = kwargs.get("n_jobs")
     if n_jobs is not None and n_jobs != 1:
         raise PolicyViolation("n_jobs must be 1 or None: the owner's worker runs one process")
@@ -848,7 +851,8 @@ def check_values(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[
     values = list(_walk([*args, *kwargs.values()]))
     tables = (module.split(".")[0] in _TABLE_PACKAGES
               or allowlist.family(target) in _TABLE_FAMILIES
-              or any(allowlist.family(v) in _TABLE_FAMILIES for v in values))
+              # any pandas object counts, indexers included: df.loc[f] calls f
+              or any(type(v).__module__.split(".")[0] in _TABLE_PACKAGES for v in values))
     if not tables:
         return
     for value in values:
@@ -857,12 +861,24 @@ def check_values(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[
                 f"a {type(value).__name__} cannot be passed here: duet never hands callables "
                 "to pandas or scikit-learn; use names of allowlisted functions instead")
     name = getattr(fn, "__name__", "")
-    if name in _FUNCTION_TAKERS and allowlist.family(target) in _TABLE_FAMILIES - {"Estimator"}:
-        check_literals(name, list(args), dict(kwargs))
-    elif target is None and f"pandas.{name}" in _PANDAS_FUNCTION_TAKERS:
-        check_literals(f"pandas.{name}", list(args), dict(kwargs))
-    else:
-        check_literals(name, [], dict(kwargs))
+    pandas = module.startswith("pandas") or (
+        allowlist.family(target) in _TABLE_FAMILIES - {"Estimator"})
+    if pandas and (name in _FUNCTION_TAKERS or f"pandas.{name}" in _PANDAS_FUNCTION_TAKERS):
+        try:
+            bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):  # arguments that do not bind: the call fails first
+            bound = {}
+        for key in _FUNCTION_KEYWORDS:
+            if key in bound:
+                _check_function_names(name, bound[key], 0)
+        for value in dict(bound.get("kwargs") or {}).values():  # new=("column", "mean")
+            if isinstance(value, tuple) and len(value) == 2:
+                _check_function_names(name, value[1], 0)
+    check_literals(name, [], dict(kwargs))
+    sklearn = module.startswith("sklearn") or allowlist.family(target) == "Estimator"
+    if sklearn and kwargs.get("copy") is False:
+        raise PolicyViolation("copy=False is not allowed: scikit-learn would then work in "
+                              "place on its input, which may be the owner's data")
 
 
 def _walk(values: list[Any]) -> Iterable[Any]:
