@@ -1,12 +1,14 @@
-"""``python -m duet.demo`` (``make demo``): a complete duet between the two demo notebooks.
+"""``python -m duet.demo`` (``make demo``): complete duets between the demo notebook pairs.
 
 Runs ``notebooks/owner.ipynb`` and ``notebooks/researcher.ipynb`` at the same time in two
-fresh Jupyter kernels, unattended, and prints what happened: each request and its decision
-(from the owner's audit log), the researcher's results, and where the executed notebooks
-were saved. By default the owner's kernel starts the embedded signaling server, exactly as
-``duet.launch()`` does on one machine; ``--server URL`` uses a running ``duet-signaling``.
-The owner notebook hands its join code to the researcher's through the file named by
-``$DUET_DEMO_CODE_FILE``, standing in for the person who would paste it.
+fresh Jupyter kernels, unattended, then the tables pair (``owner_tables.ipynb`` and
+``researcher_tables.ipynb``: pandas and scikit-learn on a clinical table read from SQLite),
+and prints what happened: each request and its decision (from the owner's audit log), the
+researcher's results, and where the executed notebooks were saved. By default the owner's
+kernel starts the embedded signaling server, exactly as ``duet.launch()`` does on one
+machine; ``--server URL`` uses a running ``duet-signaling``. The owner notebook hands its
+join code to the researcher's through the file named by ``$DUET_DEMO_CODE_FILE``, standing
+in for the person who would paste it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ __all__ = ["DemoResult", "main", "run_demo"]
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ROLES = ("owner", "researcher")
+# The demo pairs: a suffix of the notebook names, and the subdirectory of the build directory
+# their run goes to ("" is the build directory itself).
+PAIRS = (("", ""), ("_tables", "tables"))
 ENV_CODE_FILE = "DUET_DEMO_CODE_FILE"
 
 
@@ -126,8 +131,9 @@ async def _run_both(notebooks: list[Any], directory: Path, env: dict[str, str],
 
 
 def run_demo(build_dir: Path, *, server: str | None = None, notebooks: Path = NOTEBOOKS,
-             timeout: float = 600) -> DemoResult:
-    """Execute both notebooks concurrently; save them (run or failed) under ``build_dir``."""
+             timeout: float = 600, pair: str = "") -> DemoResult:
+    """Execute both notebooks of a pair concurrently (``pair`` is the suffix of their names:
+    "" or "_tables"); save them (run or failed) under ``build_dir``."""
     import nbformat
 
     build_dir = build_dir.resolve()  # the kernels run in the notebooks' directory
@@ -139,8 +145,8 @@ def run_demo(build_dir: Path, *, server: str | None = None, notebooks: Path = NO
     env = {**os.environ, ENV_CODE_FILE: str(code_file), "DUET_AUDIT_PATH": str(audit_path)}
     if server is not None:
         env["DUET_SIGNALING_URL"] = server
-    runs = [nbformat.read(notebooks / f"{role}.ipynb", as_version=4) for role in ROLES]
-    saved = {role: build_dir / f"{role}.ipynb" for role in ROLES}
+    runs = [nbformat.read(notebooks / f"{role}{pair}.ipynb", as_version=4) for role in ROLES]
+    saved = {role: build_dir / f"{role}{pair}.ipynb" for role in ROLES}
 
     started = time.monotonic()
     outcomes = asyncio.run(_run_both(runs, notebooks, env, timeout))
@@ -148,7 +154,7 @@ def run_demo(build_dir: Path, *, server: str | None = None, notebooks: Path = NO
     for role, notebook in zip(ROLES, runs, strict=True):
         nbformat.write(notebook, saved[role])
     result.summary = _summary_cell(runs[ROLES.index("researcher")])
-    result.error = "\n".join(f"{role}.ipynb: {error}"
+    result.error = "\n".join(f"{role}{pair}.ipynb: {error}"
                              for role, error in zip(ROLES, outcomes, strict=True) if error)
     if audit_path.exists():
         result.requests, result.events = _requests_from_audit(audit_path)
@@ -166,7 +172,8 @@ def _shown(path: Path | None) -> str:
 
 
 def _report(result: DemoResult) -> str:
-    lines = [f"duet demo: owner.ipynb and researcher.ipynb ran side by side in two kernels "
+    owner, researcher = (path.name for path in result.notebooks.values())
+    lines = [f"duet demo: {owner} and {researcher} ran side by side in two kernels "
              f"({result.seconds:.1f} s)"]
     decided = Counter(r["status"] for r in result.requests)
     lines.append(f"  requests: {len(result.requests)} ("
@@ -183,6 +190,13 @@ def _report(result: DemoResult) -> str:
                      f"{summary['training_loss']:.3f}, "
                      f"test accuracy {summary['test_accuracy']:.3f}")
         lines.append(f"  trained weights received: {json.dumps(summary.get('weights', {}))}")
+        lines.append(f"  raw patient rows: {summary.get('raw_rows')}")
+    if "cv_auc" in summary:
+        lines.append("  the researcher described the cohort "
+                     f"({json.dumps(summary.get('cohort', {}))} patients by sex) and fitted a "
+                     f"logistic regression: cross-validated AUC {summary['cv_auc']:.3f}")
+        coefficients = {k: round(v, 2) for k, v in summary.get("coefficients", {}).items()}
+        lines.append(f"  coefficients received: {json.dumps(coefficients)}")
         lines.append(f"  raw patient rows: {summary.get('raw_rows')}")
     if result.events:
         top = ", ".join(f"{name} {n}" for name, n in result.events.most_common(6))
@@ -205,11 +219,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="the directory holding owner.ipynb and researcher.ipynb")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per cell")
     args = parser.parse_args(argv)
-    print("duet demo: running the owner's and the researcher's notebooks…", flush=True)
-    result = run_demo(args.build_dir, server=args.server, notebooks=args.notebooks,
-                      timeout=args.timeout)
-    print(_report(result))
-    return 0 if result.ok else 1
+    failed = False
+    for pair, subdirectory in PAIRS:
+        if not all((args.notebooks / f"{role}{pair}.ipynb").exists() for role in ROLES):
+            continue  # a notebooks directory with one pair only
+        print(f"duet demo: running the owner's and the researcher's notebooks{pair}…",
+              flush=True)
+        result = run_demo(args.build_dir / subdirectory, server=args.server,
+                          notebooks=args.notebooks, timeout=args.timeout, pair=pair)
+        print(_report(result), flush=True)
+        failed = failed or not result.ok
+        if failed:
+            break
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
