@@ -598,11 +598,11 @@ class DPQuery:
         variance = min(max(q / n - (s / n) ** 2, 0.0), (hi - lo) ** 2 / 4)
         # post-processing of released values: first-order spread of Q/n - (S/n)^2
         m = max(abs(lo), abs(hi))
-        spread = (q_acc + 2 * m * s_acc + 2 * m * m * n_acc) / n
+        var_spread = (q_acc + 2 * m * s_acc + 2 * m * m * n_acc) / n
         return variance, self._quote(
             "noisy count, sum and sum of squares, Laplace (OpenDP), ε split in three",
             spec.epsilon, f"count {cs:.4g}, sum {ss:.4g}, squares {qs:.4g}",
-            f"about ±{spread:.4g} (from the released count)")
+            f"about ±{var_spread:.4g} (from the released count)")
 
     def _quote(self, mechanism: str, epsilon: float, scale: str, accuracy: str) -> Quote:
         cost_epsilon, delta = self.spec.cost
