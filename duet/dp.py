@@ -452,7 +452,7 @@ def _grouping(op: p.Op, by: Any, tag: Derived, spec: Mapping[str, Any],
         raise PolicyViolation(f"{op.name}: by= must be a column of the same rows, e.g. "
                               f"by={tag.source}['sex'], with categories=[...]")
     group = derivations.tag(by)
-    if group is None or group.kind != "values" or (group.source, group.rows) != (
+    if group is None or group.kind == "table" or (group.source, group.rows) != (
             tag.source, tag.rows):
         raise PolicyViolation(f"{op.name}: by= must be a column of the same rows of "
                               f"{tag.source!r} (same filters applied)")
@@ -710,10 +710,20 @@ def _float_space(dp: Any) -> Any:
     return dp.vector_domain(dp.atom_domain(T=float, nan=True)), dp.symmetric_distance()
 
 
-def _calibrated(dp: Any, make: Any, d_in: int, epsilon: float) -> tuple[Any, float]:
+_SCALES: dict[tuple[Any, ...], float] = {}  # the search is costly; its answer never changes
+
+
+def _calibrated(dp: Any, make: Any, d_in: int, epsilon: float,
+                key: tuple[Any, ...]) -> tuple[Any, float]:
     """The measurement with the smallest noise scale whose privacy map, at ``d_in`` rows
-    changed, is at most ``epsilon`` (OpenDP's own search over its own map)."""
-    scale = dp.binary_search_param(make, d_in=d_in, d_out=epsilon)
+    changed, is at most ``epsilon`` (OpenDP's own search over its own map; the map is
+    checked again on the measurement actually used)."""
+    cache_key = (*key, d_in, epsilon)
+    scale = _SCALES.get(cache_key)
+    if scale is None:
+        scale = float(dp.binary_search_param(make, d_in=d_in, d_out=epsilon))
+        if len(_SCALES) < 10_000:
+            _SCALES[cache_key] = scale
     measurement = make(scale)
     assert measurement.map(d_in) <= epsilon * (1 + 1e-9)
     return measurement, float(scale)
@@ -722,7 +732,8 @@ def _calibrated(dp: Any, make: Any, d_in: int, epsilon: float) -> tuple[Any, flo
 def _count(dp: Any, rows: int, epsilon: float, k: int) -> tuple[int, float, float]:
     space = _float_space(dp)
     measurement, scale = _calibrated(
-        dp, lambda s: space >> dp.t.then_count() >> dp.m.then_laplace(s), k, epsilon)
+        dp, lambda s: space >> dp.t.then_count() >> dp.m.then_laplace(s), k, epsilon,
+        ("count",))
     # The count of rows is all the measurement reads: it gets placeholders, not values.
     released = int(measurement([0.0] * rows))
     return released, scale, float(dp.discrete_laplacian_scale_to_accuracy(scale, 0.05))
@@ -737,7 +748,7 @@ def _sum(dp: Any, values: Any, bounds: tuple[float, float], epsilon: float,
         return (space >> dp.t.then_impute_constant(lo) >> dp.t.then_clamp((lo, hi))
                 >> dp.t.then_sum() >> dp.m.then_laplace(scale))
 
-    measurement, scale = _calibrated(dp, make, k, epsilon)
+    measurement, scale = _calibrated(dp, make, k, epsilon, ("sum", lo, hi))
     released = float(measurement(values.tolist()))
     return released, scale, float(dp.laplacian_scale_to_accuracy(scale, 0.05))
 
@@ -763,7 +774,7 @@ def _count_by(dp: Any, keys: Any, categories: list[str], epsilon: float,
                                                        null_category=True)
                 >> dp.m.then_laplace(scale))
 
-    measurement, scale = _calibrated(dp, make, k, epsilon)
+    measurement, scale = _calibrated(dp, make, k, epsilon, ("by", tuple(categories)))
     counts = measurement(list(keys))
     return [int(c) for c in counts[:len(categories)]], scale  # the last is "other": dropped
 
@@ -784,7 +795,7 @@ def _binned(dp: Any, values: Any, bounds: tuple[float, float], edges: list[float
         return (chain >> dp.t.then_count_by_categories(categories=bins, null_category=False)
                 >> dp.m.then_laplace(scale))
 
-    measurement, scale = _calibrated(dp, make, k, epsilon)
+    measurement, scale = _calibrated(dp, make, k, epsilon, ("bins", lo, hi, tuple(edges)))
     return [int(c) for c in measurement(values.tolist())], scale
 
 
@@ -798,5 +809,6 @@ def _quantile_of(dp: Any, values: Any, bounds: tuple[float, float], candidates: 
                 >> dp.m.then_private_quantile(dp.max_divergence(), candidates=candidates,
                                               alpha=alpha, scale=scale))
 
-    measurement, scale = _calibrated(dp, make, k, epsilon)
+    measurement, scale = _calibrated(dp, make, k, epsilon,
+                                     ("quantile", lo, hi, tuple(candidates), alpha))
     return float(measurement(values.tolist())), scale
