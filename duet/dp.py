@@ -139,7 +139,7 @@ class DP:
         if self.unit is not None:
             if kind != "table" or self.unit not in columns:
                 raise ValueError(f"unit={self.unit!r} must name a column of the shared table")
-            most = int(obj[self.unit].value_counts().max()) if len(obj) else 1
+            most = _most_rows_per_unit(obj[self.unit])
             if self.contributions is not None and most > self.contributions:
                 raise ValueError(f"unit {self.unit!r}: a person has {most} rows, more than "
                                  f"contributions={self.contributions}")
@@ -155,16 +155,42 @@ def _kind_of(obj: Any) -> Literal["table", "values"]:
     module = type(obj).__module__.split(".")[0]
     if module == "pandas" and type(obj).__name__ == "DataFrame":
         return "table"
-    shape = getattr(obj, "shape", None)
-    if shape is not None and len(shape) == 1 and module in ("numpy", "torch", "pandas"):
+    if type(obj) is dict and obj and all(isinstance(k, str) for k in obj):
+        # a table as a dict of equally long 1-D columns (numpy arrays or tensors)
+        lengths = {_one_d_length(v) for v in obj.values()}
+        if len(lengths) == 1 and None not in lengths:
+            return "table"
+    if _one_d_length(obj) is not None:
         return "values"
     raise TypeError("differential privacy applies to a 1-D numpy array, torch tensor or "
-                    "pandas Series, or to a pandas DataFrame (rows are records)")
+                    "pandas Series, or to a table: a pandas DataFrame, or a dict of equally "
+                    "long 1-D columns (rows are records)")
+
+
+def _one_d_length(obj: Any) -> int | None:
+    module = type(obj).__module__.split(".")[0]
+    shape = getattr(obj, "shape", None)
+    if shape is not None and len(shape) == 1 and module in ("numpy", "torch", "pandas"):
+        return int(shape[0])
+    return None
 
 
 def _columns_of(obj: Any) -> list[str]:
+    if type(obj) is dict:
+        return [str(k) for k in obj]
     columns = getattr(obj, "columns", None)
     return [str(c) for c in columns] if columns is not None else []
+
+
+def _most_rows_per_unit(column: Any) -> int:
+    import numpy as np
+
+    values = _numpy(column)
+    if not len(values):
+        return 1
+    _, counts = np.unique(values.astype(str) if values.dtype.kind == "O" else values,
+                          return_counts=True)
+    return int(counts.max())
 
 
 def _number(value: Any) -> bool:
@@ -544,7 +570,8 @@ class DPQuery:
         import numpy as np
 
         self.spec = spec
-        self.rows = int(len(values))
+        # a table given as a dict of columns has as many rows as each column
+        self.rows = int(len(next(iter(values.values())) if type(values) is dict else values))
         self.values: Any = None  # a count reads how many rows there are, nothing else
         if spec.statistic == "histogram" and spec.categories:
             self.values = _as_keys(values)

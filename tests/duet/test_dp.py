@@ -379,3 +379,22 @@ def test_the_panel_and_tables_say_privacy_in_words() -> None:
     assert "noise scale 180" in shown and "budget left after: ε=0.25" in shown
     assert "EXACT release of DP-protected ages" in request_html(exact)
     assert "unbounded" in request_html(exact) and "unbounded" in repr(exact)
+
+
+def test_a_dict_of_columns_is_a_table_with_a_privacy_unit() -> None:
+    people = np.array([1, 1, 2, 3, 3, 3])
+    table = {"person": people, "bmi": np.linspace(20, 30, 6)}
+    spec = DP(epsilon=1.0, bounds={"bmi": (15, 50)}, unit="person").spec("visits", table)
+    assert spec["kind"] == "table" and spec["contributions"] == 3  # person 3 has 3 rows
+    with pytest.raises(ValueError, match="3 rows"):
+        DP(epsilon=1.0, bounds={"bmi": (15, 50)}, unit="person", contributions=2).spec(
+            "visits", table)
+    with pytest.raises(TypeError):
+        DP(epsilon=1.0).spec("ragged", {"a": np.zeros(3), "b": np.zeros(4)})
+    d = Derivations({"visits": spec})
+    d.observe(op(1, "operator.getitem", p.StoreRef("visits"), "bmi"))
+    d.observe(op(2, "operator.getitem", p.StoreRef("visits"), "person"))
+    grouped = parse_op(op(3, "dp.mean", p.PointerRef(1), epsilon=0.5, by=p.PointerRef(2),
+                          categories=[1, 2, 3]), d)
+    # one person's 3 rows can reach 3 groups: charged for each
+    assert grouped.cost == (1.5, 0.0) and grouped.contributions == 3
