@@ -182,7 +182,7 @@ class Worker:
             for op in decoded.ops:
                 if is_dp_op(op):
                     self._dp_op(op)
-                elif self._executor.execute(op) is None:
+                elif self._executor.execute(op) is None and self._unmodified(op):
                     self._derivations.observe(op)
             self._done(self._executor.shared_modified())
         elif isinstance(decoded, p.Free):
@@ -194,14 +194,39 @@ class Worker:
         else:
             raise ProtocolError(f"the worker does not handle {decoded.type!r}")
 
+    def _unmodified(self, op: p.Op) -> bool:
+        """Whether no object the op read was changed in place (``put``, ``sort``, through a
+        view ...): a changed object may hold any rows, so it and what it makes lose their
+        DP mark."""
+        changed = []
+        for ref in (op.target, *op.args, *op.kwargs.values()):
+            if isinstance(ref, p.PointerRef):
+                try:
+                    if self._executor.lookup(ref).modified_by:
+                        changed.append(ref.id)
+                except DuetError:
+                    changed.append(ref.id)
+        self._derivations.forget(changed)
+        return not changed
+
+    def _sources_of(self, op: p.Op) -> frozenset[str]:
+        found: set[str] = set()
+        for ref in (*op.args, *op.kwargs.values()):
+            if isinstance(ref, (p.PointerRef, p.StoreRef)):
+                try:
+                    found |= self._executor.lookup(ref).sources
+                except DuetError:
+                    pass
+        return frozenset(found)
+
     def _dp_op(self, op: p.Op) -> None:
         """A ``dp.*`` statistic: checked like the kernel checked it, then kept as a lazy
         ``DPQuery`` over a private copy of its input. Nothing is computed until the kernel,
         having reserved the cost, asks for the value."""
         try:
             spec = parse_op(op, self._derivations)
-        except PolicyViolation as exc:
-            self._executor.refuse(op, str(exc))
+        except PolicyViolation as exc:  # a failure derived from its inputs: their sources
+            self._executor.refuse(op, str(exc), self._sources_of(op))
             return
         sources = frozenset({spec.source})
         inputs: list[Any] = []

@@ -398,3 +398,22 @@ def test_a_dict_of_columns_is_a_table_with_a_privacy_unit() -> None:
                           categories=[1, 2, 3]), d)
     # one person's 3 rows can reach 3 groups: charged for each
     assert grouped.cost == (1.5, 0.0) and grouped.contributions == 3
+
+
+def test_an_input_changed_in_place_loses_the_mark(tmp_path: Path) -> None:
+    """``y.put`` writes other rows' values into y: a DP sum of y (or of what y makes) would
+    count some rows twice. The worker refuses; nothing is charged."""
+    with session_pair(tmp_path / "audit.sqlite3") as (owner, researcher):
+        x = shared(owner, researcher)
+        y = x * 1.0
+        y.put(researcher.np.arange(1000), x[:1000])  # duplicate the first 1000 rows
+        doubled = y + 0.0
+        for value in (y, doubled):
+            handle = researcher.dp.sum(value, epsilon=0.1).request("sum")
+            request = owner.requests.wait(WAIT)
+            assert request is not None and request.failed  # not a DP release
+            assert request.dp is not None and request.dp.kind == "exact"
+            request.deny("no")
+            with pytest.raises(duet.RequestDenied):
+                handle.result(WAIT)
+        assert owner.budget("ages").epsilon_spent == 0 and owner.budget("ages").reserved == 0
