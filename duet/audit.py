@@ -124,6 +124,10 @@ _PAGE = 1000  # rows fetched per query while iterating, so a long log is never l
 _CELL = 40  # widest cell in the text table; --json / to_jsonl() carry full values
 
 
+_INSERT = ("INSERT INTO events (ts, session, event, request_id, pointer_id, operation,"
+           " lineage, nbytes, sha256, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
 class AuditError(DuetError):
     """The audit log cannot be opened or written (not an audit log, corrupted, closed ...)."""
 
@@ -312,15 +316,16 @@ class AuditLog:
                     conn.execute("PRAGMA synchronous=NORMAL")
                 if len(rows) > 1:
                     conn.execute("BEGIN")
-                for row in rows:
-                    cur = conn.execute(
-                        "INSERT INTO events (ts, session, event, request_id, pointer_id,"
-                        " operation, lineage, nbytes, sha256, detail)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        row,
-                    )
+                if len(rows) == 1:
+                    cur = conn.execute(_INSERT, rows[0])
                     assert cur.lastrowid is not None
                     ids.append(cur.lastrowid)
+                else:  # one statement for the batch (a pipelined batch has thousands)
+                    conn.executemany(_INSERT, rows)
+                    # Rows of one transaction get consecutive ids: rowids are max + 1, and
+                    # nothing else writes while it holds the lock (rows are never deleted).
+                    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                    ids.extend(range(last - len(rows) + 1, last + 1))
                 if conn.in_transaction:
                     conn.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
@@ -351,7 +356,7 @@ class AuditLog:
             lineage,
             None if nbytes is None else operator.index(nbytes),
             sha256,
-            json.dumps(detail, default=str, ensure_ascii=False),
+            json.dumps(detail, default=str, ensure_ascii=False) if detail else "{}",
         )
 
     def _select(self, where: list[str], params: list[Any], tail: str) -> list[AuditEvent]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import importlib
 import inspect
 import re
@@ -323,6 +324,13 @@ def check_name(name: str, *, dotted: bool = True) -> list[str]:
     """
     if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
         raise PolicyViolation("an operation name must be a non-empty string")
+    return list(_checked_name(name, dotted))
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_name(name: str, dotted: bool) -> tuple[str, ...]:
+    """The checks of ``check_name``, remembered for names that pass (a pipelined loop sends
+    the same few names thousands of times); a refusal raises, and is not remembered."""
     parts = name.split(".")
     if not dotted and len(parts) != 1:
         raise PolicyViolation(f"{name!r} must be a single name, not a dotted path")
@@ -335,7 +343,7 @@ def check_name(name: str, *, dotted: bool = True) -> list[str]:
             )
         if not part.isascii() or not _COMPONENT.fullmatch(part):
             raise PolicyViolation(f"{name!r} is not a plain ASCII identifier path")
-    return parts
+    return tuple(parts)
 
 
 def _denied(qualname: str) -> str | None:
@@ -454,6 +462,8 @@ class Allowlist:
         self._writes_through: set[str] = set()
         self._methods: dict[str, bool] = {}  # "family.name" -> mutating
         self._attributes: set[str] = set()
+        # (id, size) of a member table -> its member names; cleared by allow and deny
+        self._names_cache: dict[tuple[int, int], frozenset[str]] = {}
 
     @classmethod
     def default(cls) -> Allowlist:
@@ -525,6 +535,7 @@ class Allowlist:
         trial._allow(names, mutating=mutating)
         self._functions, self._writes_through = trial._functions, trial._writes_through
         self._methods, self._attributes = trial._methods, trial._attributes
+        self._names_cache = {}
 
     def _allow(self, names: tuple[str, ...], *, mutating: bool) -> None:
         for name in names:
@@ -552,6 +563,7 @@ class Allowlist:
 
     def deny(self, *names: str) -> None:
         """Remove names; a namespace (``"numpy.linalg"``, ``"Tensor"``) removes all under it."""
+        self._names_cache = {}
         for name in names:
             prefix = name + "."
             for table in (self._functions, self._methods):
@@ -722,8 +734,7 @@ class Allowlist:
         elif op.kind in ("method", "getattr"):
             check_name(op.name, dotted=False)
             table = self._methods if op.kind == "method" else self._attributes
-            suffix = "." + op.name
-            if not any(key.endswith(suffix) for key in table):
+            if op.name not in self._member_names(table):
                 kind = "method" if op.kind == "method" else "attribute"
                 raise PolicyViolation(_not_allowed(
                     op.name, sorted({k.split(".", 1)[1] for k in table}),
@@ -737,6 +748,17 @@ class Allowlist:
                 self.resolve_dtype(ref.name)
             except PolicyViolation:
                 self.resolve_dtype(ref.name, torch=True)
+
+    def _member_names(self, table: Collection[str]) -> frozenset[str]:
+        """The member names in ``table`` (``"Tensor.sum"`` -> ``"sum"``), kept until the
+        table changes: ``precheck`` asks for every method of every pipelined op."""
+        key = (id(table), len(table))
+        cached = self._names_cache.get(key)
+        if cached is None:
+            cached = frozenset(k.split(".", 1)[1] for k in table)
+            self._names_cache = {key: cached, **{k: v for k, v in self._names_cache.items()
+                                                 if k[0] != key[0]}}
+        return cached
 
     def family(self, obj: object) -> str | None:
         for family, cls in self._families.items():
@@ -901,6 +923,8 @@ def _dtype_refs(values: list[Any], depth: int) -> list[DTypeRef]:
     if depth > 32:
         return found
     for value in values:
+        if isinstance(value, _SCALARS):
+            continue
         if isinstance(value, DTypeRef):
             found.append(value)
         elif isinstance(value, (list, tuple)):
@@ -910,6 +934,7 @@ def _dtype_refs(values: list[Any], depth: int) -> list[DTypeRef]:
     return found
 
 
+_SCALARS = (int, float, str, bool, type(None))
 _NO_MEMBERS = "{name!r}: this kind of object has no allowlisted methods or attributes"
 
 
