@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import difflib
+import sys
 from collections.abc import Iterator
 from typing import Any, NoReturn, Protocol
 
@@ -303,8 +304,10 @@ def _always_mutating(allowed: p.AllowlistSummary, name: str) -> bool:
 
 def _submit(session: PointerHost, kind: str, name: str, target: Pointer | None,
             args: tuple[Any, ...], kwargs: dict[str, Any], text: str) -> Pointer:
-    op = p.Op(
-        result=session.new_id(), kind=kind, name=name,  # type: ignore[arg-type]
+    # Built without validation: every field comes from this module (ids from the session,
+    # names from the allowlist summary); the owner validates what arrives.
+    op = p.Op.model_construct(
+        result=session.new_id(), kind=kind, name=name,
         target=None if target is None else _to_wire(target, session),
         args=[_to_wire(a, session) for a in args],
         kwargs={k: _to_wire(v, session) for k, v in kwargs.items()},
@@ -315,6 +318,8 @@ def _submit(session: PointerHost, kind: str, name: str, target: Pointer | None,
 
 def _to_wire(value: Any, session: PointerHost, depth: int = 0) -> Any:
     """Arguments as the protocol carries them: pointers become references."""
+    if type(value) in _PLAIN:  # the common case first: a number or a string is itself
+        return value
     if depth > p.MAX_VALUE_DEPTH:
         raise ValueError("argument nested too deeply")
     if isinstance(value, RemoteModule):
@@ -337,13 +342,35 @@ def _to_wire(value: Any, session: PointerHost, depth: int = 0) -> Any:
     if isinstance(value, type) or isinstance(value, np.dtype):
         raise PolicyViolation(f"{value!r} is not a dtype the owner accepts; use one of "
                               f"{', '.join(dtypes.CANONICAL)}")
-    return value
+    if isinstance(value, _SENDABLE) or value is Ellipsis or _is_tensor(value):
+        return value
+    # Refused here, at the call: found only when the batch is encoded, it would take the
+    # other operations of the batch with it.
+    if callable(value):
+        raise PolicyViolation(f"{value!r} is code of yours: the owner runs only allowlisted "
+                              "functions (r.np.*, r.torch.*, ...), never a function you pass")
+    raise TypeError(f"a {type(value).__module__}.{type(value).__name__} cannot be sent to the "
+                    "owner; pass numbers, strings, lists, tuples, dicts, slices, arrays, "
+                    "tensors or pointers")
+
+
+_SENDABLE = (bytes, complex, slice, np.ndarray, np.generic, p.PointerRef, p.StoreRef)
+
+
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 # -- lineage text (rendered by duet.lineage, exactly as the owner renders it) -----------
+_PLAIN = frozenset((int, float, bool, str, type(None)))  # never dtypes (wire_name: None)
+
+
 def _show(value: Any, depth: int = 0) -> str:
     if isinstance(value, Pointer):
         return value._lineage
+    if type(value) in _PLAIN:
+        return lineage.scalar(value)
     if isinstance(value, RemoteModule):
         return type(value).__name__
     if isinstance(value, np.ndarray):

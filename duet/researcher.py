@@ -50,7 +50,6 @@ class ResearcherSession(Session):
         self.allowlist = p.AllowlistSummary()
         self.store: Store = Store(self)
         self._ids = itertools.count(1)
-        self._id_lock = threading.Lock()
         self._refused: dict[int, p.OpFailed] = {}
         # objects with smaller ids died with the owner's worker, and why
         self._restarted: tuple[int, str] = (0, "")
@@ -58,7 +57,7 @@ class ResearcherSession(Session):
         self._targets: dict[str, p.PointerRef | p.StoreRef] = {}  # request id -> target
         # Appends and pops on a deque are atomic: Pointer.__del__ may enqueue a free from any
         # thread at any moment (garbage collection), even inside _flush, without a lock.
-        self._outbox: deque[p.Op | BaseModel] = deque()
+        self._outbox: deque[p.Op | BaseModel | int] = deque()
         self._flush_lock = threading.RLock()
         self._flush_scheduled = False
         self._signaling: Any = None
@@ -89,8 +88,7 @@ class ResearcherSession(Session):
 
     # -- PointerHost: what pointers ask of their session (any thread) ---------------------------
     def new_id(self) -> int:
-        with self._id_lock:
-            return next(self._ids)
+        return next(self._ids)  # atomic: itertools.count is one C call under the GIL
 
     def submit_op(self, op: p.Op) -> None:
         self._enqueue(op)
@@ -100,7 +98,7 @@ class ResearcherSession(Session):
         if self._closed or self._lost.is_set() or pointer_id < self._restarted[0]:
             return
         try:
-            self._enqueue(p.Free(ids=[pointer_id]))
+            self._enqueue(pointer_id)  # a bare id in the outbox means: free it
         except DuetError as exc:  # the connection went meanwhile: the owner frees it all
             log.debug("free of #%d not sent: %s", pointer_id, exc)
 
@@ -133,9 +131,13 @@ class ResearcherSession(Session):
             log.debug("withdrawal of %s not sent: %s", request_id, exc)
 
     # -- the outbox -----------------------------------------------------------------------
-    def _enqueue(self, item: p.Op | BaseModel) -> None:
+    def _enqueue(self, item: p.Op | BaseModel | int) -> None:
         self._require_connected()
         self._outbox.append(item)
+        if self._flush_scheduled:
+            # Safe without the lock: _flush clears the flag before it takes the outbox, so
+            # a flag still seen set means that flush has yet to take this item.
+            return
         with self._flush_lock:
             if self._flush_scheduled:
                 return
@@ -149,7 +151,7 @@ class ResearcherSession(Session):
         free can name the freed object), and a free between ops would split their batch."""
         with self._flush_lock:
             self._flush_scheduled = False  # anything appended from now on schedules a flush
-        items: list[p.Op | BaseModel] = []
+        items: list[p.Op | BaseModel | int] = []
         while self._outbox:
             items.append(self._outbox.popleft())
         batch: list[p.Op] = []
@@ -158,15 +160,15 @@ class ResearcherSession(Session):
             for item in items:
                 if isinstance(item, p.Op):
                     batch.append(item)
-                elif isinstance(item, p.Free):
-                    freed.extend(item.ids)
+                elif isinstance(item, int):
+                    freed.append(item)
                 else:
                     if batch:
-                        self._send(p.Ops(ops=batch))
+                        self._send(p.Ops.model_construct(ops=batch))
                         batch = []
                     self._send(item)
             if batch:
-                self._send(p.Ops(ops=batch))
+                self._send(p.Ops.model_construct(ops=batch))
             if freed:
                 self._send(p.Free(ids=freed))
         except DuetError as exc:  # pending calls fail with ConnectionLost
@@ -216,8 +218,7 @@ class ResearcherSession(Session):
 
     def _on_restart(self, message: p.WorkerRestarted) -> None:
         """Everything made before now is gone; so are the answers to pending requests."""
-        with self._id_lock:
-            self._restarted = (next(self._ids), message.reason)
+        self._restarted = (next(self._ids), message.reason)
         self._refused.clear()
         error = WorkerRestarted(f"the owner's worker restarted: {message.reason}")
         for future in list(self._requests.values()):
