@@ -464,6 +464,7 @@ class Allowlist:
         self._attributes: set[str] = set()
         # (id, size) of a member table -> its member names; cleared by allow and deny
         self._names_cache: dict[tuple[int, int], frozenset[str]] = {}
+        self._family_of: dict[type, str | None] = {}  # see family()
 
     @classmethod
     def default(cls) -> Allowlist:
@@ -761,6 +762,20 @@ class Allowlist:
         return cached
 
     def family(self, obj: object) -> str | None:
+        """The family of ``obj``, remembered per type: it depends on the type alone (a lazy
+        family's class exists only once its module is loaded, so no type seen before can
+        belong to it), and each value of a pipelined op asks several times."""
+        kind = type(obj)
+        cached = self._family_of.get(kind, _UNKNOWN)
+        if cached is not _UNKNOWN:
+            return cached  # type: ignore[return-value]
+        found = self._find_family(obj)
+        if len(self._family_of) >= 1024:  # types are few; never let them grow unbounded
+            self._family_of.clear()
+        self._family_of[kind] = found
+        return found
+
+    def _find_family(self, obj: object) -> str | None:
         for family, cls in self._families.items():
             found = _family_class(cls, load=False)
             if found is not None and isinstance(obj, found):
@@ -935,6 +950,7 @@ def _dtype_refs(values: list[Any], depth: int) -> list[DTypeRef]:
 
 
 _SCALARS = (int, float, str, bool, type(None))
+_UNKNOWN = object()
 _NO_MEMBERS = "{name!r}: this kind of object has no allowlisted methods or attributes"
 
 
