@@ -417,3 +417,34 @@ def test_an_input_changed_in_place_loses_the_mark(tmp_path: Path) -> None:
             with pytest.raises(duet.RequestDenied):
                 handle.result(WAIT)
         assert owner.budget("ages").epsilon_spent == 0 and owner.budget("ages").reserved == 0
+
+
+def test_frames_columns_filters_groups_and_a_person_unit(tmp_path: Path) -> None:
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"person_id": np.repeat(np.arange(1500), 2),
+                       "age": rng.uniform(18, 90, 3000), "bmi": rng.normal(27, 4, 3000),
+                       "sex": rng.choice(["F", "M"], 3000)})
+    with session_pair(tmp_path / "audit.sqlite3") as (owner, researcher):
+        owner.share(df, name="patients", dp=duet.DP(
+            epsilon=20.0, bounds={"age": (18, 90), "bmi": (15, 50)},
+            categories={"sex": ["F", "M"]}, unit="person_id", contributions=2))
+        owner.requests.add_rule("approve", dp_within_budget=True)
+        p = researcher.store.wait_for("patients", WAIT)
+        means = researcher.dp.mean(p["bmi"], epsilon=4.0, by=p["sex"]).get("m", timeout=WAIT)
+        truth = df.groupby("sex")["bmi"].mean()
+        assert set(means) == {"F", "M"}
+        assert all(abs(means[k] - truth[k]) < 1.5 for k in ("F", "M"))
+        older = p[(p["age"] > 60) & (p["sex"] == "F")]
+        count = researcher.dp.count(older, epsilon=4.0).get("n", timeout=WAIT)
+        assert abs(count - int(((df["age"] > 60) & (df["sex"] == "F")).sum())) < 15
+        # a person has 2 rows and can reach both groups: the grouped mean costs 2 x 4.0
+        assert owner.budget("patients").epsilon_spent == pytest.approx(12.0)
+        merged = researcher.pd.merge(p, p, on="person_id")  # rows repeated per person
+        with pytest.raises(duet.PolicyViolation, match="row-stable"):
+            researcher.dp.mean(merged["bmi"], epsilon=1.0).get("m", timeout=WAIT)
+        with pytest.raises(duet.PolicyViolation, match="no bounds"):
+            researcher.dp.mean(p["person_id"], epsilon=1.0).get("ids", timeout=WAIT)
+        with pytest.raises(duet.PrivacyBudgetExceeded):
+            researcher.dp.count(p, epsilon=8.5).get("n", timeout=WAIT)
