@@ -115,7 +115,10 @@ class DP:
                 and 1 <= self.contributions <= 10_000):
             raise ValueError("DP contributions must be an integer between 1 and 10000")
         for column, keys in dict(self.categories).items():
-            _check_categories(list(keys), f"categories of {column!r}")
+            try:
+                _check_categories(list(keys), f"categories of {column!r}")
+            except PolicyViolation as exc:
+                raise ValueError(str(exc)) from None
 
     def spec(self, name: str, obj: Any) -> dict[str, Any]:
         """The plain description the kernel keeps and sends to the worker (checked against
@@ -253,6 +256,7 @@ _MASK_LOGIC = {"numpy.logical_and", "numpy.logical_or", "numpy.logical_xor",
 _SAME_METHODS = {"astype", "abs", "round", "clip", "fillna", "float", "double", "copy",
                  "clone", "to_numpy", "numpy", "detach"}
 _MASK_METHODS = {"isna", "isnull", "notna", "notnull"}
+_SUBSET_METHODS = {"dropna"}  # keeps some rows, each at most once: a new row set
 
 
 class Derivations:
@@ -298,6 +302,8 @@ class Derivations:
                 return None
             if op.name in _MASK_METHODS:
                 return Derived(target.source, None, target.rows, "mask")
+            if op.name in _SUBSET_METHODS:
+                return Derived(target.source, target.column, op.result, target.kind)
             if op.name in _SAME_METHODS:
                 if op.name in ("to_numpy", "numpy") and target.kind == "table":
                     return None

@@ -101,6 +101,7 @@ class OwnerSession(Session):
         # researcher objects derive from them, the DP queries by object id, and the ledger
         # reservations by request id (name, epsilon, delta) until each is decided.
         self._dp_specs: dict[str, dict[str, Any]] = {}
+        self._dp_names: set[str] = set()  # DP-shared at any time in this session
         self._derivations = Derivations(self._dp_specs)
         self._dp_queries: dict[int, QuerySpec] = {}
         self._dp_refused: set[int] = set()  # dp.* ops refused at once: requests too
@@ -153,6 +154,7 @@ class OwnerSession(Session):
         with self._dp_lock:
             if dp_spec is not None:
                 self._dp_specs[name] = dp_spec
+                self._dp_names.add(name)
             else:
                 self._dp_specs.pop(name, None)
         with self._worker_lock:
@@ -419,7 +421,8 @@ class OwnerSession(Session):
         if reserved is not None:  # computing the DP value failed: not a DP release
             self._dp_settle(snapshot.request_id, False)
         with self._dp_lock:
-            protected = tuple(sorted(set(snapshot.sources) & set(self._dp_specs)))
+            # values made while a name was DP-shared stay protected after it is unshared
+            protected = tuple(sorted(set(snapshot.sources) & self._dp_names))
         return DPInfo("exact", protected) if protected else None
 
     def worker_request_failed(self, failed: RequestFailed) -> None:

@@ -42,6 +42,11 @@ def test_bad_declarations_are_refused(kwargs: dict[str, object]) -> None:
         DP(**kwargs)  # type: ignore[arg-type]
 
 
+def test_declared_categories_are_checked_for_the_owner() -> None:
+    with pytest.raises(ValueError, match="distinct"):
+        DP(epsilon=1.0, categories={"sex": ["F", "F"]})
+
+
 def test_dp_needs_a_1d_array_or_a_table() -> None:
     with pytest.raises(TypeError):
         DP(epsilon=1.0, bounds=(0, 1)).spec("m", np.zeros((3, 3)))
@@ -79,6 +84,8 @@ def test_row_stable_steps_keep_the_mark() -> None:
      op(3, "operator.getitem", p.StoreRef("ages"), p.PointerRef(2)),
      op(1, "operator.getitem", p.PointerRef(3), p.PointerRef(2))],               # stale mask
     [op(1, "operator.getitem", p.StoreRef("ages"), slice(None, None, -1))],      # reversed
+    [rawwire.op(2, "dropna", kind="method", target=p.StoreRef("ages")),          # rows differ
+     op(1, "operator.sub", p.PointerRef(2), p.StoreRef("ages"))],
 ])
 def test_anything_else_loses_the_mark(steps: list[p.Op]) -> None:
     d = tracker()
