@@ -522,6 +522,7 @@ class OwnerSession(Session):
                     continue
                 self.allowlist.precheck(op)
                 self._check_references(op)
+                self._check_no_dp_input(op)
             except PolicyViolation as exc:
                 refusals.append(p.OpFailed(result=op.result, operation=op.name,
                                            error_type="PolicyViolation", policy=True,
@@ -563,6 +564,15 @@ class OwnerSession(Session):
                     raise PolicyViolation(
                         f"{family}.{op.name} would modify shared object {op.target.name!r}; "
                         "the owner's data cannot change. Work on a copy")
+
+    def _check_no_dp_input(self, op: p.Op) -> None:
+        """A DP query is read only by a request (which charges it): never by an operation."""
+        for ref in _references([op.target, *op.args, *op.kwargs.values()], 0):
+            if isinstance(ref, p.PointerRef) and (ref.id in self._dp_queries
+                                                  or ref.id in self._dp_refused):
+                self._dp_refused.add(op.result)  # a request for it is answered at once
+                raise PolicyViolation("a DP statistic is not an input to other operations: "
+                                      "ask for its value with .get(reason)")
 
     def _on_request(self, message: p.RequestValue, raw: Encoded) -> None:
         if message.request_id in self._reasons or message.request_id in self._snapshots:

@@ -455,3 +455,15 @@ def test_frames_columns_filters_groups_and_a_person_unit(tmp_path: Path) -> None
             researcher.dp.mean(p["person_id"], epsilon=1.0).get("ids", timeout=WAIT)
         with pytest.raises(duet.PrivacyBudgetExceeded):
             researcher.dp.count(p, epsilon=8.5).get("n", timeout=WAIT)
+
+
+def test_a_dp_query_is_read_only_by_a_request(tmp_path: Path) -> None:
+    """Its object holds a copy of the data: no operation may use it (kernel and worker)."""
+    with session_pair(tmp_path / "audit.sqlite3") as (owner, researcher):
+        x = shared(owner, researcher)
+        query = researcher.dp.sum(x, epsilon=0.1)
+        for attempt in (query + 0, query[0], researcher.np.array([query]),
+                        researcher.np.sum([query, query])):
+            with pytest.raises(duet.PolicyViolation, match="not an input"):
+                attempt.get("inside", timeout=WAIT)
+        assert owner.budget("ages").epsilon_spent == 0 and not owner.requests.pending
