@@ -1,14 +1,16 @@
 """``python -m duet.demo`` (``make demo``): complete duets between the demo notebook pairs.
 
 Runs ``notebooks/owner.ipynb`` and ``notebooks/researcher.ipynb`` at the same time in two
-fresh Jupyter kernels, unattended, then each further pair the same way (``owner_dp.ipynb``
-with ``researcher_dp.ipynb``: differential privacy with a budget), and prints what
-happened: each request and its decision (from the owner's audit log), the researcher's
-results, and where the executed notebooks were saved. By default the owner's kernel starts
-the embedded signaling server, exactly as ``duet.launch()`` does on one machine;
-``--server URL`` uses a running ``duet-signaling``. The owner notebook hands its join code
-to the researcher's through the file named by ``$DUET_DEMO_CODE_FILE``, standing in for
-the person who would paste it.
+fresh Jupyter kernels, unattended, then each further pair the same way: the tables pair
+(``owner_tables.ipynb`` and ``researcher_tables.ipynb``: pandas and scikit-learn on a
+clinical table read from SQLite) and the privacy pair (``owner_dp.ipynb`` with
+``researcher_dp.ipynb``: differential privacy with a budget). It prints what happened: each
+request and its decision (from the owner's audit log), the researcher's results, and where
+the executed notebooks were saved. By default the owner's kernel starts the embedded
+signaling server, exactly as ``duet.launch()`` does on one machine; ``--server URL`` uses a
+running ``duet-signaling``. The owner notebook hands its join code to the researcher's
+through the file named by ``$DUET_DEMO_CODE_FILE``, standing in for the person who would
+paste it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ __all__ = ["DemoResult", "main", "run_demo"]
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ROLES = ("owner", "researcher")
-PAIRS = ("", "_dp")  # notebook name suffixes: owner{pair}.ipynb + researcher{pair}.ipynb
+# notebook name suffixes: owner{pair}.ipynb + researcher{pair}.ipynb
+PAIRS = ("", "_tables", "_dp")
 ENV_CODE_FILE = "DUET_DEMO_CODE_FILE"
 
 
@@ -130,8 +133,8 @@ async def _run_both(notebooks: list[Any], directory: Path, env: dict[str, str],
 
 def run_demo(build_dir: Path, *, server: str | None = None, notebooks: Path = NOTEBOOKS,
              timeout: float = 600, pair: str = "") -> DemoResult:
-    """Execute both notebooks of ``pair`` concurrently; save them (run or failed) under
-    ``build_dir``, which gets a fresh audit log (and privacy ledger) each time."""
+    """Execute both notebooks of ``pair`` (the suffix of their names) concurrently; save them
+    (run or failed) under ``build_dir``, which gets a fresh audit log (and privacy ledger)."""
     import nbformat
 
     build_dir = build_dir.resolve()  # the kernels run in the notebooks' directory
@@ -153,7 +156,7 @@ def run_demo(build_dir: Path, *, server: str | None = None, notebooks: Path = NO
     for role, notebook in zip(ROLES, runs, strict=True):
         nbformat.write(notebook, saved[role])
     result.summary = _summary_cell(runs[ROLES.index("researcher")])
-    result.error = "\n".join(f"{role}.ipynb: {error}"
+    result.error = "\n".join(f"{role}{pair}.ipynb: {error}"
                              for role, error in zip(ROLES, outcomes, strict=True) if error)
     if audit_path.exists():
         result.requests, result.events = _requests_from_audit(audit_path)
@@ -190,6 +193,13 @@ def _report(result: DemoResult) -> str:
                      f"test accuracy {summary['test_accuracy']:.3f}")
         lines.append(f"  trained weights received: {json.dumps(summary.get('weights', {}))}")
         lines.append(f"  raw patient rows: {summary.get('raw_rows')}")
+    if "cv_auc" in summary:
+        lines.append("  the researcher described the cohort "
+                     f"({json.dumps(summary.get('cohort', {}))} patients by sex) and fitted a "
+                     f"logistic regression: cross-validated AUC {summary['cv_auc']:.3f}")
+        coefficients = {k: round(v, 2) for k, v in summary.get("coefficients", {}).items()}
+        lines.append(f"  coefficients received: {json.dumps(coefficients)}")
+        lines.append(f"  raw patient rows: {summary.get('raw_rows')}")
     if "radius_by_diagnosis" in summary:
         lines.append("  differentially private answers: about "
                      f"{summary['patients']} patients; mean radius by diagnosis "
@@ -221,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ok = True
     for pair in args.pair or PAIRS:
+        if not all((args.notebooks / f"{role}{pair}.ipynb").exists() for role in ROLES):
+            continue  # a notebooks directory with fewer pairs
         print(f"duet demo: running owner{pair}.ipynb and researcher{pair}.ipynb…", flush=True)
         result = run_demo(args.build_dir / pair.strip("_") if pair else args.build_dir,
                           server=args.server, notebooks=args.notebooks, timeout=args.timeout,
