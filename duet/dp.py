@@ -617,7 +617,8 @@ class DPQuery:
             mean, scales, spread = _mean(dp, self.values, spec.bounds, spec.epsilon, k)
             return mean, self._quote(
                 "noisy clamped sum / noisy count, Laplace (OpenDP), ε split in half",
-                spec.epsilon, f"sum {scales[0]:.4g}, count {scales[1]:.4g}", spread)
+                spec.epsilon, f"sum {scales[0]:.4g}, count {scales[1]:.4g}",
+                f"about ±{spread:.4g} (from the released count)")
         assert stat == "variance"
         lo, hi = spec.bounds
         values = self._np.clip(self._np.nan_to_num(self.values, nan=lo), lo, hi)
@@ -692,15 +693,18 @@ class DPQuery:
         assert spec.bounds is not None and self.values is not None
         out: dict[str, float] = {}
         scales: tuple[float, float] = (0.0, 0.0)
-        acc_text = ""
+        worst = 0.0
         for code, name in zip(codes, names, strict=True):
             part = self.values[self.keys == code]
             if spec.statistic == "sum":
-                value, scale, acc = _sum(dp, part, spec.bounds, spec.epsilon, k)
-                scales, acc_text = (scale, 0.0), f"±{acc:.4g} per group"
+                value, scale, worst = _sum(dp, part, spec.bounds, spec.epsilon, k)
+                scales = (scale, 0.0)
                 out[name] = value
             else:
-                out[name], scales, acc_text = _mean(dp, part, spec.bounds, spec.epsilon, k)
+                out[name], scales, spread = _mean(dp, part, spec.bounds, spec.epsilon, k)
+                worst = max(worst, spread)
+        acc_text = (f"±{worst:.4g} per group" if spec.statistic == "sum" else
+                    f"about ±{worst:.4g} in the least precise group (from its released count)")
         what = "sum" if spec.statistic == "sum" else "noisy sum / noisy count"
         scale_text = f"{scales[0]:.4g}" if spec.statistic == "sum" else (
             f"sum {scales[0]:.4g}, count {scales[1]:.4g}")
@@ -787,7 +791,9 @@ def _sum(dp: Any, values: Any, bounds: tuple[float, float], epsilon: float,
 
 
 def _mean(dp: Any, values: Any, bounds: tuple[float, float], epsilon: float,
-          k: int) -> tuple[float, tuple[float, float], str]:
+          k: int) -> tuple[float, tuple[float, float], float]:
+    """Noisy clamped sum / noisy count, half of epsilon each; also the scales and the 95%
+    spread worked out from the released count (post-processing of released values)."""
     total, sum_scale, sum_acc = _sum(dp, values, bounds, epsilon / 2, k)
     count, count_scale, count_acc = _count(dp, len(values), epsilon / 2, k)
     lo, hi = bounds
@@ -795,7 +801,7 @@ def _mean(dp: Any, values: Any, bounds: tuple[float, float], epsilon: float,
     mean = min(max(total / n, lo), hi)  # post-processing: the mean lies within the bounds
     # Post-processing of released values only: sum ± a, count ± b at 95% each.
     spread = (sum_acc + max(abs(lo), abs(hi)) * count_acc) / n
-    return mean, (sum_scale, count_scale), f"about ±{spread:.4g} (from the released count)"
+    return mean, (sum_scale, count_scale), spread
 
 
 def _count_by(dp: Any, keys: Any, categories: list[str], epsilon: float,

@@ -223,6 +223,13 @@ class OwnerSession(Session):
         reservations of undecided requests count as spent."""
         return self.ledger.budget(name)
 
+    @property
+    def budgets(self) -> dict[str, Budget]:
+        """The privacy budget of every name shared with ``dp=`` in this session."""
+        with self._dp_lock:
+            names = sorted(self._dp_names)
+        return {name: self.ledger.budget(name) for name in names}
+
     def _dp_reserve(self, request_id: str, name: str, epsilon: float, delta: float,
                     what: str) -> Budget:
         """Set a request's cost aside in the ledger before anything is computed (also for

@@ -231,6 +231,8 @@ def test_dp_requests_show_the_owner_cost_accuracy_and_budget(tmp_path: Path) -> 
         request.approve()
         assert 40 <= handle.result(WAIT) <= 90
         assert owner.budget("ages").epsilon_spent == pytest.approx(0.25)
+        assert list(owner.budgets) == ["ages"]  # what %duet status lists
+        assert "0.25 spent of 1 (0.75 left)" in str(owner.budgets["ages"])
         charges = [e.detail["status"] for e in owner.audit.events(event="dp_charge")]
         assert charges == ["reserved", "spent"]
 
@@ -467,3 +469,19 @@ def test_a_dp_query_is_read_only_by_a_request(tmp_path: Path) -> None:
             with pytest.raises(duet.PolicyViolation, match="not an input"):
                 attempt.get("inside", timeout=WAIT)
         assert owner.budget("ages").epsilon_spent == 0 and not owner.requests.pending
+
+
+def test_grouped_sums_and_category_histograms_report_only_the_asked_keys() -> None:
+    d = tracker()
+    d.observe(op(1, "operator.gt", p.StoreRef("ages"), 60))
+    spec = parse_op(op(2, "dp.sum", p.StoreRef("ages"), epsilon=50.0, by=p.PointerRef(1),
+                       categories=[True, False]), d)
+    sums, quote = DPQuery(spec, AGES, AGES > 60).evaluate()
+    assert set(sums) == {"True", "False"} and "per group" in quote.accuracy
+    assert sums["True"] == pytest.approx(AGES[AGES > 60].sum(), rel=0.01)
+    colours = np.array(["red", "blue", "red", "green"] * 250)
+    spec = parse_op(op(3, "dp.histogram", p.StoreRef("ages"), epsilon=50.0,
+                       categories=["red", "blue"]), d)
+    counts, _ = DPQuery(spec, colours).evaluate()
+    assert set(counts) == {"red", "blue"}  # "green" is never reported: not asked for
+    assert counts["red"] == pytest.approx(500, abs=5)
