@@ -485,3 +485,25 @@ def test_grouped_sums_and_category_histograms_report_only_the_asked_keys() -> No
     counts, _ = DPQuery(spec, colours).evaluate()
     assert set(counts) == {"red", "blue"}  # "green" is never reported: not asked for
     assert counts["red"] == pytest.approx(500, abs=5)
+
+
+def test_a_reused_request_id_is_refused_before_any_charge(tmp_path: Path) -> None:
+    with session_pair(tmp_path / "audit.sqlite3") as (owner, researcher):
+        x = shared(owner, researcher)
+        owner.requests.add_rule("approve", dp_within_budget=True)
+        query = researcher.dp.count(x, epsilon=0.1)
+        received = rawwire.record_received(researcher)
+        for request_id in ("00000000000000aa", "00000000000000aa", "00000000000000cc"):
+            rawwire.send_raw(researcher, p.RequestValue(request_id=request_id,
+                                                        target=p.PointerRef(query.id)))
+        eventually(lambda: sum(m.type == "decision" for m in received) == 2, WAIT)
+        assert [m.status for m in received if m.type == "decision"] == ["approved"] * 2
+        assert owner.budget("ages").epsilon_spent == pytest.approx(0.2)  # not 0.3
+        assert owner.budget("ages").reserved == 0
+        # a raw request for the DP-shared object itself is an exact release: never a rule's
+        rawwire.send_raw(researcher, p.RequestValue(request_id="00000000000000bb",
+                                                    target=p.StoreRef("ages")))
+        eventually(lambda: bool(owner.requests.pending), WAIT)
+        request = owner.requests.pending[0]
+        assert request.dp is not None and request.dp.kind == "exact"
+        assert owner.connected and researcher.connected
