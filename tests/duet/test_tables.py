@@ -362,3 +362,22 @@ def test_every_table_name_resolves_and_is_vetted_on_first_use() -> None:
         assert callable(allowlist.resolve_function(qualname)), qualname
     rebuilt = Allowlist.from_spec(allowlist.spec())
     assert rebuilt.spec() == allowlist.spec()
+
+
+def test_a_long_chain_on_a_failed_pointer_keeps_the_worker_up(tmp_path: Path) -> None:
+    """Each op on a failed input names its root cause once: 1,500 of them used to build a
+    1,500-deep text that broke the worker's message limit (and restarted it)."""
+    with session_pair(tmp_path / "audit.db") as (owner, researcher):
+        owner.share(patients(50), name="patients")
+        owner.requests.add_rule("approve")
+        df = researcher.store.wait_for("patients", 10)
+        pid = owner.worker_pid
+        chain = df["no such column"]
+        for _ in range(1500):
+            chain = chain + 1
+        with pytest.raises(duet.RemoteError, match="UpstreamFailure"):
+            chain.get("the end of the chain", timeout=120)
+        request = owner.requests[-1]
+        assert "KeyError" in request.failed and len(request.failed) < 500
+        assert owner.worker_pid == pid
+        assert df["age"].count().get("still working", timeout=60) == 50
