@@ -111,6 +111,14 @@ attempts = {
         df[["age"]]),
     "metric callable": lambda: sk.neighbors.KNeighborsClassifier(metric=identity),
     "fetch_openml": lambda: sk.datasets.fetch_openml("iris"),
+    "pipeline memory": lambda: sk.pipeline.make_pipeline(sk.preprocessing.StandardScaler(),
+                                                         memory=leak + "8"),
+    "set_params memory": lambda: sk.pipeline.make_pipeline(
+        sk.preprocessing.StandardScaler()).set_params(memory=leak + "9"),
+    "pre_dispatch expression": lambda: sk.model_selection.cross_val_score(
+        sk.linear_model.LogisticRegression(), df[["age"]], df["outcome"],
+        pre_dispatch="2*n_jobs"),
+    "df[callable]": lambda: df[identity],
     "numpy view sort": lambda: df["age"].to_numpy().sort(),
     "asarray view sort": lambda: r.np.asarray(df["bmi"]).sort(),
     "values view partition": lambda: df["age"].values.partition(3),
