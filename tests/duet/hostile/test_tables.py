@@ -225,6 +225,8 @@ def test_the_hostile_researcher_against_a_shared_table(signaling_url: str,
     assert len(out) >= 50, len(out)
     # refusals that depend on names alone say what was refused
     assert "not on the owner's allowlist" in out["query"][1]
+    assert "DataFrame.eval is not on the owner's allowlist" in out["DataFrame.eval"][1]
+    assert "DataFrame.style is not on the owner's allowlist" in out["style"][1]
     assert "'to_pickle' is not an allowlisted function name" in out["agg('to_pickle')"][1]
     assert "inplace=True is not allowed" in out["inplace=True"][1]
     assert "n_jobs" in out["n_jobs=-1"][1]
