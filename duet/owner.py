@@ -32,6 +32,7 @@ import numpy as np
 from . import protocol as p
 from .approvals import Request, RequestQueue, Rule, ValueInfo, safe_text
 from .audit import EVENTS, AuditLog, sha256_of
+from .checks import Check, CheckSettings
 from .config import SessionConfig
 from .errors import DuetTimeout, PolicyViolation, ProtocolError, RequestError
 from .ipc import Done, RequestFailed, Snapshot, Usage
@@ -96,18 +97,22 @@ class OwnerSession(Session):
 
     # -- sharing --------------------------------------------------------------------------
     def share(self, obj: Any, name: str, description: str = "",
-              tags: Iterable[str] = ()) -> None:
+              tags: Iterable[str] = (), *, min_count: int = 10) -> None:
         """Make ``obj`` reachable by the researcher as ``store[name]`` (never its values).
 
         Arrays and tensors are copied once into sealed memory the worker maps read-only;
         torch modules, scalars and plain lists, tuples and dicts of these are copied to it.
+        ``min_count``: the fewest records of ``obj`` any released number may come from
+        (the disclosure checks, docs/disclosure.md).
         """
+        settings = CheckSettings(min_count=min_count)
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
             raise ValueError(f"share name {name!r} must be a Python identifier without a "
                              "leading underscore")
         _check_shareable(obj, 0)
         entry = _declare(obj, name, description, tuple(tags))
-        prepared = prepare_share(obj)
+        message, buffers, sealed = prepare_share(obj)
+        prepared = ({**message, "checks": {"min_count": settings.min_count}}, buffers, sealed)
         with self._worker_lock:
             old = self._share_messages.pop(name, None)
             self._share_messages[name] = prepared
@@ -118,7 +123,8 @@ class OwnerSession(Session):
         self._shared[name] = entry
         self._families[name] = self.allowlist.family(obj)
         self._audit.record("share", name=name, type=entry.type,
-                          shape=entry.shape, dtype=entry.dtype, description=description)
+                          shape=entry.shape, dtype=entry.dtype, description=description,
+                          min_count=settings.min_count)
         self._publish_store()
 
     def unshare(self, name: str) -> None:
@@ -257,7 +263,9 @@ class OwnerSession(Session):
         request = Request(id=snapshot.request_id, reason=self._reasons.pop(
             snapshot.request_id, ""), lineage=snapshot.lineage,
             sources=frozenset(snapshot.sources), info=info, preview=snapshot.preview,
-            sha256=snapshot.sha256, failed=snapshot.failed)
+            sha256=snapshot.sha256, failed=snapshot.failed,
+            checks=tuple(Check(c.name, c.status, c.reason, c.evidence)
+                         for c in snapshot.checks))
         # Written with the decision when a rule decides at once (one transaction), else
         # right after: no message follows it, so it need not wait for the disk either way.
         self._request_rows[request.id] = ("request", {
@@ -265,7 +273,8 @@ class OwnerSession(Session):
             "pointer_id": snapshot.pointer_id, "lineage": request.lineage,
             "reason": request.reason, "sources": sorted(request.sources),
             "sha256": request.sha256 or None, "nbytes": snapshot.nbytes or None,
-            "failed": request.failed or None})
+            "failed": request.failed or None, "check_status": request.check_status,
+            "checks": [c.to_dict() for c in request.checks]})
         self._snapshots[snapshot.request_id] = (snapshot, encoded)
         try:
             self.requests.add(request)
@@ -419,9 +428,13 @@ class OwnerSession(Session):
             raise RequestError(f"the researcher has left; nothing was sent for {request.id}")
         snapshot, encoded = self._snapshots.pop(request.id, (None, None))
         row = self._request_rows.pop(request.id, None)
-        decided = [*self._take_held_rows(), *([row] if row is not None else []), ("decision", {
+        decision: dict[str, Any] = {
             "request_id": request.id, "status": request.status, "by": request.decided_by,
-            "reason": request.decision_reason})]
+            "reason": request.decision_reason, "check_status": request.check_status}
+        if request.decided_by.startswith("rule:"):  # an automatic decision: on what grounds
+            decision["checks"] = [c.to_dict() for c in request.checks]
+        decided = [*self._take_held_rows(), *([row] if row is not None else []),
+                   ("decision", decision)]
         if request.status != "approved" or snapshot is None:
             self._audit.record_many(decided)
             self._send(p.Decision(request_id=request.id, status="denied",

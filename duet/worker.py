@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ipc
+from . import checks, ipc
 from . import protocol as p
 from .errors import DuetError, ProtocolError
 from .executor import Executor, ExecutorEvents
@@ -77,6 +77,8 @@ class Worker:
         self._executor = Executor(allowlist, memory_budget=settings.get("memory_budget"),
                                   events=self._events)
         self._mappings: dict[str, mmap.mmap] = {}
+        self._check_settings: dict[str, checks.CheckSettings] = {}
+        self._history = checks.History()  # record sets of earlier requests (differencing)
 
     # -- plumbing ---------------------------------------------------------------------------
     def send(self, header: bytes, buffers: list[memoryview] | tuple[()] = ()) -> None:
@@ -126,6 +128,7 @@ class Worker:
         else:  # anything else the owner shared, pickled by the owner's own kernel
             value = pickle.loads(buffers[0])
         self._executor.share(name, value)
+        self._check_settings[name] = checks.CheckSettings(**message.get("checks", {}))
         self._done()
 
     def _map(self, name: str, message: dict[str, Any]) -> Any:
@@ -194,9 +197,10 @@ class Worker:
         common = {"request_id": request.request_id, "pointer_id": pointer_id,
                   "lineage": entry.lineage, "sources": sorted(entry.sources)}
         empty = {"type": "failed", "elements": 0, "nbytes": 0}
+        failed_checks = [c.to_dict() for c in checks.failed_value()]
         if entry.failure is not None:
             failure = entry.failure
-            self.send(ipc.pack("snapshot", **common, summary=empty,
+            self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
                                preview=f"failed: {entry.error or failure.error_type}",
                                failed=entry.error or failure.error_type,
                                operation=failure.operation, error_type=failure.error_type))
@@ -213,7 +217,7 @@ class Worker:
             is_module = type(entry.value).__module__.startswith("torch.nn")
             hint = "a model's weights leave as model.state_dict()" if is_module else ""
             problem = f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
-            self.send(ipc.pack("snapshot", **common, summary=empty,
+            self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
                                preview=f"failed: cannot be sent: {problem}",
                                failed=f"cannot be sent: {problem}", operation="sending the value",
                                error_type=type(exc).__name__, hint=hint))
@@ -223,9 +227,12 @@ class Worker:
             with self._frozen_lock:
                 self._frozen[request.request_id] = frozen
                 self._frozen_bytes += frozen.nbytes
+        found = checks.evaluate(request.request_id, entry.provenance, entry.sources,
+                                elements=frozen.summary.elements,
+                                settings=self._check_settings, history=self._history)
         header = ipc.pack("snapshot", **common, summary=frozen.summary.model_dump(),
                           preview=frozen.preview, sha256=frozen.sha256, nbytes=frozen.nbytes,
-                          inline=inline)
+                          inline=inline, checks=[c.to_dict() for c in found])
         self.send(header, [memoryview(frozen.header), *frozen.buffers] if inline else ())
 
     def _take_frozen(self, request_id: str) -> Frozen | None:
