@@ -260,8 +260,8 @@ def _dominance(parts: list[tuple[str, Part]], setting: Any) -> Check:
     missing = []
     for name, part in parts:
         cells = part.cells
-        if "two_valued" in cells and cells["two_valued"].all():
-            continue  # every record adds one of two amounts: a count, checked as one
+        if "top1" not in cells and "two_valued" in cells and cells["two_valued"].all():
+            continue  # booleans: a count, checked as one by min_count
         if "top1" not in cells:
             missing.append(name)
             continue

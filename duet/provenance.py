@@ -172,7 +172,8 @@ _IDENTITY = frozenset("""
     type_as numpy tensor as_tensor from_numpy array asarray atleast_1d tolist item values
 """.split())
 # Reshaping that keeps axis 0 when its length is unchanged (C or F order alike).
-_RESHAPE = frozenset("reshape ravel flatten squeeze view reshape_as view_as".split())
+_RESHAPE = frozenset("""reshape ravel flatten squeeze view reshape_as view_as unsqueeze
+    expand_dims expand expand_as atleast_2d broadcast_to""".split())
 _MAGNITUDE = frozenset("sum nansum mean nanmean average std var nanstd nanvar".split())
 _SPREAD = frozenset("std var nanstd nanvar".split())
 _FREQUENCY = frozenset("count_nonzero any all".split())
