@@ -68,6 +68,7 @@ class Rows:
     total: int
     distinct: bool = True  # no record appears twice in ``index``
     single: bool = False
+    ordered: bool = True  # ``index`` is increasing (records() needs no sort)
 
     @property
     def length(self) -> int:
@@ -77,7 +78,9 @@ class Rows:
         """The contributing records, sorted and distinct (``None``: all of them)."""
         if self.index is None:
             return None
-        return self.index if self.distinct and _is_sorted(self.index) else np.unique(self.index)
+        if self.distinct and self.ordered:
+            return self.index
+        return np.unique(self.index)
 
 
 @dataclass(frozen=True, eq=False)
@@ -421,10 +424,10 @@ def _getitem(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
                 "indexed in a way that is not modelled")
         else:
             result[name] = state  # a summary indexed is still that summary
-    mask_sources = isinstance(selector, np.ndarray) and selector.dtype == bool
+    mask_sources = isinstance(selector, _Mask)
     for name, state in key_provenance.items():
         if mask_sources and isinstance(state, Rows) and not state.single \
-                and state.length == selector.size:  # type: ignore[union-attr]
+                and state.length == selector.size:
             selected = _select(state, selector)
         elif isinstance(state, (Aggregated, Declared)):
             selected = state
@@ -459,10 +462,18 @@ def _selector(key: Any, ndim: int | None) -> Any:
             return None
     if isinstance(key, np.ndarray) and key.ndim == 1:
         if key.dtype == bool:
-            return key
+            return _Mask(np.flatnonzero(key), key.size)  # once, for every source
         if key.dtype.kind in "iu":
             return key
     return None
+
+
+@dataclass(frozen=True, eq=False)
+class _Mask:
+    """A boolean row mask, as the positions it selects."""
+
+    positions: np.ndarray
+    size: int
 
 
 def _select(state: Rows, selector: Any) -> State:
@@ -481,17 +492,19 @@ def _select(state: Rows, selector: Any) -> State:
             new = np.arange(positions.start, positions.stop, positions.step, dtype=np.int64)
         else:
             new = index[selector]
-        return Rows(new, state.total, state.distinct)
-    if selector.dtype == bool:
+        return Rows(new, state.total, state.distinct,
+                    ordered=state.ordered and positions.step > 0)
+    if isinstance(selector, _Mask):
         if selector.size != length:
             return Unknown("a mask of another length")
-        chosen = np.flatnonzero(selector)
-        return Rows(chosen if index is None else index[chosen], state.total, state.distinct)
+        chosen = selector.positions
+        return Rows(chosen if index is None else index[chosen], state.total, state.distinct,
+                    ordered=state.ordered)
     if selector.size and (selector.min() < -length or selector.max() >= length):
         return Unknown("indexed out of range")
     positions = selector % length if selector.size else selector.astype(np.int64)
     new = positions.astype(np.int64) if index is None else index[positions]
-    return Rows(new, state.total, distinct=False)
+    return Rows(new, state.total, distinct=False, ordered=False)
 
 
 def _length(provenance: Provenance) -> Provenance:
@@ -619,30 +632,46 @@ def _cells(data: Any, name: str, kind: str, axis: Any) -> dict[str, np.ndarray]:
                 "two_valued": flags,
                 "counts": np.stack([nonzero, n - nonzero]).astype(np.int64)}
     values = matrix.astype(np.float64, copy=False)
-    valid = ~np.isnan(values)
-    records = valid.sum(axis=0)
-    values = np.where(valid, values, 0.0)
+    cells_count = values.shape[1]
+    missing = np.isnan(values)
+    if missing.any():
+        records = n - missing.sum(axis=0)
+        values = np.where(missing, 0.0, values)
+    else:
+        records = np.full(cells_count, n, dtype=np.int64)
     if name in _SPREAD:
         mean = values.sum(axis=0) / np.maximum(records, 1)
-        contributions = np.where(valid, (values - mean) ** 2, 0.0)
+        contributions = (values - mean) ** 2
+        if missing.any():
+            contributions[missing] = 0.0
     else:
         contributions = np.abs(values)
-    contributions = np.nan_to_num(contributions, nan=0.0, posinf=0.0, neginf=0.0)
-    cells: dict[str, np.ndarray] = {"n": records.astype(np.int64),
-                                    "total": contributions.sum(axis=0)}
-    if n >= 2:
-        top = np.partition(contributions, n - 2, axis=0)[n - 2:]
-        cells["top1"], cells["top2"] = top[1], top[0]
+    total = contributions.sum(axis=0)
+    if not np.isfinite(total).all():
+        contributions[~np.isfinite(contributions)] = 0.0  # an infinite sum reveals no more
+        total = contributions.sum(axis=0)
+    cells: dict[str, np.ndarray] = {"n": records.astype(np.int64), "total": total}
+    if n >= 2:  # the two largest, without sorting: the copy is ours to change
+        columns = np.arange(cells_count)
+        largest = np.argmax(contributions, axis=0)
+        cells["top1"] = contributions[largest, columns].copy()
+        contributions[largest, columns] = -1.0
+        cells["top2"] = contributions.max(axis=0)
     elif n == 1:
-        cells["top1"], cells["top2"] = contributions[0], np.zeros(matrix.shape[1])
+        cells["top1"], cells["top2"] = contributions[0], np.zeros(cells_count)
     else:
         return {}
     # Records that all contribute one of two values make the sum a count of each.
+    if _many_values(values[:256]):  # most data: a glance at the first rows settles it
+        cells["two_valued"] = cells["indicator"] = np.zeros(cells_count, dtype=bool)
+        cells["counts"] = np.zeros((2, cells_count), dtype=np.int64)
+        return cells
     first = values[0]
     differs = values != first
-    others = differs.sum(axis=0)
-    second = values[np.argmax(differs, axis=0), np.arange(values.shape[1])]
-    two_valued = ((values == first) | (values == second)).all(axis=0) & valid.all(axis=0)
+    others = np.count_nonzero(differs, axis=0)
+    second = values[np.argmax(differs, axis=0), np.arange(cells_count)]
+    seconds = n - np.count_nonzero(values != second, axis=0)
+    two_valued = ((n - others) + np.where(others > 0, seconds, 0) == n) & ~missing.any(axis=0)
     indicator = two_valued & np.isin(first, (0.0, 1.0)) & np.isin(second, (0.0, 1.0))
     ones = np.where(first == 1.0, n - others, others)
     counts = np.where(indicator, ones, n - others)
@@ -651,6 +680,13 @@ def _cells(data: Any, name: str, kind: str, axis: Any) -> dict[str, np.ndarray]:
     cells["indicator"] = indicator
     cells["counts"] = np.stack([counts, complement]).astype(np.int64)
     return cells
+
+
+def _many_values(sample: np.ndarray) -> bool:
+    """Whether every column of ``sample`` has more than two distinct values."""
+    ordered = np.sort(sample, axis=0)
+    distinct = 1 + np.count_nonzero(ordered[1:] != ordered[:-1], axis=0)
+    return bool((distinct > 2).all())
 
 
 # -- tables -------------------------------------------------------------------------------
@@ -747,7 +783,7 @@ def _stack(call: Call, inputs: list[Provenance], provenance_of: ProvenanceOf) ->
         if not totals or (joined < 0).any():
             result[name] = Unknown("stacks records with other values")
         else:
-            result[name] = Rows(joined, totals[0], distinct=False)
+            result[name] = Rows(joined, totals[0], distinct=False, ordered=False)
     return _merge([result, *summaries])
 
 
@@ -831,6 +867,4 @@ def _is_tensor(value: Any) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-def _is_sorted(index: np.ndarray) -> bool:
-    return index.size < 2 or bool((index[1:] > index[:-1]).all())
 
