@@ -184,6 +184,11 @@ _ORDER = frozenset("""min max amin amax nanmin nanmax median nanmedian percentil
     nanpercentile nanquantile ptp argmin argmax nanargmin nanargmax topk kthvalue""".split())
 _STATISTIC = frozenset("""corrcoef cov mse_loss cross_entropy nll_loss binary_cross_entropy
     binary_cross_entropy_with_logits l1_loss smooth_l1_loss kl_div logsumexp norm""".split())
+# Arguments of a reduction that do not change which records count; any other (where=,
+# initial=, weights=, ...) makes the result unknown.
+_REDUCTION_KEYWORDS = frozenset("""axis dim keepdims keepdim dtype ddof correction unbiased
+    reduction rowvar bias method""".split())
+_QUANTILES = frozenset("""percentile quantile nanpercentile nanquantile topk kthvalue""".split())
 _LENGTH_ATTRIBUTES = frozenset("shape size nbytes numel".split())
 _METADATA = frozenset("ndim dtype itemsize device requires_grad is_leaf dim training".split())
 # Functions whose name collides with an element-wise one but which reduce to one value.
@@ -564,6 +569,12 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
     provenance = _provenance(data, provenance_of)
     other = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
     ndim = int(getattr(data, "ndim", 0) or 0)
+    unknown = sorted(set(call.kwargs) - _REDUCTION_KEYWORDS)
+    positional = 3 if name in _QUANTILES else 2
+    if unknown or len(call.args) > positional:
+        # where=, initial=, weights passed by position ...: which records count is unclear
+        how = f"{unknown[0]}=" if unknown else "these positional arguments"
+        return _unknown([provenance, other], f"{name} with {how} is not modelled")
     if name in _STATISTIC and name not in ("logsumexp", "norm"):
         # losses and correlations reduce everything they get (unless reduction="none")
         if call.kwargs.get("reduction") == "none":
@@ -577,8 +588,6 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
         return _merge([provenance, other])  # row-wise: still one result per record
     kind = ("magnitude" if name in _MAGNITUDE else "frequency" if name in _FREQUENCY
             else "order" if name in _ORDER else "statistic")
-    if kind == "magnitude" and "weights" in call.kwargs:
-        kind = "statistic"
     result: dict[str, State] = {}
     cells: dict[str, np.ndarray] | None = None
     for source, state in provenance.items():
@@ -696,8 +705,15 @@ def _table(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> Pr
     data = call.args[0]
     provenance = _provenance(data, provenance_of)
     other = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
-    if "weights" in call.kwargs or (name == "bincount" and len(call.args) > 1):
-        return _unknown([provenance, other], f"weighted {name} is not modelled")
+    table_keywords = {"unique": {"return_counts", "sorted"}, "bincount": {"minlength"},
+                      "histogram": {"bins", "range"}, "histc": {"bins", "min", "max"}}[name]
+    positional = {"unique": 1, "bincount": 1, "histogram": 3, "histc": 4}[name]
+    extra = sorted(k for k, v in call.kwargs.items() if k not in table_keywords and v not in
+                   (None, False))
+    if extra or len(call.args) > positional:
+        # weights, return_index/return_inverse (positions of records), density ...
+        how = f"{extra[0]}=" if extra else "these positional arguments"
+        return _unknown([provenance, other], f"{name} with {how} is not modelled")
     if name == "unique" and (call.kwargs.get("axis") is not None
                              or call.kwargs.get("dim") is not None):
         return _unknown([provenance, other], "unique along an axis is not modelled")

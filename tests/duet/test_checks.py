@@ -394,3 +394,21 @@ def test_provenance_of_a_filter_keeps_the_selected_records(lab: Lab) -> None:
     assert isinstance(mean, Aggregated) and mean.parts[0].n == 5
     transposed = lab.executor.lookup(lab.attr(Xs, "T")).provenance["X"]
     assert isinstance(transposed, Unknown)
+
+
+@pytest.mark.parametrize("build", [
+    lambda lab: lab.fn("numpy.mean", ages, where=lab.fn("operator.eq", ids, 7)),
+    lambda lab: lab.fn("numpy.sum", ages, initial=1e9),
+    lambda lab: lab.fn("numpy.sum", ages, None, None),
+    lambda lab: lab.fn("numpy.average", ages, weights=lab.fn("operator.eq", ids, 7)),
+    lambda lab: lab.fn("numpy.unique", ward, return_index=True),
+    lambda lab: lab.fn("numpy.unique", ward, return_inverse=True),
+    lambda lab: lab.fn("numpy.bincount", ward, lab.fn("operator.eq", ids, 7)),
+    lambda lab: lab.fn("numpy.histogram", ages, [0.0, 50.0, 100.0], None, False,
+                       lab.method(lab.fn("operator.eq", ids, 7), "astype", DTypeRef("float64"))),
+    lambda lab: lab.fn("numpy.dot", ages, lab.fn("operator.eq", ids, 7)),
+], ids=["mean-where", "sum-initial", "positional-extras", "weights", "unique-index",
+        "unique-inverse", "bincount-weights", "histogram-weights", "dot"])
+def test_reductions_with_arguments_that_pick_records_never_pass(lab: Lab, build: Any) -> None:
+    """``mean(x, where=id == 7)`` is patient 7's value, though it reads every row."""
+    assert lab.status(build(lab)) in ("review", "fail")
