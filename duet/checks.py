@@ -91,21 +91,43 @@ class History:
     """Record sets of earlier requests, per source, to catch differencing: two summaries
     over sets of records that differ by a few records reveal those records together.
 
-    Kept in the worker for the worker's lifetime (bounded: the newest ``limit`` sets per
-    source); a restarted worker starts empty (docs/disclosure.md, limits)."""
+    Each set is kept as a packed bit mask over the source's records (one bit per record),
+    the newest first, at most ``limit`` sets and ``max_bytes`` per source. Kept in the worker
+    for the worker's lifetime; a restarted worker starts empty (docs/disclosure.md)."""
 
-    def __init__(self, limit: int = 200) -> None:
-        self._sets: dict[str, deque[tuple[str, np.ndarray | None, int]]] = {}
+    def __init__(self, limit: int = 200, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._sets: dict[str, deque[tuple[str, bytes, int]]] = {}
         self.limit = limit
+        self.max_bytes = max_bytes
 
-    def earlier(self, source: str) -> list[tuple[str, np.ndarray | None, int]]:
+    def earlier(self, source: str) -> list[tuple[str, bytes, int]]:
         return list(self._sets.get(source, ()))
 
-    def add(self, request_id: str, source: str, rows: np.ndarray | None, total: int) -> None:
-        sets = self._sets.setdefault(source, deque(maxlen=self.limit))
-        if not any(r is rows or (r is not None and rows is not None and r.size == rows.size
-                                 and np.array_equal(r, rows)) for _, r, _ in sets):
-            sets.append((request_id, rows, total))
+    def add(self, request_id: str, source: str, mask: bytes, total: int) -> None:
+        room = max(1, min(self.limit, self.max_bytes // max(len(mask), 1)))
+        sets = self._sets.setdefault(source, deque(maxlen=room))
+        if any(known == mask for _, known, _ in sets):
+            return
+        if sets.maxlen != room:
+            sets = self._sets[source] = deque(sets, maxlen=room)
+        sets.appendleft((request_id, mask, total))
+
+
+def packed(rows: np.ndarray | None, total: int) -> bytes:
+    """A set of records as a bit mask over all ``total`` records."""
+    mask = np.ones(total, dtype=bool) if rows is None else np.zeros(total, dtype=bool)
+    if rows is not None:
+        mask[rows] = True
+    return np.packbits(mask).tobytes()
+
+
+_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def _difference(a: bytes, b: bytes) -> int:
+    """How many records are in one set and not the other."""
+    xor = np.bitwise_xor(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8))
+    return int(_BITS[xor].sum())
 
 
 def failed_value() -> list[Check]:
@@ -330,26 +352,27 @@ def _differencing(request_id: str, parts: list[tuple[str, Part]], setting: Any,
     """A summary over records that differ by fewer than the minimum from another summary
     (in this request or an earlier one) reveals the records in between."""
     close: list[dict[str, Any]] = []
-    own: list[tuple[str, str, np.ndarray | None, int]] = []
-    for name, part in parts:
-        if part.kind == "model":
-            continue
-        own.append((name, request_id, part.rows, part.total))
-    seen = list(own)
-    for name, _, rows, total in own:
-        candidates = [(name, *earlier) for earlier in history.earlier(name)] + [
-            c for c in seen if c[0] == name and c[2] is not rows]
+    own = [(name, packed(part.rows, part.total), part.total) for name, part in parts
+           if part.kind != "model"]
+    compared = 0
+    for index, (name, mask, total) in enumerate(own):
         limit = setting(name).min_count
-        for _, other_id, other, other_total in candidates:
-            if other_total != total:
+        candidates = [*history.earlier(name), *(
+            (request_id, other, t) for j, (n, other, t) in enumerate(own)
+            if n == name and j != index)]
+        nearest: tuple[int, str] | None = None
+        for other_id, other, other_total in candidates:
+            if other_total != total or len(other) != len(mask):
                 continue
-            differ = _difference(rows, other, total)
-            if 0 < differ < limit:
-                close.append({"source": name, "request": other_id, "differ_by": differ,
-                              "threshold": limit})
-                break
-    for name, rid, rows, total in own:
-        history.add(rid, name, rows, total)
+            compared += 1
+            differ = _difference(mask, other)
+            if 0 < differ < limit and (nearest is None or differ < nearest[0]):
+                nearest = (differ, other_id)
+        if nearest is not None:
+            close.append({"source": name, "request": nearest[1], "differ_by": nearest[0],
+                          "threshold": limit})
+    for name, mask, total in own:
+        history.add(request_id, name, mask, total)
     if close:
         first = close[0]
         where = ("another part of this value" if first["request"] == request_id
@@ -359,18 +382,7 @@ def _differencing(request_id: str, parts: list[tuple[str, Part]], setting: Any,
                      f"only {first['differ_by']}: together they could reveal those records",
                      {"overlaps": close[:MAX_LISTED]})
     return Check("differencing", "pass", "no earlier summary covers nearly the same records",
-                 {"compared": sum(len(history.earlier(n)) for n, *_ in own)})
-
-
-def _difference(a: np.ndarray | None, b: np.ndarray | None, total: int) -> int:
-    if a is None and b is None:
-        return 0
-    if a is None:
-        assert b is not None
-        return total - int(b.size)
-    if b is None:
-        return total - int(a.size)
-    return int(np.setxor1d(a, b, assume_unique=True).size)
+                 {"compared": compared})
 
 
 def _bounded(check: Check) -> Check:

@@ -181,7 +181,10 @@ class Executor:
             self._taint_written_inputs(call)
             value = _materialized(value)
             self._protect_result(value)
-            nbytes = self._account(op.result, value)
+            derived = call.derive(value)
+            # the record numbers provenance keeps count too (a mean over a selection holds
+            # them after the selection is freed)
+            nbytes = self._account(op.result, value, provenance.arrays(derived))
         except PolicyViolation as exc:
             return self._report(op, call, _Failure("PolicyViolation", str(exc)), policy=True)
         except _Failure as failure:
@@ -192,7 +195,7 @@ class Executor:
             return self._report(op, call, raised)
         self._entries[op.result] = Entry(value, call.text, nbytes,
                                          sources=frozenset(call.sources),
-                                         provenance=call.derive(value))
+                                         provenance=derived)
         self._footprints[op.result] = list(footprint(value))
         self._events.executed(call.operation, call.text, op.result)
         return None
@@ -426,9 +429,10 @@ class Executor:
                                                     enforce=False)
                 self._footprints[entry_id] = list(footprint(entry.value))
 
-    def _account(self, entry_id: int, value: Any) -> int:
+    def _account(self, entry_id: int, value: Any, extra: list[np.ndarray]) -> int:
         try:
-            return self._budget.account(entry_id, value, self._intervals)
+            held = (value, *extra) if extra else value
+            return self._budget.account(entry_id, held, self._intervals)
         except OverBudget as exc:
             raise _Failure(
                 "BudgetExceeded",

@@ -39,6 +39,7 @@ import numpy as np
 
 __all__ = [
     "DECLARED",
+    "arrays",
     "EMPTY",
     "Aggregated",
     "Call",
@@ -130,6 +131,21 @@ Provenance = Mapping[str, State]
 
 EMPTY: Provenance = {}
 DECLARED = Declared()
+
+
+def arrays(provenance: Provenance) -> list[np.ndarray]:
+    """The arrays a provenance holds (record numbers, per-cell evidence), so the owner's
+    memory budget counts them."""
+    found: list[np.ndarray] = []
+    for state in provenance.values():
+        if isinstance(state, Rows) and state.index is not None:
+            found.append(state.index)
+        elif isinstance(state, Aggregated):
+            for part in state.parts:
+                if part.rows is not None:
+                    found.append(part.rows)
+                found.extend(part.cells.values())
+    return found
 
 
 def state_of(provenance: Provenance, name: str) -> State:
