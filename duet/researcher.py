@@ -71,6 +71,16 @@ class ResearcherSession(Session):
     def torch(self) -> RemoteNamespace:
         return RemoteNamespace(self, "torch")
 
+    @property
+    def pd(self) -> RemoteNamespace:
+        """pandas on the owner's side: ``r.pd.crosstab``, ``r.pd.merge``, ``r.pd.cut`` ..."""
+        return RemoteNamespace(self, "pandas")
+
+    @property
+    def sklearn(self) -> RemoteNamespace:
+        """scikit-learn on the owner's side, e.g. ``r.sklearn.linear_model.LogisticRegression``."""
+        return RemoteNamespace(self, "sklearn")
+
     # -- PointerHost: what pointers ask of their session (any thread) ---------------------------
     def new_id(self) -> int:
         with self._id_lock:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checks, ipc
+from . import checks, ipc, tables
 from . import protocol as p
 from .errors import DuetError, ProtocolError
 from .executor import Executor, ExecutorEvents
@@ -125,6 +125,8 @@ class Worker:
         name = message["name"]
         if message["form"] == "memory":
             value = self._map(name, message)
+        elif message["form"] == "table":
+            value = self._map_table(name, message, pickle.loads(buffers[0]))
         else:  # anything else the owner shared, pickled by the owner's own kernel
             value = pickle.loads(buffers[0])
         self._executor.share(name, value)
@@ -155,6 +157,27 @@ class Worker:
             tensor = torch.from_numpy(array)
         torch_dtype = message.get("torch_dtype")
         return tensor.view(getattr(torch, torch_dtype)) if torch_dtype else tensor
+
+    def _map_table(self, name: str, message: dict[str, Any], parts: dict[str, Any]) -> Any:
+        """A table whose numeric columns lie in the kernel's sealed memory, mapped read-only."""
+        numeric: dict[int, np.ndarray] = {}
+        mapping = None
+        if message["nbytes"]:
+            fd = os.open(message["path"], os.O_RDONLY)
+            try:
+                mapping = mmap.mmap(fd, message["nbytes"], prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self._mappings[name] = mapping
+        for column in message["columns"]:
+            dtype = np.dtype(column["dtype"])
+            if mapping is None or column["length"] == 0:
+                array = np.empty(column["length"], dtype)
+                array.flags.writeable = False
+            else:
+                array = np.frombuffer(mapping, dtype, column["length"], column["offset"])
+            numeric[column["position"]] = array
+        return tables.assemble(numeric, parts)
 
     def _unshare(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
         self._executor.unshare(message["name"])
@@ -214,8 +237,11 @@ class Worker:
         except (ProtocolError, MemoryError) as exc:
             # Whether a value can be sent can depend on the data (a list too long for a
             # message, say): like any failure, it is the owner's to release.
-            is_module = type(entry.value).__module__.startswith("torch.nn")
-            hint = "a model's weights leave as model.state_dict()" if is_module else ""
+            module = type(entry.value).__module__
+            hint = ("a model's weights leave as model.state_dict()"
+                    if module.startswith("torch.nn") else
+                    "a fitted estimator's results leave as its attributes, e.g. model.coef_"
+                    if module.startswith("sklearn") else "")
             problem = f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
             self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
                                preview=f"failed: cannot be sent: {problem}",
@@ -273,6 +299,8 @@ def main(argv: list[str]) -> None:
     tempfile.gettempdir()  # found (and cached) while files may still be written: torch asks
     if settings.get("torch"):
         import torch  # noqa: F401  (imported before the limits: it maps a lot of memory)
+    # joblib (scikit-learn's) finds it cannot make process semaphores here, and says so
+    warnings.filterwarnings("ignore", message=".*joblib will operate in serial mode")
     _limit(settings.get("memory"))
     worker = Worker(sock, settings)
     threading.Thread(target=worker.read_forever, name="duet-worker-reader", daemon=True).start()
