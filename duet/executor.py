@@ -505,16 +505,17 @@ class _Call:
 
 
 def _learns(value: Any) -> bool:
-    """Whether changing ``value`` in place is learning: a torch module, an optimizer, or
-    trainable tensors (alone or in a list or dict)."""
+    """Whether changing ``value`` in place is learning: a torch module, an optimizer,
+    trainable tensors (alone or in a list or dict), a scikit-learn estimator."""
     torch = sys.modules.get("torch")
-    if torch is None:
-        return False
     items = list(value.values()) if isinstance(value, dict) else (
         value if isinstance(value, (list, tuple)) else [value])
     return bool(items) and all(
-        isinstance(item, (torch.nn.Module, torch.optim.Optimizer))
-        or (isinstance(item, torch.Tensor) and item.requires_grad) for item in items)
+        type(item).__module__.startswith("sklearn.")
+        or (torch is not None and (
+            isinstance(item, (torch.nn.Module, torch.optim.Optimizer))
+            or (isinstance(item, torch.Tensor) and item.requires_grad)))
+        for item in items)
 
 
 def _materialized(value: Any) -> Any:

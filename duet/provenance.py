@@ -156,6 +156,8 @@ def state_of(provenance: Provenance, name: str) -> State:
 # -- shared objects ---------------------------------------------------------------------------
 def records_of(value: Any) -> int | None:
     """The number of records of a shared value (rows of axis 0), or None if it has none."""
+    if is_frame(value):
+        return int(len(value))
     shape = getattr(value, "shape", None)
     if isinstance(shape, tuple) and shape and isinstance(value, np.ndarray):
         return int(shape[0])
@@ -193,17 +195,19 @@ _IDENTITY = frozenset("""
 # Reshaping that keeps axis 0 when its length is unchanged (C or F order alike).
 _RESHAPE = frozenset("""reshape ravel flatten squeeze view reshape_as view_as unsqueeze
     expand_dims expand expand_as atleast_2d broadcast_to""".split())
-_MAGNITUDE = frozenset("sum nansum mean nanmean average std var nanstd nanvar".split())
-_SPREAD = frozenset("std var nanstd nanvar".split())
-_FREQUENCY = frozenset("count_nonzero any all".split())
+_MAGNITUDE = frozenset("sum nansum mean nanmean average std var nanstd nanvar sem".split())
+_SPREAD = frozenset("std var nanstd nanvar sem".split())
+_FREQUENCY = frozenset("count_nonzero any all count_nonnull".split())
 _ORDER = frozenset("""min max amin amax nanmin nanmax median nanmedian percentile quantile
-    nanpercentile nanquantile ptp argmin argmax nanargmin nanargmax topk kthvalue""".split())
-_STATISTIC = frozenset("""corrcoef cov mse_loss cross_entropy nll_loss binary_cross_entropy
+    nanpercentile nanquantile ptp argmin argmax nanargmin nanargmax topk kthvalue describe
+    mode idxmin idxmax""".split())
+_STATISTIC = frozenset("""corrcoef cov skew kurt nunique corr prod mse_loss cross_entropy
+    nll_loss binary_cross_entropy
     binary_cross_entropy_with_logits l1_loss smooth_l1_loss kl_div logsumexp norm""".split())
 # Arguments of a reduction that do not change which records count; any other (where=,
 # initial=, weights=, ...) makes the result unknown.
 _REDUCTION_KEYWORDS = frozenset("""axis dim keepdims keepdim dtype ddof correction unbiased
-    reduction rowvar bias method""".split())
+    reduction rowvar bias method numeric_only skipna min_count""".split())
 _QUANTILES = frozenset("""percentile quantile nanpercentile nanquantile topk kthvalue""".split())
 _LENGTH_ATTRIBUTES = frozenset("shape size nbytes numel".split())
 _METADATA = frozenset("ndim dtype itemsize device requires_grad is_leaf dim training".split())
@@ -252,6 +256,10 @@ def _derive(call: Call, value: Any, inputs: list[Provenance],
     operation = call.operation
     name = operation.rsplit(".", 1)[-1]
     family = operation.split(".", 1)[0]
+    if family in _TABLE_FAMILIES or operation.startswith(("pandas.", "sklearn.")):
+        modelled = _table_rule(call, name, family, value, inputs, provenance_of)
+        if modelled is not None:
+            return modelled
     if name in _METADATA and (call.method or family in ("ndarray", "Tensor", "Module")):
         return {source: DECLARED for source in _names(inputs)}
     if operation == "operator.getitem" or name in ("take", "masked_select", "extract",
@@ -392,6 +400,8 @@ def _merge(inputs: list[Provenance]) -> Provenance:
 
 def _check_alignment(provenance: Provenance, value: Any) -> Provenance:
     """Keep a row alignment only where the value's axis 0 has the length it claims."""
+    if _is_groupby(value):
+        return provenance  # the groups of those rows, until a reduction per group
     length = _length_of(value)
     changed = None
     for name, state in provenance.items():
@@ -402,6 +412,9 @@ def _check_alignment(provenance: Provenance, value: Any) -> Provenance:
 
 
 def _length_of(value: Any) -> int | None:
+    pd = _pandas()
+    if pd is not None and isinstance(value, (pd.DataFrame, pd.Series, pd.Index)):
+        return int(len(value))
     if isinstance(value, np.ndarray) or _is_tensor(value):
         return int(value.shape[0]) if value.ndim else None
     if isinstance(value, list):
@@ -436,6 +449,9 @@ def _getitem(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
     rest_provenance = _merge(_collect(rest, {}, provenance_of))
     ndim = getattr(target, "ndim", None)
     selector = _selector(rows_key, ndim)
+    if _names_columns(rows_key) and not rest and (
+            _is_groupby(target) or (is_frame(target) and target.ndim == 2)):
+        selector = slice(None)  # df["age"], df[["age", "bmi"]]: columns, every row
     if any(item is None or item is Ellipsis for item in rest):
         selector = None
     result: dict[str, State] = {}
@@ -476,6 +492,8 @@ def _selector(key: Any, ndim: int | None) -> Any:
         return None
     if _is_tensor(key):
         key = key.detach().cpu().numpy()
+    if is_frame(key) and key.ndim == 1:
+        key = key.to_numpy()
     if isinstance(key, list) and len(key) <= 1_000_000:
         try:
             key = np.asarray(key)
@@ -495,6 +513,11 @@ class _Mask:
 
     positions: np.ndarray
     size: int
+
+
+def _names_columns(key: Any) -> bool:
+    return isinstance(key, str) or (isinstance(key, list) and bool(key)
+                                    and all(isinstance(k, str) for k in key))
 
 
 def _select(state: Rows, selector: Any) -> State:
@@ -572,10 +595,12 @@ def _over_records(axis: Any, ndim: int) -> bool:
     if axis is None:
         return True
     axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    named = {"index": 0, "rows": 0, "columns": 1}
     try:
-        return any(int(a) % max(ndim, 1) == 0 for a in axes)
+        return any(int(named.get(a, a) if isinstance(a, str) else a) % max(ndim, 1) == 0
+                   for a in axes)
     except (TypeError, ValueError):
-        return True
+        return False  # an axis we cannot read: treated as row-wise (record-level)
 
 
 def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> Provenance:
@@ -600,6 +625,8 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
         axis: Any = None
     else:
         axis = _axis(call, name)
+        if axis is None and is_frame(data) and name not in ("describe",):
+            axis = 0  # pandas reduces each column unless told otherwise
     if not _over_records(axis, ndim):
         return _merge([provenance, other])  # row-wise: still one result per record
     kind = ("magnitude" if name in _MAGNITUDE else "frequency" if name in _FREQUENCY
@@ -626,6 +653,8 @@ def _part(kind: str, state: Rows, cells: Mapping[str, np.ndarray], name: str) ->
 
 
 def _numeric(data: Any) -> np.ndarray:
+    if is_frame(data):
+        return _numeric_frame(data)
     if _is_tensor(data):
         data = data.detach().cpu()
         if str(data.dtype) == "torch.bfloat16":
@@ -642,6 +671,8 @@ def _cells(data: Any, name: str, kind: str, axis: Any) -> dict[str, np.ndarray]:
     array = _numeric(data)
     if array.ndim == 0 or array.dtype.kind not in "biuf":
         return {}
+    if name == "count_nonnull":  # pandas' count: the records that are not missing
+        array = ~np.isnan(array.astype(np.float64, copy=False))
     n = array.shape[0]
     matrix = array.reshape(n, -1)
     if axis is None and matrix.shape[1] > 1:
@@ -891,6 +922,301 @@ def _union_models(parts: tuple[Part, ...], new: Part) -> tuple[Part, ...]:
         rows = np.union1d(old.rows, new.rows)
     n = old.total if rows is None else int(rows.size)
     return (*others, Part("model", rows, old.total, n, {}, "training"))
+
+
+# -- pandas and scikit-learn ------------------------------------------------------------------
+_TABLE_FAMILIES = frozenset({"DataFrame", "Series", "Index", "GroupBy", "StringMethods",
+                             "Datetimelike", "CategoricalAccessor", "Estimator"})
+# Row-wise on a table: one result row per input row (alignment re-checked by length).
+_TABLE_ROWWISE = frozenset("""isna notna isnull notnull isin between fillna ffill bfill
+    convert_dtypes replace mask round clip abs astype to_numpy to_list tolist to_frame copy
+    rename assign get_dummies select_dtypes drop filter get reset_index set_index rank shift
+    diff pct_change cumsum cumprod cummax cummin radd rsub rmul rdiv truediv floordiv mod pow
+    add sub mul div eq ne lt le gt ge where index values squeeze map isnull""".split())
+_TABLE_ORDER = frozenset("""median min max quantile describe mode idxmin idxmax nlargest
+    nsmallest first last""".split())
+_TABLE_STATISTIC = frozenset("skew kurt corr cov nunique".split())
+_TABLE_MAGNITUDE = frozenset("sum mean std var sem".split())
+_TABLE_KEYWORDS = frozenset("axis numeric_only skipna min_count ddof".split())
+_ESTIMATOR_PARAMETERS = frozenset("coef_ intercept_ feature_importances_".split())
+_FIT = frozenset("fit partial_fit".split())
+_FIT_ROWS = frozenset("fit_transform fit_predict".split())
+_PREDICT = frozenset("""predict predict_proba predict_log_proba decision_function transform
+    inverse_transform""".split())
+_GROUP_MAGNITUDE = frozenset("sum mean std var sem".split())
+_GROUP_COUNTS = frozenset("size count".split())
+
+
+def _pandas() -> Any:
+    return sys.modules.get("pandas")
+
+
+def is_frame(value: Any) -> bool:
+    pd = _pandas()
+    return pd is not None and isinstance(value, (pd.DataFrame, pd.Series))
+
+
+def _is_groupby(value: Any) -> bool:
+    pd = _pandas()
+    return pd is not None and isinstance(value, pd.core.groupby.GroupBy)
+
+
+def _table_rule(call: Call, name: str, family: str, value: Any, inputs: list[Provenance],
+                provenance_of: ProvenanceOf) -> Provenance | None:
+    """The pandas and scikit-learn operations provenance models; None: not one of them."""
+    operation = call.operation
+    if family == "GroupBy":
+        return _grouped(call, name, value, provenance_of)
+    if family == "Estimator":
+        target = _first(call, provenance_of)
+        data = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
+        if name in _FIT:
+            return modified(target, data, trained=True)
+        if name in _FIT_ROWS or name in _PREDICT:
+            trained = modified(target, data, trained=True) if name in _FIT_ROWS else target
+            return _merge([trained, data])  # one result per input row: record-level
+        if name in _ESTIMATOR_PARAMETERS:
+            return target
+        return _unknown(inputs, f"{operation} is not modelled")
+    if family in ("DataFrame", "Series"):
+        if name in _LENGTH_ATTRIBUTES or name == "ndim":
+            return None  # the generic rules: lengths are counts, ndim is declared
+        if name == "empty":
+            return _length(_first(call, provenance_of))
+        if name in ("dtype", "dtypes", "columns", "name", "names"):
+            # labels of a derived table can be values (get_dummies, value_counts)
+            return _unknown(inputs, f"the {name} of a derived table are data")
+        if name == "groupby":
+            return _group(call, provenance_of)
+        if name == "value_counts" or (name == "unique" and family == "Series"):
+            return _value_counts(call, name, provenance_of)
+        if name == "dropna":
+            return _dropna(call, provenance_of)
+        if name in ("count",):
+            return _reduce(call, "count_nonnull", value, provenance_of)
+        if name in _TABLE_MAGNITUDE or name in _TABLE_ORDER or name in _TABLE_STATISTIC \
+                or name in ("any", "all", "prod"):
+            return _reduce(call, name, value, provenance_of)
+        if name in _TABLE_ROWWISE:
+            return _merge(inputs)
+        if name in ("T", "transpose"):
+            return None  # the generic rule: rows move off axis 0
+        return _unknown(inputs, f"{operation} is not modelled")
+    if operation == "pandas.crosstab":
+        return _crosstab(call, value, provenance_of)
+    if operation in ("pandas.get_dummies", "pandas.isna", "pandas.notna", "pandas.to_numeric",
+                     "pandas.Series", "pandas.DataFrame"):
+        return _merge(inputs) if len(call.args) <= 1 else _unknown(
+            inputs, f"{operation} with these arguments is not modelled")
+    if operation == "pandas.cut":
+        bins = call.kwargs.get("bins", call.args[1] if len(call.args) > 1 else None)
+        if isinstance(bins, (list, tuple, np.ndarray)):
+            return _merge(inputs)
+        return _unknown(inputs, "cut with bins placed by the data")
+    if operation.startswith(("pandas.", "sklearn.")):
+        return _unknown(inputs, f"{operation} is not modelled")
+    return None
+
+
+def _group(call: Call, provenance_of: ProvenanceOf) -> Provenance:
+    """``df.groupby(key)``: the groups of these rows (kept row-aligned until reduced)."""
+    inputs = _collect(call.args, call.kwargs, provenance_of)
+    allowed = {"by", "sort", "dropna", "observed", "as_index"}
+    if len(call.args) > 2 or set(call.kwargs) - allowed:
+        return _unknown(inputs, "groupby with these arguments is not modelled")
+    return _merge(inputs)
+
+
+def _grouped(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> Provenance:
+    """A reduction per group: one cell per group (and column), each checked on its own."""
+    group = call.args[0] if call.args else None
+    provenance = _first(call, provenance_of)
+    inputs = _collect(call.args, call.kwargs, provenance_of)
+    if name in ("agg", "aggregate") and len(call.args) == 2 and not call.kwargs:
+        names = call.args[1] if isinstance(call.args[1], (list, tuple)) else [call.args[1]]
+        if all(isinstance(n, str) for n in names):
+            kinds = {"magnitude" if n in _GROUP_MAGNITUDE else "table" if n in _GROUP_COUNTS
+                     else "order" for n in names}
+            name = ("order" if "order" in kinds else "sum" if "magnitude" in kinds
+                    else "count")
+    if name == "transform" or name in ("rank", "shift", "diff", "cumsum", "cumcount",
+                                       "cummax", "cummin", "ngroup"):
+        return _merge(inputs)  # one value per row: record-level
+    if name in ("size", "count"):
+        kind = "table"
+    elif name in _GROUP_MAGNITUDE:
+        kind = "magnitude"
+    elif name in ("min", "max", "median", "first", "last", "quantile", "describe",
+                  "nunique", "idxmin", "idxmax", "order", "head", "tail", "value_counts"):
+        kind = "order" if name not in ("head", "tail") else "rows"
+    else:
+        return _unknown(inputs, f"GroupBy.{name} is not modelled")
+    if kind == "rows" or (set(call.kwargs) - _TABLE_KEYWORDS):
+        return _unknown(inputs, f"GroupBy.{name} with these arguments is not modelled")
+    result: dict[str, State] = {}
+    cells: dict[str, np.ndarray] | None = None
+    for source, state in provenance.items():
+        if not isinstance(state, Rows) or state.single or not state.distinct:
+            result[source] = state if not isinstance(state, Rows) else Unknown(
+                "grouped records that are not distinct")
+            continue
+        if cells is None:
+            cells = _group_cells(group, kind, name, value)
+        records = state.records()
+        n = state.total if records is None else int(records.size)
+        result[source] = Aggregated((Part(kind, records, state.total, n, cells,
+                                          f"{name} per group"),))
+    other = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
+    return _merge([result, other]) if other else result
+
+
+def _group_cells(group: Any, kind: str, name: str, value: Any) -> dict[str, np.ndarray]:
+    codes = np.asarray(group.ngroup(), dtype=np.int64)
+    groups = int(codes.max()) + 1 if codes.size else 0
+    kept = codes >= 0  # rows whose key is missing belong to no group
+    sizes = np.bincount(codes[kept], minlength=groups)
+    if kind == "table":
+        if name == "count":
+            counts = _numeric_frame(value)
+            return {"counts": counts.astype(np.int64)} if counts.dtype.kind in "iuf" else {}
+        return {"counts": sizes.astype(np.int64)}
+    if kind == "order":
+        return {"n": sizes.astype(np.int64)}
+    frame = group.obj
+    pd = _pandas()
+    columns = [frame] if isinstance(frame, pd.Series) else [
+        frame[c] for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c].dtype)]
+    keys = getattr(group, "keys", None)
+    if isinstance(keys, str) and not isinstance(frame, pd.Series):
+        columns = [frame[c] for c in frame.columns
+                   if c != keys and pd.api.types.is_numeric_dtype(frame[c].dtype)]
+    if len(columns) * max(groups, 1) > MAX_CELLS or not columns:
+        return {}
+    parts: dict[str, list[np.ndarray]] = {"n": [], "total": [], "top1": [], "top2": [],
+                                           "two_valued": [], "indicator": [], "counts": []}
+    for column in columns:
+        values = np.asarray(column.to_numpy(dtype=np.float64, na_value=np.nan))
+        for key, array in _group_column(codes, kept, groups, values, name).items():
+            parts[key].append(array)
+    cells = {key: np.concatenate(arrays, axis=-1) for key, arrays in parts.items()}
+    return cells
+
+
+def _group_column(codes: np.ndarray, kept: np.ndarray, groups: int, values: np.ndarray,
+                  name: str) -> dict[str, np.ndarray]:
+    valid = kept & ~np.isnan(values)
+    codes, values = codes[valid], values[valid]
+    n = np.bincount(codes, minlength=groups)
+    if name in ("std", "var", "sem"):
+        means = np.bincount(codes, weights=values, minlength=groups) / np.maximum(n, 1)
+        contributions = (values - means[codes]) ** 2
+    else:
+        contributions = np.abs(values)
+    contributions = np.where(np.isfinite(contributions), contributions, 0.0)
+    total = np.bincount(codes, weights=contributions, minlength=groups)
+    order = np.lexsort((-contributions, codes))
+    ordered_codes, ordered = codes[order], contributions[order]
+    starts = np.searchsorted(ordered_codes, np.arange(groups))
+    present = n > 0
+    top1 = np.where(present, ordered[np.minimum(starts, max(ordered.size - 1, 0))]
+                    if ordered.size else 0.0, 0.0)
+    second = np.minimum(starts + 1, max(ordered.size - 1, 0))
+    top2 = np.where(n > 1, ordered[second] if ordered.size else 0.0, 0.0)
+    distinct = np.unique(values[:256])
+    if distinct.size <= 2:
+        distinct = np.unique(values)
+    two_valued = np.full(groups, distinct.size <= 2)
+    indicator = two_valued & bool(np.isin(distinct, (0.0, 1.0)).all())
+    first = distinct[0] if distinct.size else 0.0
+    if indicator.any():
+        ones = np.bincount(codes, weights=(values == 1.0), minlength=groups)
+    else:
+        ones = n - np.bincount(codes, weights=(values == first), minlength=groups)
+    counts = np.stack([ones, n - ones]).astype(np.int64) if indicator.any() else np.stack(
+        [n - ones, ones]).astype(np.int64)
+    return {"n": n.astype(np.int64), "total": total, "top1": top1, "top2": top2,
+            "two_valued": two_valued, "indicator": indicator, "counts": counts}
+
+
+def _value_counts(call: Call, name: str, provenance_of: ProvenanceOf) -> Provenance:
+    """``s.value_counts()``, ``s.unique()``: one cell per distinct value (or row)."""
+    data = call.args[0]
+    provenance = _first(call, provenance_of)
+    inputs = _collect(call.args, call.kwargs, provenance_of)
+    allowed = {"normalize", "sort", "ascending", "dropna", "subset"}
+    if len(call.args) > 1 or set(call.kwargs) - allowed:
+        return _unknown(inputs, f"{name} with these arguments is not modelled")
+    result: dict[str, State] = {}
+    counts: np.ndarray | None = None
+    for source, state in provenance.items():
+        if not isinstance(state, Rows) or state.single or not state.distinct:
+            result[source] = state if not isinstance(state, Rows) else Unknown(
+                f"{name} of records that are not distinct")
+            continue
+        if counts is None:
+            dropna = bool(call.kwargs.get("dropna", name != "unique"))
+            found = data.value_counts(dropna=dropna)
+            counts = np.asarray(found.to_numpy(), dtype=np.int64)
+            if counts.size > MAX_CELLS:
+                raise ValueError("too many cells")
+        records = state.records()
+        n = state.total if records is None else int(records.size)
+        result[source] = Aggregated((Part("table", records, state.total, n,
+                                          {"counts": counts}, name),))
+    return _merge([result, *[p for p in inputs[1:]]]) if len(inputs) > 1 else result
+
+
+def _dropna(call: Call, provenance_of: ProvenanceOf) -> Provenance:
+    """``dropna()``: the rows without missing values (a filter by the data)."""
+    data = call.args[0]
+    inputs = _collect(call.args, call.kwargs, provenance_of)
+    axis = call.kwargs.get("axis", 0)
+    if len(call.args) > 1 or axis not in (0, "index", "rows") or \
+            set(call.kwargs) - {"axis", "how", "subset", "ignore_index"}:
+        return _unknown(inputs, "dropna with these arguments is not modelled")
+    missing = data.isna()
+    if hasattr(missing, "columns"):
+        subset = call.kwargs.get("subset")
+        if subset is not None:
+            missing = missing[list(subset) if isinstance(subset, (list, tuple)) else [subset]]
+        missing = missing.all(axis=1) if call.kwargs.get("how") == "all" else missing.any(
+            axis=1)
+    keep = _Mask(np.flatnonzero(~np.asarray(missing, dtype=bool)), len(data))
+    result: dict[str, State] = {}
+    for source, state in _first(call, provenance_of).items():
+        result[source] = _select(state, keep) if isinstance(state, Rows) and not \
+            state.single else state
+    return result
+
+
+def _crosstab(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
+    """``pd.crosstab(a, b)``: a table of counts, one cell per pair of values."""
+    inputs = _collect(call.args, call.kwargs, provenance_of)
+    allowed = {"margins", "dropna", "rownames", "colnames", "margins_name"}
+    if len(call.args) > 2 or set(call.kwargs) - allowed:
+        return _unknown(inputs, "crosstab with values, aggfunc or normalize is not modelled")
+    merged = _merge(inputs)
+    counts = _numeric_frame(value).reshape(-1)
+    if counts.size > MAX_CELLS:
+        return _unknown(inputs, "a table with too many cells")
+    result: dict[str, State] = {}
+    for source, state in merged.items():
+        if not isinstance(state, Rows) or state.single or not state.distinct:
+            result[source] = state if not isinstance(state, Rows) else Unknown(
+                "crosstab of records that are not distinct")
+            continue
+        records = state.records()
+        n = state.total if records is None else int(records.size)
+        result[source] = Aggregated((Part("table", records, state.total, n,
+                                          {"counts": counts.astype(np.int64)}, "crosstab"),))
+    return result
+
+
+def _numeric_frame(value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value.to_numpy(dtype=np.float64, na_value=np.nan))
+    except (TypeError, ValueError, AttributeError):
+        return np.empty(0, dtype=object)
 
 
 # -- small things -------------------------------------------------------------------------
