@@ -77,6 +77,7 @@ class CheckSettings:
     nk_k: float = 0.9
     p_ratio: float = 0.1
     dof_ratio: float = 0.33
+    rows_declared: bool = True  # the owner listed the row count (declare_rows=)
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_count, int) or isinstance(self.min_count, bool) \
@@ -159,6 +160,12 @@ def _evaluate(request_id: str, provenance: Provenance, sources: Iterable[str], e
     rows = {n: s for n, s in states.items() if isinstance(s, Rows)}
     if rows:
         checks.append(_record_level(rows))
+    hidden = [n for n, s in states.items() if isinstance(s, Declared) and s.what == "rows"
+              and not settings.get(n, DEFAULT_SETTINGS).rows_declared]
+    if hidden:
+        checks.append(Check("row_count", "review",
+                            f"reveals how many records {hidden[0]!r} has, which the owner did "
+                            "not declare", {"sources": hidden}))
     parts = [(name, part) for name, state in states.items() if isinstance(state, Aggregated)
              for part in state.parts]
     if parts:

@@ -123,7 +123,8 @@ class OwnerSession(Session):
         entry = (tables.declare(obj, name, description, tuple(tags), declare_rows)
                  if tables.is_table(obj) else _declare(obj, name, description, tuple(tags)))
         message, buffers, sealed = prepare_share(obj)
-        prepared = ({**message, "checks": {"min_count": settings.min_count}}, buffers, sealed)
+        prepared = ({**message, "checks": {"min_count": settings.min_count,
+                                           "rows_declared": declare_rows}}, buffers, sealed)
         with self._worker_lock:
             old = self._share_messages.pop(name, None)
             self._share_messages[name] = prepared

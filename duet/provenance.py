@@ -39,6 +39,7 @@ import numpy as np
 
 __all__ = [
     "DECLARED",
+    "ROW_COUNT",
     "arrays",
     "EMPTY",
     "Aggregated",
@@ -117,7 +118,10 @@ class Aggregated:
 
 @dataclass(frozen=True, eq=False)
 class Declared:
-    """Reveals nothing beyond the owner's declared metadata."""
+    """Reveals nothing beyond the owner's declared metadata; ``what="rows"``: the number of
+    all the source's records (declared for arrays, optional for tables)."""
+
+    what: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,6 +135,7 @@ Provenance = Mapping[str, State]
 
 EMPTY: Provenance = {}
 DECLARED = Declared()
+ROW_COUNT = Declared("rows")
 
 
 def arrays(provenance: Provenance) -> list[np.ndarray]:
@@ -371,7 +376,7 @@ def merge_states(states: list[State]) -> State:
     parts = tuple(p for s in states if isinstance(s, Aggregated) for p in s.parts)
     if parts:
         return Aggregated(_dedupe(parts))
-    return DECLARED
+    return next((s for s in states if isinstance(s, Declared) and s.what), DECLARED)
 
 
 def _dedupe(parts: tuple[Part, ...]) -> tuple[Part, ...]:
@@ -557,7 +562,7 @@ def _length(provenance: Provenance) -> Provenance:
     for name, state in provenance.items():
         if isinstance(state, Rows) and not state.single:
             if state.index is None:
-                result[name] = DECLARED
+                result[name] = ROW_COUNT
             else:
                 records = state.records()
                 n = state.total if records is None else int(records.size)

@@ -182,3 +182,28 @@ def test_raw_ops_cannot_smuggle_provenance(pair: Pair) -> None:
     assert whole.check_status == "fail" and whole.status == "pending"
     assert failed.failed and failed.check_status == "review" and failed.status == "pending"
     assert owner.connected
+
+
+def test_an_owner_away_lets_safe_table_results_through(pair: Pair) -> None:
+    """The owner sets rules and steps away: group means come back, a mean over five
+    patients and the raw rows are refused with the check that failed."""
+    import pandas as pd
+
+    owner, researcher = pair
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"age": np.r_[[95.0, 96.0, 97.0, 98.0, 99.0],
+                                       rng.uniform(20, 80, 195)],
+                          "ward": np.repeat(["a", "b", "c", "d"], 50),
+                          "bmi": rng.normal(25, 4, 200)})
+    owner.share(frame, name="patients", description="a clinical extract")
+    owner.requests.add_rule("approve", checks="pass")
+    owner.requests.add_rule("deny", checks="fail")
+    patients = researcher.store.wait_for("patients", 10)
+    means = patients.groupby("ward")["bmi"].mean().get("BMI by ward", timeout=60)
+    assert isinstance(means, pd.Series)
+    assert means.to_dict() == pytest.approx(frame.groupby("ward")["bmi"].mean().to_dict())
+    with pytest.raises(duet.RequestDenied, match="min_count"):
+        patients[patients["age"] > 90]["bmi"].mean().get("BMI of the oldest", timeout=60)
+    with pytest.raises(duet.RequestDenied, match="record_level"):
+        patients.get("the rows", timeout=60)
+    assert [r.decided_by.startswith("rule:") for r in owner.requests] == [True] * 3

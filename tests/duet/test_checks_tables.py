@@ -157,3 +157,15 @@ def test_estimator_attributes_that_hold_records_are_not_parameters(lab: Lab) -> 
     scaler = lab.fn("sklearn.preprocessing.MinMaxScaler")
     lab.method(scaler, "fit", X)
     assert lab.status(lab.attr(scaler, "data_max_")) == "review"
+
+
+def test_the_row_count_is_for_review_when_the_owner_hid_it() -> None:
+    from duet.checks import CheckSettings
+
+    hidden = Lab(patients=CheckSettings(rows_declared=False))
+    hidden.executor.share("patients", PATIENTS)
+    found = hidden.checks(hidden.attr(patients, "shape"))
+    assert found["row_count"].status == "review"
+    declared = Lab()
+    declared.executor.share("patients", PATIENTS)
+    assert declared.status(declared.attr(patients, "shape")) == "pass"
