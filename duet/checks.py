@@ -31,6 +31,7 @@ __all__ = [
     "CheckSettings",
     "History",
     "Status",
+    "dp_release",
     "evaluate",
     "failed_value",
     "worst",
@@ -129,6 +130,15 @@ def _difference(a: bytes, b: bytes) -> int:
     """How many records are in one set and not the other."""
     xor = np.bitwise_xor(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8))
     return int(_BITS[xor].sum())
+
+
+def dp_release(statistic: str, epsilon: float, delta: float) -> list[Check]:
+    """A differentially private release: the noise, not output checking, bounds what it
+    reveals about any one record; its cost is in the owner's budget ledger."""
+    return [Check("differential_privacy", "pass",
+                  f"a differentially private {statistic} (epsilon {epsilon:.3g}): its noise "
+                  "bounds what it reveals about any one record",
+                  {"statistic": statistic, "epsilon": epsilon, "delta": delta})]
 
 
 def failed_value() -> list[Check]:

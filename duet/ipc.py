@@ -32,6 +32,7 @@ __all__ = [
     "MAX_BUFFERS",
     "MAX_EVIDENCE_CHARS",
     "CheckResult",
+    "DPQuote",
     "Done",
     "Ready",
     "Released",
@@ -169,6 +170,17 @@ class CheckResult(_Model):
         if len(text) > MAX_EVIDENCE_CHARS:
             raise ValueError(f"check evidence longer than {MAX_EVIDENCE_CHARS} characters")
         return evidence
+class DPQuote(_Model):
+    """A DP release as the owner sees it (``duet.dp.Quote``); the kernel checks the cost
+    against what it reserved itself."""
+
+    statistic: Annotated[str, Field(max_length=40)]
+    source: Annotated[str, Field(max_length=200)]
+    epsilon: float
+    delta: float
+    mechanism: Annotated[str, Field(max_length=500)]
+    scale: Annotated[str, Field(max_length=500)]
+    accuracy: Annotated[str, Field(max_length=500)]
 
 
 class Snapshot(_Model):
@@ -192,6 +204,7 @@ class Snapshot(_Model):
     inline: bool = False  # the encoded decision travels with this message
     # disclosure checks on the frozen value (none: the kernel treats it as "review")
     checks: list[CheckResult] = Field(default_factory=list, max_length=32)
+    dp: DPQuote | None = None  # the value is a DP release (its noise already drawn)
 
 
 class RequestFailed(_Model):

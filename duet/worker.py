@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from . import checks, ipc, tables
+from . import checks, ipc, lineage, tables
 from . import protocol as p
-from .errors import DuetError, ProtocolError
+from .dp import Derivations, DPQuery, is_dp_op, parse_op
+from .errors import DuetError, PolicyViolation, ProtocolError
 from .executor import Executor, ExecutorEvents
 from .policy import Allowlist
 from .snapshot import Frozen, freeze
@@ -79,6 +80,9 @@ class Worker:
         self._mappings: dict[str, mmap.mmap] = {}
         self._check_settings: dict[str, checks.CheckSettings] = {}
         self._history = checks.History()  # record sets of earlier requests (differencing)
+        # DP-shared names -> the owner's declaration; which objects derive from them
+        self._dp_specs: dict[str, dict[str, Any]] = {}
+        self._derivations = Derivations(self._dp_specs)
 
     # -- plumbing ---------------------------------------------------------------------------
     def send(self, header: bytes, buffers: list[memoryview] | tuple[()] = ()) -> None:
@@ -131,6 +135,10 @@ class Worker:
             value = pickle.loads(buffers[0])
         self._executor.share(name, value)
         self._check_settings[name] = checks.CheckSettings(**message.get("checks", {}))
+        if message.get("dp") is not None:
+            self._dp_specs[name] = message["dp"]
+        else:
+            self._dp_specs.pop(name, None)
         self._done()
 
     def _map(self, name: str, message: dict[str, Any]) -> Any:
@@ -181,6 +189,7 @@ class Worker:
 
     def _unshare(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
         self._executor.unshare(message["name"])
+        self._dp_specs.pop(message["name"], None)
         self._done()
 
     def _allowlist(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
@@ -197,15 +206,86 @@ class Worker:
         decoded = p.decode(bytes(buffers[0]), buffers[1:])
         if isinstance(decoded, p.Ops):
             for op in decoded.ops:
-                self._executor.execute(op)
+                if is_dp_op(op):
+                    self._dp_op(op)
+                elif self._executor.execute(op) is None and self._unmodified(op):
+                    self._derivations.observe(op)
             self._done(self._executor.shared_modified())
         elif isinstance(decoded, p.Free):
             self._executor.free(decoded.ids)
+            self._derivations.forget(decoded.ids)
             self._done()
         elif isinstance(decoded, p.RequestValue):
             self._snapshot(decoded)
         else:
             raise ProtocolError(f"the worker does not handle {decoded.type!r}")
+
+    def _unmodified(self, op: p.Op) -> bool:
+        """Whether no object the op read was changed in place (``put``, ``sort``, through a
+        view ...): a changed object may hold any rows, so it and what it makes lose their
+        DP mark."""
+        changed = []
+        for ref in (op.target, *op.args, *op.kwargs.values()):
+            if isinstance(ref, p.PointerRef):
+                try:
+                    if self._executor.lookup(ref).modified_by:
+                        changed.append(ref.id)
+                except DuetError:
+                    changed.append(ref.id)
+        self._derivations.forget(changed)
+        return not changed
+
+    def _sources_of(self, op: p.Op) -> frozenset[str]:
+        found: set[str] = set()
+        for ref in (*op.args, *op.kwargs.values()):
+            if isinstance(ref, (p.PointerRef, p.StoreRef)):
+                try:
+                    found |= self._executor.lookup(ref).sources
+                except DuetError:
+                    pass
+        return frozenset(found)
+
+    def _dp_op(self, op: p.Op) -> None:
+        """A ``dp.*`` statistic: checked like the kernel checked it, then kept as a lazy
+        ``DPQuery`` over a private copy of its input. Nothing is computed until the kernel,
+        having reserved the cost, asks for the value."""
+        try:
+            spec = parse_op(op, self._derivations)
+        except PolicyViolation as exc:  # a failure derived from its inputs: their sources
+            self._executor.refuse(op, str(exc), self._sources_of(op))
+            return
+        sources = frozenset({spec.source})
+        inputs: list[Any] = []
+        for object_id in (spec.input_id, spec.by_id):
+            if object_id is None:
+                inputs.append(None)
+                continue
+            ref = (p.PointerRef(object_id) if isinstance(object_id, int)
+                   else p.StoreRef(object_id))
+            try:
+                entry = self._executor.lookup(ref)
+            except DuetError as exc:
+                self._executor.refuse(op, str(exc), sources, error_type="UnknownObject")
+                return
+            if entry.failure is not None or entry.modified_by:
+                why = "failed" if entry.failure is not None else "was modified in place"
+                self._executor.refuse(op, f"its input #{object_id} {why}", sources,
+                                      error_type="UpstreamFailure")
+                return
+            inputs.append(entry)
+        try:
+            query = DPQuery(spec, inputs[0].value, None if inputs[1] is None
+                            else inputs[1].value)
+        except Exception as exc:  # noqa: BLE001 - e.g. a column of text: the owner reads why
+            self._executor.refuse(op, f"{type(exc).__name__}: {exc}", sources,
+                                  error_type=type(exc).__name__)
+            return
+        texts = [inputs[0].lineage, f"epsilon={spec.epsilon:g}"]
+        if inputs[1] is not None:
+            texts.append(f"by={inputs[1].lineage}")
+        text = lineage.function(op.name, texts)
+        held = [a for a in (query.values, query.keys) if a is not None]
+        self._executor.adopt(op, query, text, sources, held=held)
 
     # -- requests -----------------------------------------------------------------------------
     def _snapshot(self, request: p.RequestValue) -> None:
@@ -228,16 +308,28 @@ class Worker:
                                failed=entry.error or failure.error_type,
                                operation=failure.operation, error_type=failure.error_type))
             return
+        value, quote = entry.value, None
+        if isinstance(value, DPQuery):  # the kernel reserved its cost: draw the noise now
+            try:
+                value, released = value.evaluate()
+                quote = vars(released)
+            except Exception as exc:  # noqa: BLE001 - reported to the owner, like any failure
+                problem = f"{type(exc).__name__}: {exc}"
+                self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
+                                   preview=f"failed: {problem}", failed=problem,
+                                   operation=f"dp.{value.spec.statistic}",
+                                   error_type=type(exc).__name__))
+                return
         budget = self._executor.memory_budget
         with self._frozen_lock:
             room = None if budget is None else (
                 budget - self._executor.used_bytes() - self._frozen_bytes)
         try:
-            frozen = freeze(request.request_id, entry.value, room)
+            frozen = freeze(request.request_id, value, room)
         except (ProtocolError, MemoryError) as exc:
             # Whether a value can be sent can depend on the data (a list too long for a
             # message, say): like any failure, it is the owner's to release.
-            module = type(entry.value).__module__
+            module = type(value).__module__
             hint = ("a model's weights leave as model.state_dict()"
                     if module.startswith("torch.nn") else
                     "a fitted estimator's results leave as its attributes, e.g. model.coef_"
@@ -253,12 +345,16 @@ class Worker:
             with self._frozen_lock:
                 self._frozen[request.request_id] = frozen
                 self._frozen_bytes += frozen.nbytes
-        found = checks.evaluate(request.request_id, entry.provenance, entry.sources,
-                                elements=frozen.summary.elements,
-                                settings=self._check_settings, history=self._history)
+        if quote is not None:  # noise, not output checking, protects a DP release
+            found = checks.dp_release(quote["statistic"], quote["epsilon"], quote["delta"])
+        else:
+            found = checks.evaluate(request.request_id, entry.provenance, entry.sources,
+                                    elements=frozen.summary.elements,
+                                    settings=self._check_settings, history=self._history)
         header = ipc.pack("snapshot", **common, summary=frozen.summary.model_dump(),
                           preview=frozen.preview, sha256=frozen.sha256, nbytes=frozen.nbytes,
-                          inline=inline, checks=[c.to_dict() for c in found])
+                          inline=inline, dp=quote,
+                          checks=[c.to_dict() for c in found])
         self.send(header, [memoryview(frozen.header), *frozen.buffers] if inline else ())
 
     def _take_frozen(self, request_id: str) -> Frozen | None:
