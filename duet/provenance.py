@@ -163,6 +163,10 @@ def records_of(value: Any) -> int | None:
     """The number of records of a shared value (rows of axis 0), or None if it has none."""
     if is_frame(value):
         return int(len(value))
+    if type(value) is dict and value:  # a table as equally long columns (one row a record)
+        lengths = {records_of(column) if getattr(column, "ndim", 0) == 1 else None
+                   for column in value.values()}
+        return lengths.pop() if len(lengths) == 1 else None
     shape = getattr(value, "shape", None)
     if isinstance(shape, tuple) and shape and isinstance(value, np.ndarray):
         return int(shape[0])
@@ -455,7 +459,8 @@ def _getitem(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
     ndim = getattr(target, "ndim", None)
     selector = _selector(rows_key, ndim)
     if _names_columns(rows_key) and not rest and (
-            _is_groupby(target) or (is_frame(target) and target.ndim == 2)):
+            _is_groupby(target) or (is_frame(target) and target.ndim == 2)
+            or (type(target) is dict and isinstance(rows_key, str))):
         selector = slice(None)  # df["age"], df[["age", "bmi"]]: columns, every row
     if any(item is None or item is Ellipsis for item in rest):
         selector = None

@@ -412,3 +412,16 @@ def test_provenance_of_a_filter_keeps_the_selected_records(lab: Lab) -> None:
 def test_reductions_with_arguments_that_pick_records_never_pass(lab: Lab, build: Any) -> None:
     """``mean(x, where=id == 7)`` is patient 7's value, though it reads every row."""
     assert lab.status(build(lab)) in ("review", "fail")
+
+
+def test_a_dict_of_equal_columns_is_a_table_of_records() -> None:
+    lab = Lab()
+    lab.executor.share("table", {"age": AGES, "ward": WARD})
+    age = lab.fn("operator.getitem", StoreRef("table"), "age")
+    assert lab.checks(age)["record_level"].status == "fail"
+    assert lab.status(lab.fn("numpy.mean", age)) == "pass"
+    oldest = lab.fn("operator.getitem", age, lab.fn("operator.gt", age, 90.0))
+    assert lab.checks(lab.fn("numpy.mean", oldest))["min_count"].status == "fail"
+    lab.executor.share("ragged", {"a": AGES, "b": AGES[:3]})
+    assert lab.status(lab.fn("numpy.mean", lab.fn("operator.getitem", StoreRef("ragged"),
+                                                  "a"))) == "review"
