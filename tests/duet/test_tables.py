@@ -416,3 +416,24 @@ def test_callables_and_looked_up_names_are_refused_wherever_pandas_is_involved()
     ]
     for fn, args, kwargs in allowed:
         allowlist.check_arguments(fn, args, kwargs)
+
+
+def test_a_restarted_worker_maps_the_shared_table_again(tmp_path: Path) -> None:
+    frame = patients(80)
+    with session_pair(tmp_path / "audit.db") as (owner, researcher):
+        owner.share(frame, name="patients")
+        df = researcher.store.wait_for("patients", 10)
+        pending = df["bmi"].sum().request("left pending")
+        assert owner.requests.wait(30) is not None
+        old = owner.worker_pid
+        owner.cancel()
+        assert owner.worker_pid != old
+        with pytest.raises(duet.WorkerRestarted):
+            pending.result(30)  # the researcher has heard of the restart
+        owner.requests.add_rule("approve")
+        before = frame["bmi"].sum()
+        after = researcher.store["patients"]["bmi"].sum().get("after", timeout=60)
+        assert before == after == pytest.approx(frame["bmi"].sum())
+        got = researcher.store["patients"][["sex", "group"]].value_counts().get(
+            "strings and categories after the restart", timeout=60)
+        pd.testing.assert_series_equal(got, frame[["sex", "group"]].value_counts())
