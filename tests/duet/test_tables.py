@@ -437,3 +437,16 @@ def test_a_restarted_worker_maps_the_shared_table_again(tmp_path: Path) -> None:
         got = researcher.store["patients"][["sex", "group"]].value_counts().get(
             "strings and categories after the restart", timeout=60)
         pd.testing.assert_series_equal(got, frame[["sex", "group"]].value_counts())
+
+
+def test_the_owner_previews_a_table_with_its_extremes_and_its_size() -> None:
+    from duet.snapshot import freeze
+
+    frame = patients(1000)
+    described = freeze("ab" * 4, frame[["age", "bmi"]].describe())
+    assert "max" in described.preview and "min" in described.preview  # all 8 rows shown
+    assert described.summary.type == "pandas.DataFrame" and described.summary.shape == [8, 2]
+    assert described.summary.elements == 8 * 2 + 8 + 2  # cells, index entries, labels
+    whole = freeze("ab" * 4, frame)
+    assert "[1000 rows x 6 columns]" in whole.preview and len(whole.preview) < 1200
+    assert "patient-0000" in whole.preview  # the owner sees the index; it is data
