@@ -450,3 +450,24 @@ def test_the_owner_previews_a_table_with_its_extremes_and_its_size() -> None:
     whole = freeze("ab" * 4, frame)
     assert "[1000 rows x 6 columns]" in whole.preview and len(whole.preview) < 1200
     assert "patient-0000" in whole.preview  # the owner sees the index; it is data
+
+
+def test_a_fitted_estimator_counts_against_the_memory_budget() -> None:
+    from duet.executor import Executor
+    from duet.policy import Allowlist
+
+    rng = np.random.default_rng(0)
+    X = rng.random((2000, 4))
+    y = (X[:, 0] + rng.normal(0, 0.3, 2000) > 0.5).astype(int)
+    executor = Executor(Allowlist.default(), memory_budget=None)
+    executor.share("X", X)
+    executor.share("y", y)
+    assert executor.execute(p.Op(result=1, kind="function",
+                                 name="sklearn.ensemble.RandomForestClassifier",
+                                 kwargs={"n_estimators": 10, "random_state": 0})) is None
+    empty = executor.used_bytes()
+    assert executor.execute(p.Op(result=2, kind="method", name="fit", target=p.PointerRef(1),
+                                 args=[p.StoreRef("X"), p.StoreRef("y")])) is None
+    fitted = executor.used_bytes()
+    assert fitted > empty + 10 * 64  # ten trees, each at least a node
+    assert executor.lookup(p.PointerRef(1)).sources == frozenset({"X", "y"})
