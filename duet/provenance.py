@@ -423,8 +423,11 @@ def _mark_mixed(call: Call, value: Any, provenance: Provenance) -> Provenance:
     name = call.operation.rsplit(".", 1)[-1]
     operands = [*call.args, *call.kwargs.values()]
     if name in ("where", "masked_fill", "mask") and len(call.args) >= 2:
-        # the condition only chooses; the values come from the other operands
-        operands = [call.args[0], *call.args[2:]] if name != "where" else [*call.args[1:]]
+        # a condition per record swaps some records' values for others (a constant, NaN):
+        # sum(where(id == 7, 0, x)) is sum(x) without patient 7, over "all" the rows
+        condition = call.args[0] if name == "where" else call.args[1]
+        if _length_of(condition) == length:
+            operands = [condition, condition]
     per_record = sum(1 for operand in operands if _length_of(operand) == length)
     if per_record < 2:
         return provenance
@@ -915,7 +918,11 @@ def _forward(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
             else:
                 result[source] = state
         return _merge([model, result])
-    return _merge([model, *inputs])
+    merged = _merge([model, *inputs])
+    # the researcher's parameters applied to each record (an embedding table indexed by
+    # ids, say): its sum is no plain total
+    return {name: replace(state, mixed=True) if isinstance(state, Rows) and not state.single
+            else state for name, state in merged.items()}
 
 
 def modified(existing: Provenance, by: Provenance, *, trained: bool) -> Provenance:
