@@ -81,7 +81,7 @@ def test_checks_arrive_with_every_request_and_rules_decide_on_them(pair: Pair,
 def test_min_count_per_share(pair: Pair) -> None:
     owner, researcher = pair
     owner.share(AGES, name="lenient", min_count=5)
-    lenient = researcher.store.wait_for("lenient", 10)
+    lenient = researcher.store.wait_for("lenient", 60)
     researcher.np.mean(lenient[lenient > 90]).request("five")
     (request,) = requested(owner, 1)
     assert next(c for c in request.checks if c.name == "min_count").status == "pass"
@@ -198,12 +198,12 @@ def test_an_owner_away_lets_safe_table_results_through(pair: Pair) -> None:
     owner.share(frame, name="patients", description="a clinical extract")
     owner.requests.add_rule("approve", checks="pass")
     owner.requests.add_rule("deny", checks="fail")
-    patients = researcher.store.wait_for("patients", 10)
-    means = patients.groupby("ward")["bmi"].mean().get("BMI by ward", timeout=60)
+    patients = researcher.store.wait_for("patients", 60)
+    means = patients.groupby("ward")["bmi"].mean().get("BMI by ward", timeout=180)
     assert isinstance(means, pd.Series)
     assert means.to_dict() == pytest.approx(frame.groupby("ward")["bmi"].mean().to_dict())
     with pytest.raises(duet.RequestDenied, match="min_count"):
-        patients[patients["age"] > 90]["bmi"].mean().get("BMI of the oldest", timeout=60)
+        patients[patients["age"] > 90]["bmi"].mean().get("BMI of the oldest", timeout=180)
     with pytest.raises(duet.RequestDenied, match="record_level"):
-        patients.get("the rows", timeout=60)
+        patients.get("the rows", timeout=180)
     assert [r.decided_by.startswith("rule:") for r in owner.requests] == [True] * 3
