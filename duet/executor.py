@@ -396,9 +396,10 @@ class Executor:
         if entry.failure is not None:
             call.sources |= entry.sources  # what failed came from these
             upstream = entry.failure
-            cause = upstream.detail if upstream.error_type == "UpstreamFailure" else (
-                f"{upstream.operation} failed with {upstream.error_type}"
-            )
+            # the root cause only: a chain of 2,000 failed ops must not make a 2,000-deep text
+            cause = upstream.detail.split(": ", 1)[-1] if (
+                upstream.error_type == "UpstreamFailure") else (
+                f"{upstream.operation} failed with {upstream.error_type}")
             raise _Failure("UpstreamFailure", f"input #{ref.id} is unusable: {cause}")
         call.sources |= entry.sources
         call.note_provenance(entry.value, entry.provenance)

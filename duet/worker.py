@@ -48,6 +48,7 @@ __all__ = ["INLINE_BYTES", "main"]
 # then needs no second round trip to the worker.
 INLINE_BYTES = 256 * 1024
 _MAX_FROM_KERNEL = 1 << 40
+_TEXT = 10_000  # characters of a failure's text shown to the owner (ipc.Text allows 20,000)
 
 
 class _Events(ExecutorEvents):
@@ -304,8 +305,8 @@ class Worker:
         if entry.failure is not None:
             failure = entry.failure
             self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
-                               preview=f"failed: {entry.error or failure.error_type}",
-                               failed=entry.error or failure.error_type,
+                               preview=f"failed: {entry.error or failure.error_type}"[:_TEXT],
+                               failed=(entry.error or failure.error_type)[:_TEXT],
                                operation=failure.operation, error_type=failure.error_type))
             return
         value, quote = entry.value, None
