@@ -74,6 +74,13 @@ class Rows:
     # combined element-wise with other per-record values (another column, an array the
     # researcher sent): a sum of it is a weighted sum, not a total of records
     mixed: bool = False
+    # computed per record by the researcher's model (its forward): still one row per record,
+    # but a sum of it is no plain total either
+    modelled: bool = False
+
+    @property
+    def plain(self) -> bool:
+        return not (self.mixed or self.modelled)
 
     @property
     def length(self) -> int:
@@ -378,8 +385,11 @@ def merge_states(states: list[State]) -> State:
     rows = [s for s in states if isinstance(s, Rows)]
     if rows:
         if all(_same_rows(rows[0], other) for other in rows[1:]):
-            mixed = [r for r in rows if r.mixed]
-            return mixed[0] if mixed else rows[0]  # record-level, whatever summaries added
+            mixed, modelled = any(r.mixed for r in rows), any(r.modelled for r in rows)
+            first = rows[0]  # record-level, whatever summaries were added
+            if (mixed, modelled) != (first.mixed, first.modelled):
+                first = replace(first, mixed=mixed, modelled=modelled)
+            return first
         return Unknown("combines differently selected records element-wise")
     parts = tuple(p for s in states if isinstance(s, Aggregated) for p in s.parts)
     if parts:
@@ -576,7 +586,8 @@ def _select(state: Rows, selector: Any) -> State:
             return Unknown("indexed out of range")
         row = (index[selector] if index is not None else selector % length)
         return Rows(np.array([row], dtype=np.int64), state.total, True, single=True,
-                    mixed=state.mixed)
+                    mixed=state.mixed,
+                modelled=state.modelled)
     if isinstance(selector, slice):
         if selector == slice(None):
             return state
@@ -586,18 +597,21 @@ def _select(state: Rows, selector: Any) -> State:
         else:
             new = index[selector]
         return Rows(new, state.total, state.distinct,
-                    ordered=state.ordered and positions.step > 0, mixed=state.mixed)
+                    ordered=state.ordered and positions.step > 0, mixed=state.mixed,
+                modelled=state.modelled)
     if isinstance(selector, _Mask):
         if selector.size != length:
             return Unknown("a mask of another length")
         chosen = selector.positions
         return Rows(chosen if index is None else index[chosen], state.total, state.distinct,
-                    ordered=state.ordered, mixed=state.mixed)
+                    ordered=state.ordered, mixed=state.mixed,
+                modelled=state.modelled)
     if selector.size and (selector.min() < -length or selector.max() >= length):
         return Unknown("indexed out of range")
     positions = selector % length if selector.size else selector.astype(np.int64)
     new = positions.astype(np.int64) if index is None else index[positions]
-    return Rows(new, state.total, distinct=False, ordered=False, mixed=state.mixed)
+    return Rows(new, state.total, distinct=False, ordered=False, mixed=state.mixed,
+                modelled=state.modelled)
 
 
 def _length(provenance: Provenance) -> Provenance:
@@ -686,10 +700,13 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
         if not isinstance(state, Rows) or state.single:
             result[source] = state  # a summary of a summary, or still one record
             continue
-        part_kind = "statistic" if kind == "magnitude" and state.mixed else kind
+        part_kind = "statistic" if kind == "magnitude" and not state.plain else kind
         if part_kind in ("magnitude", "frequency") and cells is None:
             cells = _cells(data, name, part_kind, axis)
-        note = f"{name} of values weighed or combined per record" if state.mixed else name
+        note = name
+        if state.mixed or (part_kind != kind and state.modelled):
+            # a loss over weighed values is no training signal; a sum of them no total
+            note = f"{name} of values weighed, combined or modelled per record"
         result[source] = Aggregated((_part(part_kind, state, cells or {}, note),))
     return _merge([result, other]) if other else result
 
@@ -914,35 +931,45 @@ def _forward(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
         result: dict[str, State] = {}
         for source, state in data.items():
             if isinstance(state, Rows) and not state.single:
-                result[source] = Aggregated((_part("statistic", state, {}, "loss"),))
+                note = "loss of weighed or combined values" if state.mixed else "loss"
+                result[source] = Aggregated((_part("statistic", state, {}, note),))
             else:
                 result[source] = state
         return _merge([model, result])
     merged = _merge([model, *inputs])
     # the researcher's parameters applied to each record (an embedding table indexed by
     # ids, say): its sum is no plain total
-    return {name: replace(state, mixed=True) if isinstance(state, Rows) and not state.single
+    return {name: replace(state, modelled=True) if isinstance(state, Rows) and not state.single
             else state for name, state in merged.items()}
 
 
 def modified(existing: Provenance, by: Provenance, *, trained: bool) -> Provenance:
     """An object changed in place by an operation whose inputs had provenance ``by``: a
-    model (``trained``) learns from the records involved; anything else is unknown."""
+    model (``trained``) learns from the records involved; anything else is unknown.
+
+    Only training signals become a ``model`` part: records themselves, losses, other models.
+    Any other summary that reaches a model (``p.add_(x.max())``, a loss over weighed values)
+    is carried along unchanged, so its own checks still apply."""
     result = dict(existing)
     for name, state in by.items():
         if trained and isinstance(state, (Rows, Aggregated)):
-            new = _trained_part(state)
-            if new is None:
-                result[name] = Unknown("trained on records selected more than once")
-                continue
-            old = result.get(name)
-            if old is None or isinstance(old, Declared):
-                result[name] = Aggregated((new,))
-            elif isinstance(old, Aggregated):
-                result[name] = Aggregated(_union_models(old.parts, new))
+            if isinstance(state, Rows):
+                learned: list[Part] | None = None
+                carried: tuple[Part, ...] = ()
             else:
+                learned = [p for p in state.parts if p.kind == "model"
+                           or (p.kind == "statistic" and p.note in _LOSS_NOTES)]
+                carried = tuple(p for p in state.parts if all(p is not q for q in learned))
+            new = _trained_part(state, learned)
+            old = result.get(name)
+            if isinstance(old, (Rows, Unknown)):
                 result[name] = Unknown("trained after an unmodelled change") if isinstance(
                     old, Rows) else old
+                continue
+            parts = (*(old.parts if isinstance(old, Aggregated) else ()), *carried)
+            if new is not None:
+                parts = _union_models(_dedupe(parts), new)
+            result[name] = Aggregated(_dedupe(parts)) if parts else (old or DECLARED)
         elif trained and isinstance(state, Declared):
             result.setdefault(name, DECLARED)
         else:
@@ -951,13 +978,19 @@ def modified(existing: Provenance, by: Provenance, *, trained: bool) -> Provenan
     return result
 
 
-def _trained_part(state: Rows | Aggregated) -> Part | None:
+_LOSS_NOTES = frozenset("""loss mse_loss cross_entropy nll_loss binary_cross_entropy
+    binary_cross_entropy_with_logits l1_loss smooth_l1_loss kl_div""".split())
+
+
+def _trained_part(state: Rows | Aggregated, learned: list[Part] | None) -> Part | None:
     if isinstance(state, Rows):
         records = state.records()
         total = state.total
     else:
-        total = max(p.total for p in state.parts)
-        sets = [p.rows for p in state.parts]
+        if not learned:
+            return None
+        total = max(p.total for p in learned)
+        sets = [p.rows for p in learned]
         if any(s is None for s in sets):
             records = None
         else:
@@ -1120,7 +1153,7 @@ def _grouped(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> 
             cells = _group_cells(group, kind, name, value)
         records = state.records()
         n = state.total if records is None else int(records.size)
-        part_kind = "statistic" if kind == "magnitude" and state.mixed else kind
+        part_kind = "statistic" if kind == "magnitude" and not state.plain else kind
         result[source] = Aggregated((Part(part_kind, records, state.total, n,
                                           cells if part_kind == kind else {},
                                           f"{name} per group"),))

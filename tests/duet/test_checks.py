@@ -199,7 +199,7 @@ def test_a_mask_multiplied_in_is_never_a_plain_total(lab: Lab) -> None:
     for reduce in ("numpy.sum", "numpy.mean", "numpy.var"):
         found = lab.checks(lab.fn(reduce, masked))
         assert checks.worst(found.values()) != "pass", reduce
-        assert "weighed or combined per record" in found["summary_kind"].reason
+        assert "weighed, combined or modelled per record" in found["summary_kind"].reason
     # the same with a literal mask: one record is not zero
     literal = lab.fn("operator.mul", ages, np.eye(N)[7])
     assert lab.status(lab.fn("numpy.sum", literal)) != "pass"
@@ -464,3 +464,28 @@ def test_plain_transforms_and_boolean_combinations_still_pass(lab: Lab) -> None:
                   lab.fn("operator.lt", income, 50_000.0))
     assert lab.status(lab.fn("numpy.count_nonzero", both)) in ("pass", "fail")
     assert lab.checks(lab.fn("numpy.count_nonzero", both))["provenance"].status == "pass"
+
+
+def test_summaries_laundered_into_a_parameter_keep_their_own_checks(lab: Lab) -> None:
+    """A trainable tensor changed in place with a maximum, or trained to fit weighed
+    values, is not a model trained on 200 records."""
+    lab.fn("torch.set_grad_enabled", False)
+    ages_t = lab.fn("torch.tensor", ages)
+    copied = lab.fn("torch.zeros", 1, requires_grad=True)
+    lab.method(copied, "add_", lab.method(ages_t, "max"))
+    found = lab.checks(copied)
+    assert checks.worst(found.values()) == "review"
+    assert found["summary_kind"].status == "review"
+    lab.fn("torch.set_grad_enabled", True)
+    # fitting one parameter to sum(x * w): it learns a weighted mean
+    weights = lab.fn("torch.tensor", np.r_[[1000.0], np.ones(N - 1)])
+    target = lab.fn("operator.mul", ages_t, weights)
+    parameter = lab.fn("torch.zeros", 1, requires_grad=True)
+    optimizer = lab.fn("torch.optim.SGD", [parameter], lr=0.1)
+    for _ in range(3):
+        lab.method(optimizer, "zero_grad")
+        loss = lab.fn("torch.nn.functional.mse_loss",
+                      lab.method(parameter, "expand", N), target)
+        lab.method(loss, "backward")
+        lab.method(optimizer, "step")
+    assert lab.status(parameter, elements=1) == "review"
