@@ -251,7 +251,8 @@ def _cpu(owner: OwnerSession, tids: dict[str, int]) -> dict[str, float]:
 @contextmanager
 def _pair(tmp: str) -> Iterator[tuple[OwnerSession, ResearcherSession]]:
     owner_end, researcher_end = InMemoryTransport.pair()
-    owner = OwnerSession(SessionConfig(progress=False, liveness_timeout=300), audit_path=Path(tmp) / "a.sqlite3")
+    owner = OwnerSession(SessionConfig(progress=False, liveness_timeout=300),
+                         audit_path=Path(tmp) / "a.sqlite3")
     researcher = ResearcherSession(SessionConfig(progress=False, liveness_timeout=300))
     owner.start(owner_end.start)
     researcher.start(researcher_end.start)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import secrets
 import sys
 import threading
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from . import protocol as p
 from . import tables
 from .approvals import DPInfo, Request, RequestQueue, Rule, ValueInfo, safe_text
 from .audit import EVENTS, AuditLog, sha256_of
+from .checks import Check, CheckSettings
 from .config import SessionConfig
 from .dp import DP, Derivations, QuerySpec, is_dp_op, parse_op
 from .errors import (
@@ -101,10 +103,11 @@ class OwnerSession(Session):
         # researcher objects derive from them, the DP queries by object id, and the ledger
         # reservations by request id (name, epsilon, delta) until each is decided.
         self._dp_specs: dict[str, dict[str, Any]] = {}
+        self._dp_names: set[str] = set()  # DP-shared at any time in this session
         self._derivations = Derivations(self._dp_specs)
         self._dp_queries: dict[int, QuerySpec] = {}
         self._dp_refused: set[int] = set()  # dp.* ops refused at once: requests too
-        self._dp_reserved: dict[str, tuple[str, float, float]] = {}
+        self._dp_reserved: dict[str, tuple[str, float, float, str]] = {}  # + ledger charge id
         self._dp_lock = threading.Lock()
         self._ledger: Ledger | None = None
         self._audit.record("session_started")
@@ -122,17 +125,20 @@ class OwnerSession(Session):
     # -- sharing --------------------------------------------------------------------------
     def share(self, obj: Any, name: str, description: str = "",
               tags: Iterable[str] = (), *, declare_rows: bool = True,
-              dp: DP | None = None) -> None:
+              min_count: int = 10, dp: DP | None = None) -> None:
         """Make ``obj`` reachable by the researcher as ``store[name]`` (never its values).
 
         Arrays and tensors are copied once into sealed memory the worker maps read-only;
         torch modules, scalars and plain lists, tuples and dicts of these are copied to it.
         A pandas DataFrame or Series is listed with its column names and dtypes and its row
         count (``declare_rows=False`` hides it); its index is data and is never listed.
+        ``min_count``: the fewest records of ``obj`` any released number may come from
+        (the disclosure checks, docs/disclosure.md).
         ``dp=duet.DP(epsilon=..., bounds=...)``: the researcher may ask for differentially
         private statistics (``r.dp.*``) charged to the privacy budget of ``name``, which
         persists across sessions (``budget(name)``); see docs/dp.md.
         """
+        settings = CheckSettings(min_count=min_count)
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
             raise ValueError(f"share name {name!r} must be a Python identifier without a "
                              "leading underscore")
@@ -143,7 +149,9 @@ class OwnerSession(Session):
         entry = (tables.declare(obj, name, description, tuple(tags), declare_rows)
                  if tables.is_table(obj) else _declare(obj, name, description, tuple(tags)))
         prepared = prepare_share(obj)
-        prepared = ({**prepared[0], "dp": dp_spec}, prepared[1], prepared[2])
+        prepared = ({**prepared[0], "dp": dp_spec,
+                     "checks": {"min_count": settings.min_count, "rows_declared": declare_rows}},
+                    prepared[1], prepared[2])
         if dp is not None:
             budget = self.ledger.declare(name, dp.epsilon, dp.delta)
             self._audit.record("dp_budget", name=name, epsilon=dp.epsilon, delta=dp.delta,
@@ -153,6 +161,7 @@ class OwnerSession(Session):
         with self._dp_lock:
             if dp_spec is not None:
                 self._dp_specs[name] = dp_spec
+                self._dp_names.add(name)
             else:
                 self._dp_specs.pop(name, None)
         with self._worker_lock:
@@ -165,7 +174,8 @@ class OwnerSession(Session):
         self._shared[name] = entry
         self._families[name] = self.allowlist.family(obj)
         self._audit.record("share", name=name, type=entry.type,
-                          shape=entry.shape, dtype=entry.dtype, description=description)
+                          shape=entry.shape, dtype=entry.dtype, description=description,
+                          min_count=settings.min_count)
         self._publish_store()
 
     def unshare(self, name: str) -> None:
@@ -221,19 +231,29 @@ class OwnerSession(Session):
         reservations of undecided requests count as spent."""
         return self.ledger.budget(name)
 
+    @property
+    def budgets(self) -> dict[str, Budget]:
+        """The privacy budget of every name shared with ``dp=`` in this session."""
+        with self._dp_lock:
+            names = sorted(self._dp_names)
+        return {name: self.ledger.budget(name) for name in names}
+
     def _dp_reserve(self, request_id: str, name: str, epsilon: float, delta: float,
                     what: str) -> Budget:
         """Set a request's cost aside in the ledger before anything is computed (also for
         DP training); raises ``PrivacyBudgetExceeded``, audited either way."""
         try:
-            budget = self.ledger.reserve(name, epsilon, delta, request_id, what)
+            # The ledger's charge ids are ours: a researcher may reuse a request id
+            charge_id = f"{self.session_id}:{request_id}:{secrets.token_hex(8)}"
+            budget = self.ledger.reserve(name, epsilon, delta, charge_id,
+                                         f"{what} (request {request_id})")
         except PrivacyBudgetExceeded as exc:
             self._audit.record("dp_charge", request_id=request_id, name=name,
                                epsilon=epsilon, delta=delta, status="refused",
                                epsilon_left=exc.epsilon_left, lineage=what)
             raise
         with self._dp_lock:
-            self._dp_reserved[request_id] = (name, epsilon, delta)
+            self._dp_reserved[request_id] = (name, epsilon, delta, charge_id)
         self._audit.record("dp_charge", request_id=request_id, name=name, epsilon=epsilon,
                            delta=delta, status="reserved", epsilon_left=budget.epsilon_left,
                            lineage=what)
@@ -250,9 +270,9 @@ class OwnerSession(Session):
         name = reserved[0]
         budget: Budget | None
         if spent:
-            budget = self.ledger.commit(request_id, epsilon=epsilon, delta=delta)
+            budget = self.ledger.commit(reserved[3], epsilon=epsilon, delta=delta)
         else:
-            budget = self.ledger.release(request_id)
+            budget = self.ledger.release(reserved[3])
         self._audit.record("dp_charge", request_id=request_id, name=name,
                            epsilon=reserved[1] if epsilon is None else epsilon,
                            delta=reserved[2] if delta is None else delta,
@@ -376,7 +396,9 @@ class OwnerSession(Session):
         request = Request(id=snapshot.request_id, reason=self._reasons.pop(
             snapshot.request_id, ""), lineage=snapshot.lineage,
             sources=frozenset(snapshot.sources), info=info, preview=snapshot.preview,
-            sha256=snapshot.sha256, failed=snapshot.failed, dp=privacy)
+            sha256=snapshot.sha256, failed=snapshot.failed, dp=privacy,
+            checks=tuple(Check(c.name, c.status, c.reason, c.evidence)
+                         for c in snapshot.checks))
         # Written with the decision when a rule decides at once (one transaction), else
         # right after: no message follows it, so it need not wait for the disk either way.
         self._request_rows[request.id] = ("request", {
@@ -384,12 +406,14 @@ class OwnerSession(Session):
             "pointer_id": snapshot.pointer_id, "lineage": request.lineage,
             "reason": request.reason, "sources": sorted(request.sources),
             "sha256": request.sha256 or None, "nbytes": snapshot.nbytes or None,
-            "failed": request.failed or None})
+            "failed": request.failed or None, "check_status": request.check_status,
+            "checks": [c.to_dict() for c in request.checks]})
         self._snapshots[snapshot.request_id] = (snapshot, encoded)
         try:
             self.requests.add(request)
         except RequestError as exc:
             self._snapshots.pop(snapshot.request_id, None)
+            self._dp_settle(snapshot.request_id, False)
             self._answer_error(snapshot.request_id, str(exc))
         finally:
             row = self._request_rows.pop(request.id, None)
@@ -407,7 +431,7 @@ class OwnerSession(Session):
         if quote is not None:
             if reserved is None:
                 raise RequestError("the request was withdrawn; nothing was charged")
-            name, epsilon, delta = reserved
+            name, epsilon, delta, _ = reserved
             if (quote.source != name or quote.epsilon > epsilon * (1 + 1e-9)
                     or quote.delta > delta * (1 + 1e-9)):
                 self._dp_settle(snapshot.request_id, False)
@@ -419,7 +443,8 @@ class OwnerSession(Session):
         if reserved is not None:  # computing the DP value failed: not a DP release
             self._dp_settle(snapshot.request_id, False)
         with self._dp_lock:
-            protected = tuple(sorted(set(snapshot.sources) & set(self._dp_specs)))
+            # values made while a name was DP-shared stay protected after it is unshared
+            protected = tuple(sorted(set(snapshot.sources) & self._dp_names))
         return DPInfo("exact", protected) if protected else None
 
     def worker_request_failed(self, failed: RequestFailed) -> None:
@@ -519,6 +544,7 @@ class OwnerSession(Session):
                     continue
                 self.allowlist.precheck(op)
                 self._check_references(op)
+                self._check_no_dp_input(op)
             except PolicyViolation as exc:
                 refusals.append(p.OpFailed(result=op.result, operation=op.name,
                                            error_type="PolicyViolation", policy=True,
@@ -561,6 +587,22 @@ class OwnerSession(Session):
                         f"{family}.{op.name} would modify shared object {op.target.name!r}; "
                         "the owner's data cannot change. Work on a copy")
 
+    def _request_known(self, request_id: str) -> bool:
+        try:
+            self.requests.get(request_id)
+        except RequestError:
+            return False
+        return True
+
+    def _check_no_dp_input(self, op: p.Op) -> None:
+        """A DP query is read only by a request (which charges it): never by an operation."""
+        for ref in _references([op.target, *op.args, *op.kwargs.values()], 0):
+            if isinstance(ref, p.PointerRef) and (ref.id in self._dp_queries
+                                                  or ref.id in self._dp_refused):
+                self._dp_refused.add(op.result)  # a request for it is answered at once
+                raise PolicyViolation("a DP statistic is not an input to other operations: "
+                                      "ask for its value with .get(reason)")
+
     def _on_request(self, message: p.RequestValue, raw: Encoded) -> None:
         if message.request_id in self._reasons or message.request_id in self._snapshots:
             raise ProtocolError(f"request id {message.request_id!r} is already in use")
@@ -572,6 +614,9 @@ class OwnerSession(Session):
             return
         query = self._dp_queries.get(target.id) if isinstance(target, p.PointerRef) else None
         if query is not None:  # a DP statistic: its cost is reserved before it is computed
+            if message.request_id in self._dp_reserved or self._request_known(
+                    message.request_id):  # refused before anything is reserved or computed
+                raise ProtocolError(f"request id {message.request_id!r} was already used")
             epsilon, delta = query.cost
             try:
                 self._dp_reserve(message.request_id, query.source, epsilon, delta,
@@ -607,9 +652,13 @@ class OwnerSession(Session):
         self._settle_privacy(request, snapshot_failed=bool(request.failed))
         snapshot, encoded = self._snapshots.pop(request.id, (None, None))
         row = self._request_rows.pop(request.id, None)
-        decided = [*self._take_held_rows(), *([row] if row is not None else []), ("decision", {
+        decision: dict[str, Any] = {
             "request_id": request.id, "status": request.status, "by": request.decided_by,
-            "reason": request.decision_reason})]
+            "reason": request.decision_reason, "check_status": request.check_status}
+        if request.decided_by.startswith("rule:"):  # an automatic decision: on what grounds
+            decision["checks"] = [c.to_dict() for c in request.checks]
+        decided = [*self._take_held_rows(), *([row] if row is not None else []),
+                   ("decision", decision)]
         if request.status != "approved" or snapshot is None:
             self._audit.record_many(decided)
             self._send(p.Decision(request_id=request.id, status="denied",
@@ -645,7 +694,9 @@ class OwnerSession(Session):
             self._dp_settle(request.id, approved and not snapshot_failed)
         elif approved:
             for name in privacy.sources:
-                self.ledger.record_unbounded(name, f"{request.id}:{name}", request.lineage)
+                self.ledger.record_unbounded(
+                    name, f"{self.session_id}:{request.id}:{secrets.token_hex(8)}",
+                    f"{request.lineage} (request {request.id})")
                 self._audit.record("dp_charge", request_id=request.id, name=name,
                                    status="unbounded", lineage=request.lineage)
 

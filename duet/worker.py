@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ipc, lineage, tables
+from . import checks, ipc, lineage, tables
 from . import protocol as p
 from .dp import Derivations, DPQuery, is_dp_op, parse_op
 from .errors import DuetError, PolicyViolation, ProtocolError
@@ -48,6 +48,7 @@ __all__ = ["INLINE_BYTES", "main"]
 # then needs no second round trip to the worker.
 INLINE_BYTES = 256 * 1024
 _MAX_FROM_KERNEL = 1 << 40
+_TEXT = 10_000  # characters of a failure's text shown to the owner (ipc.Text allows 20,000)
 
 
 class _Events(ExecutorEvents):
@@ -78,9 +79,12 @@ class Worker:
         self._executor = Executor(allowlist, memory_budget=settings.get("memory_budget"),
                                   events=self._events)
         self._mappings: dict[str, mmap.mmap] = {}
+        self._check_settings: dict[str, checks.CheckSettings] = {}
+        self._history = checks.History()  # record sets of earlier requests (differencing)
         # DP-shared names -> the owner's declaration; which objects derive from them
         self._dp_specs: dict[str, dict[str, Any]] = {}
         self._derivations = Derivations(self._dp_specs)
+        self._dp_ids: set[int] = set()  # objects that are DP queries: only a request reads them
 
     # -- plumbing ---------------------------------------------------------------------------
     def send(self, header: bytes, buffers: list[memoryview] | tuple[()] = ()) -> None:
@@ -132,6 +136,7 @@ class Worker:
         else:  # anything else the owner shared, pickled by the owner's own kernel
             value = pickle.loads(buffers[0])
         self._executor.share(name, value)
+        self._check_settings[name] = checks.CheckSettings(**message.get("checks", {}))
         if message.get("dp") is not None:
             self._dp_specs[name] = message["dp"]
         else:
@@ -206,17 +211,24 @@ class Worker:
             for op in decoded.ops:
                 if is_dp_op(op):
                     self._dp_op(op)
+                elif self._uses_dp_query(op):
+                    self._executor.refuse(op, _DP_ONLY_GET)
                 elif self._executor.execute(op) is None and self._unmodified(op):
                     self._derivations.observe(op)
             self._done(self._executor.shared_modified())
         elif isinstance(decoded, p.Free):
             self._executor.free(decoded.ids)
             self._derivations.forget(decoded.ids)
+            self._dp_ids.difference_update(decoded.ids)
             self._done()
         elif isinstance(decoded, p.RequestValue):
             self._snapshot(decoded)
         else:
             raise ProtocolError(f"the worker does not handle {decoded.type!r}")
+
+    def _uses_dp_query(self, op: p.Op) -> bool:
+        return any(isinstance(ref, p.PointerRef) and ref.id in self._dp_ids
+                   for ref in _references(op))
 
     def _unmodified(self, op: p.Op) -> bool:
         """Whether no object the op read was changed in place (``put``, ``sort``, through a
@@ -283,7 +295,8 @@ class Worker:
             texts.append(f"by={inputs[1].lineage}")
         text = lineage.function(op.name, texts)
         held = [a for a in (query.values, query.keys) if a is not None]
-        self._executor.adopt(op, query, text, sources, held=held)
+        if self._executor.adopt(op, query, text, sources, held=held) is None:
+            self._dp_ids.add(op.result)
 
     # -- requests -----------------------------------------------------------------------------
     def _snapshot(self, request: p.RequestValue) -> None:
@@ -298,11 +311,12 @@ class Worker:
         common = {"request_id": request.request_id, "pointer_id": pointer_id,
                   "lineage": entry.lineage, "sources": sorted(entry.sources)}
         empty = {"type": "failed", "elements": 0, "nbytes": 0}
+        failed_checks = [c.to_dict() for c in checks.failed_value()]
         if entry.failure is not None:
             failure = entry.failure
-            self.send(ipc.pack("snapshot", **common, summary=empty,
-                               preview=f"failed: {entry.error or failure.error_type}",
-                               failed=entry.error or failure.error_type,
+            self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
+                               preview=f"failed: {entry.error or failure.error_type}"[:_TEXT],
+                               failed=(entry.error or failure.error_type)[:_TEXT],
                                operation=failure.operation, error_type=failure.error_type))
             return
         value, quote = entry.value, None
@@ -312,7 +326,7 @@ class Worker:
                 quote = vars(released)
             except Exception as exc:  # noqa: BLE001 - reported to the owner, like any failure
                 problem = f"{type(exc).__name__}: {exc}"
-                self.send(ipc.pack("snapshot", **common, summary=empty,
+                self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
                                    preview=f"failed: {problem}", failed=problem,
                                    operation=f"dp.{value.spec.statistic}",
                                    error_type=type(exc).__name__))
@@ -332,7 +346,7 @@ class Worker:
                     "a fitted estimator's results leave as its attributes, e.g. model.coef_"
                     if module.startswith("sklearn") else "")
             problem = f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
-            self.send(ipc.pack("snapshot", **common, summary=empty,
+            self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
                                preview=f"failed: cannot be sent: {problem}",
                                failed=f"cannot be sent: {problem}", operation="sending the value",
                                error_type=type(exc).__name__, hint=hint))
@@ -342,9 +356,16 @@ class Worker:
             with self._frozen_lock:
                 self._frozen[request.request_id] = frozen
                 self._frozen_bytes += frozen.nbytes
+        if quote is not None:  # noise, not output checking, protects a DP release
+            found = checks.dp_release(quote["statistic"], quote["epsilon"], quote["delta"])
+        else:
+            found = checks.evaluate(request.request_id, entry.provenance, entry.sources,
+                                    elements=frozen.summary.elements,
+                                    settings=self._check_settings, history=self._history)
         header = ipc.pack("snapshot", **common, summary=frozen.summary.model_dump(),
                           preview=frozen.preview, sha256=frozen.sha256, nbytes=frozen.nbytes,
-                          inline=inline, dp=quote)
+                          inline=inline, dp=quote,
+                          checks=[c.to_dict() for c in found])
         self.send(header, [memoryview(frozen.header), *frozen.buffers] if inline else ())
 
     def _take_frozen(self, request_id: str) -> Frozen | None:
@@ -362,6 +383,21 @@ class Worker:
             return
         self.send(ipc.pack("released", request_id=request_id),
                   [memoryview(frozen.header), *frozen.buffers])
+
+
+_DP_ONLY_GET = ("a DP statistic is not an input to other operations: ask for its value with "
+                ".get(reason)")
+
+
+def _references(op: p.Op) -> list[Any]:
+    """The references among an op's target and arguments, one level of nesting deep (a
+    list or dict of pointers is how several objects are passed)."""
+    found: list[Any] = []
+    for value in (op.target, *op.args, *op.kwargs.values()):
+        items = value if isinstance(value, (list, tuple)) else (
+            list(value.values()) if isinstance(value, dict) else [value])
+        found.extend(items)
+    return found
 
 
 def _limit(memory: int | None) -> None:

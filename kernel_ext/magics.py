@@ -197,6 +197,8 @@ class DuetMagics(Magics):
                   f"  requests: {len(requests)} ({len(requests.pending)} pending)\n"
                   f"  worker process: {session.worker_pid or 'stopped'}\n"
                   f"  audit log: {session.audit.path}")
+            for budget in session.budgets.values():
+                print(f"  privacy {budget}")
         else:
             assert isinstance(session, ResearcherSession)
             line = f"duet researcher session: {state}"
@@ -210,7 +212,8 @@ class DuetMagics(Magics):
     def _cmd_approve(self, args: argparse.Namespace) -> None:
         request = _find(self._owner(args.name).requests, args.id)
         request.approve()
-        print(f"approved {request.id}: {request.lineage}")
+        print(f"approved {request.id} (checks: {request.check_status.upper()}): "
+              f"{request.lineage}")
 
     def _cmd_deny(self, args: argparse.Namespace) -> None:
         request = _find(self._owner(args.name).requests, args.id)
