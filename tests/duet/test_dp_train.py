@@ -1,0 +1,283 @@
+"""The DP-SGD engine (duet/dp_train.py) on its own: accuracy on real data next to the
+non-private model, the epsilon the accountant reports against the target, what comes back
+(parameters only), and everything a researcher might try to steer the guarantee with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from duet.dp_train import (
+    OWNER_CONTROLLED,
+    TrainingRefused,
+    TrainRequest,
+    TrainSettings,
+    prepare,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0,
+                                                        stratify=y)
+    return x_train, x_test, y_train, y_test
+
+
+def mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 10))
+
+
+def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((model(torch.tensor(x)).argmax(1).numpy() == y).mean())
+
+
+def non_private(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int,
+                batch_size: int, lr: float) -> None:
+    """The same model, optimizer, loss and epochs, without clipping, noise or Poisson
+    sampling: the baseline the DP accuracy is reported next to."""
+    data = torch.utils.data.TensorDataset(torch.tensor(x), torch.tensor(y))
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss = torch.nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        for batch, target in loader:
+            optimizer.zero_grad()
+            loss(model(batch), target).backward()
+            optimizer.step()
+
+
+REQUEST = TrainRequest(loss="cross_entropy", epochs=8, batch_size=128, lr=1.0, epsilon=2.0)
+
+
+def test_dp_model_is_accurate_on_digits_next_to_the_non_private_one(
+    digits: tuple[np.ndarray, ...], capsys: pytest.CaptureFixture[str],
+) -> None:
+    x_train, x_test, y_train, y_test = digits
+    model = mlp()
+    result = train(model, x_train, y_train, REQUEST)
+    trained = mlp()
+    trained.load_state_dict(result.parameters)
+    dp_accuracy = accuracy(trained, x_test, y_test)
+
+    baseline = mlp()
+    non_private(baseline, x_train, y_train, epochs=8, batch_size=128, lr=1.0)
+    plain_accuracy = accuracy(baseline, x_test, y_test)
+    with capsys.disabled():
+        print(f"\nload_digits test accuracy: DP (epsilon={result.epsilon:.3f}) "
+              f"{dp_accuracy:.3f}, non-private {plain_accuracy:.3f}")
+    assert dp_accuracy >= 0.7  # ten classes: chance is 0.1; typically ~0.87
+    assert plain_accuracy >= 0.9
+    assert len(result.losses) == 8 and result.losses[-1] < result.losses[0]
+    assert result.steps == result.plan.steps == 8 * 11  # ceil(1347 / 128) batches per epoch
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_the_epsilon_spent_matches_the_target(
+    digits: tuple[np.ndarray, ...], accountant: Any,
+) -> None:
+    x_train, _, y_train, _ = digits
+    request = TrainRequest(loss="cross_entropy", epochs=2, batch_size=256, lr=0.5,
+                           epsilon=1.5)
+    prepared = prepare(mlp(), x_train, y_train, request, TrainSettings(accountant=accountant))
+    plan = prepared.plan
+    assert plan.sample_rate == 1 / 6 and plan.steps == 12  # ceil(1347 / 256) = 6
+    assert plan.delta == 1e-5 and plan.max_grad_norm == 1.0 and plan.noise_multiplier > 0.5
+    result = prepared.run()
+    # get_noise_multiplier searches until the target is met from below within 0.01
+    assert 1.5 - 0.02 <= result.epsilon <= 1.5 + 1e-6, result.epsilon
+    assert result.delta == plan.delta
+    with pytest.raises(TrainingRefused, match="already been used"):
+        prepared.run()  # a second run would spend the budget twice
+
+
+def test_more_epochs_or_a_smaller_epsilon_cost_more_noise(
+    digits: tuple[np.ndarray, ...],
+) -> None:
+    x_train, _, y_train, _ = digits
+    base = dict(loss="cross_entropy", batch_size=128, lr=0.5)
+    one = prepare(mlp(), x_train, y_train, TrainRequest(epochs=1, epsilon=2.0, **base)).plan
+    five = prepare(mlp(), x_train, y_train, TrainRequest(epochs=5, epsilon=2.0, **base)).plan
+    tight = prepare(mlp(), x_train, y_train, TrainRequest(epochs=1, epsilon=0.5, **base)).plan
+    assert one.noise_multiplier < five.noise_multiplier
+    assert one.noise_multiplier < tight.noise_multiplier
+    assert "noise_multiplier=" in one.describe() and "epsilon=2" in one.describe()
+
+
+class RowRecorder(torch.nn.Module):
+    """An owner's custom layer whose buffer keeps a copy of the last input row: the reason
+    a trained model's buffers and state_dict never leave."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+        self.register_buffer("last_row", torch.zeros(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x):
+            self.last_row.copy_(x[0].detach())
+        return self.fc(x)
+
+
+def test_a_buffer_that_copies_input_rows_does_not_come_back(
+    digits: tuple[np.ndarray, ...],
+) -> None:
+    x_train, _, y_train, _ = digits
+    request = TrainRequest(loss="cross_entropy", epochs=1, batch_size=256, lr=0.5,
+                           epsilon=1.0)
+    with pytest.raises(TrainingRefused, match="RowRecorder.*not a torch.nn layer"):
+        prepare(RowRecorder(), x_train, y_train, request)  # not unless the owner vouches
+
+    model = RowRecorder()
+    result = train(model, x_train, y_train, request,
+                   TrainSettings(allow_custom_modules=True))
+    assert set(result.parameters) == {"fc.weight", "fc.bias"}
+    assert all(not isinstance(v, torch.nn.Parameter) and not v.requires_grad
+               for v in result.parameters.values())
+    row_bytes = {x.tobytes() for x in x_train}
+    sent = b"".join(v.numpy().tobytes() for v in result.parameters.values())
+    assert not any(row in sent for row in row_bytes)
+    assert torch.equal(model.last_row, torch.zeros(64))  # the original was never run
+
+
+def test_the_researchers_model_is_never_trained_in_place(
+    digits: tuple[np.ndarray, ...],
+) -> None:
+    x_train, _, y_train, _ = digits
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare(model, x_train, y_train, TrainRequest(
+        loss="cross_entropy", epochs=1, batch_size=256, lr=0.5, epsilon=1.0))
+    with torch.no_grad():  # a change after the request: what trains was frozen before
+        model[0].weight.fill_(7.0)
+    result = prepared.run()
+    assert torch.equal(model[0].weight, torch.full((32, 64), 7.0))
+    assert not torch.equal(result.parameters["0.weight"], torch.full((32, 64), 7.0))
+    assert torch.equal(model[2].weight, before["2.weight"])
+    assert not torch.equal(result.parameters["2.weight"], before["2.weight"])
+
+
+def test_batchnorm_is_replaced_by_groupnorm_and_said_so(
+    digits: tuple[np.ndarray, ...],
+) -> None:
+    x_train, _, y_train, _ = digits
+    # (GroupNorm normalizes each row over groups of channels: 64 channels make 32 groups
+    # of two; with 32 channels each group would hold one value and nothing could train)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    prepared = prepare(model, x_train, y_train, TrainRequest(
+        loss="cross_entropy", epochs=1, batch_size=256, lr=0.5, epsilon=1.0))
+    assert prepared.plan.fixes == ("1: BatchNorm1d -> GroupNorm",)
+    assert isinstance(model[1], torch.nn.BatchNorm1d)  # the original is untouched
+    result = prepared.run()
+    assert set(result.parameters) == {"0.weight", "0.bias", "1.weight", "1.bias",
+                                      "3.weight", "3.bias"}  # no running_mean / var
+
+
+@pytest.mark.parametrize("layers, reason", [
+    ([torch.nn.Linear(64, 10), torch.nn.Softmax(dim=0)], "mixes rows"),
+    ([torch.nn.Flatten(0), torch.nn.Unflatten(0, (-1, 10))], "mixes rows|cannot run"),
+    ([torch.nn.Conv1d(1, 10, 64)], "cannot run|mixes rows"),  # rows fed as channels
+    ([torch.nn.Bilinear(64, 64, 10)], "cannot run"),
+])
+def test_models_that_mix_rows_or_cannot_run_per_row_are_refused(
+    digits: tuple[np.ndarray, ...], layers: list[torch.nn.Module], reason: str,
+) -> None:
+    x_train, _, y_train, _ = digits
+    with pytest.raises(TrainingRefused, match=reason):
+        prepare(torch.nn.Sequential(*layers), x_train, y_train, TrainRequest(
+            loss="cross_entropy", epochs=1, batch_size=256, lr=0.5, epsilon=1.0))
+
+
+def test_opacus_refusals_are_reported_with_the_reason(digits: tuple[np.ndarray, ...]) -> None:
+    x_train, _, y_train, _ = digits
+    frozen = torch.nn.Linear(64, 10).requires_grad_(False)
+    with pytest.raises(TrainingRefused, match="no trainable parameters"):
+        prepare(frozen, x_train, y_train, TrainRequest(
+            loss="cross_entropy", epochs=1, batch_size=256, lr=0.5, epsilon=1.0))
+    with pytest.raises(TrainingRefused, match="torch.nn.Module"):
+        prepare(object(), x_train, y_train, TrainRequest(
+            loss="cross_entropy", epochs=1, batch_size=256, lr=0.5, epsilon=1.0))
+
+
+@pytest.mark.parametrize("name", sorted(OWNER_CONTROLLED))
+def test_the_researcher_cannot_set_what_the_guarantee_depends_on(name: str) -> None:
+    fields = dict(loss="cross_entropy", epochs=1, batch_size=64, lr=0.1, epsilon=1.0)
+    fields[name] = 100.0
+    with pytest.raises(TrainingRefused, match="set by the data owner"):
+        TrainRequest.from_researcher(fields)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"epochs": 31}, "more than the owner allows"),  # the default bound is 30
+    ({"epsilon": 50.0}, "more than the owner allows"),
+    ({"delta": 0.01}, "more than the owner allows"),
+    ({"lr": 1e6}, "more than the owner allows"),
+    ({"batch_size": 10_000}, "larger than the number of rows"),
+    ({"epsilon": 1e-9}, "too small"),
+])
+def test_owner_bounds_are_enforced(digits: tuple[np.ndarray, ...], change: dict[str, Any],
+                                   reason: str) -> None:
+    x_train, _, y_train, _ = digits
+    fields: dict[str, Any] = dict(loss="cross_entropy", epochs=1, batch_size=256, lr=0.5,
+                                  epsilon=1.0)
+    fields.update(change)
+    with pytest.raises(TrainingRefused, match=reason):
+        prepare(mlp(), x_train, y_train, TrainRequest.from_researcher(fields))
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"epochs": True}, "positive integer"),
+    ({"epochs": 2.0}, "positive integer"),
+    ({"batch_size": 0}, "positive integer"),
+    ({"lr": float("nan")}, "positive number"),
+    ({"epsilon": float("inf")}, "positive number"),
+    ({"epsilon": "2"}, "positive number"),
+    ({"loss": "hinge"}, "loss must be one of"),
+    ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+    ({"delta": 1.0}, "delta must be"),
+    ({"momentum": 0.9}, "unknown training argument"),
+])
+def test_malformed_requests_are_refused_by_name(fields: dict[str, Any], reason: str) -> None:
+    base: dict[str, Any] = dict(loss="cross_entropy", epochs=1, batch_size=64, lr=0.1,
+                                epsilon=1.0)
+    base.update(fields)
+    with pytest.raises(TrainingRefused, match=reason):
+        TrainRequest.from_researcher(base)
+    with pytest.raises(TrainingRefused, match="missing training argument"):
+        TrainRequest.from_researcher({"loss": "mse"})
+
+
+def test_mismatched_rows_and_shapes_are_refused(digits: tuple[np.ndarray, ...]) -> None:
+    x_train, _, y_train, _ = digits
+    request = TrainRequest(loss="cross_entropy", epochs=1, batch_size=64, lr=0.1, epsilon=1.0)
+    with pytest.raises(TrainingRefused, match="same, non-zero number of rows"):
+        prepare(mlp(), x_train, y_train[:-1], request)
+    with pytest.raises(TrainingRefused, match="at least one feature"):
+        prepare(mlp(), x_train[:, 0], y_train, request)
+    with pytest.raises(TrainingRefused, match="tensor or an array"):
+        prepare(mlp(), x_train.tolist(), y_train, request)
+
+
+def test_the_global_seed_does_not_fix_the_noise(digits: tuple[np.ndarray, ...]) -> None:
+    """A researcher can call torch.manual_seed in the worker; if the sampler or the noise
+    used torch's global generator, the noise would be known and could be subtracted."""
+    x_train, _, y_train, _ = digits
+    request = TrainRequest(loss="cross_entropy", epochs=1, batch_size=256, lr=0.5,
+                           epsilon=1.0)
+    runs = []
+    for _ in range(2):
+        model = mlp()
+        torch.manual_seed(1234)
+        runs.append(train(model, x_train, y_train, request).parameters["2.bias"])
+    assert not torch.equal(runs[0], runs[1])
