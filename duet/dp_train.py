@@ -270,16 +270,15 @@ class Prepared:
                 total, count = 0.0, 0
                 for batch, target in private_loader:
                     private_optimizer.zero_grad()
-                    if len(batch) == 0:  # Poisson sampling can draw an empty batch: still a step
-                        private_optimizer.step()
-                        steps += 1
-                        continue
+                    # An empty Poisson batch still runs: the step adds noise (Opacus handles it)
                     loss = criterion(private_model(batch), target)
                     loss.backward()
+                    _drop_non_finite_rows(private_optimizer.grad_samples)
                     private_optimizer.step()
                     steps += 1
-                    total += float(loss.detach()) * len(batch)
-                    count += len(batch)
+                    if len(batch) and math.isfinite(float(loss.detach())):
+                        total += float(loss.detach()) * len(batch)
+                        count += len(batch)
                 mean = total / count if count else float("nan")
                 losses.append(mean)
                 if progress is not None:
@@ -299,7 +298,9 @@ def prepare(model: Any, data: Any, labels: Any, request: TrainRequest,
 
     ``model`` is never changed: the run uses a deep copy (fixed by Opacus where needed).
     ``data`` and ``labels`` are tensors or arrays with one row per privacy unit; they are
-    converted (a copy) to the dtypes the loss needs."""
+    converted (a copy) to the dtypes the loss needs. The number of rows is treated as
+    public, as Opacus does (it sets the sample rate): pass all rows of a shared dataset, not
+    a filtered subset whose size depends on the data."""
     import torch
 
     settings = settings or TrainSettings()
@@ -340,7 +341,8 @@ def prepare(model: Any, data: Any, labels: Any, request: TrainRequest,
 
     _check_classes(model, settings)
     copied, fixes = _fixed_copy(model)
-    _check_rows_independent(copied, x)
+    output = _check_rows_independent(copied, x)
+    y = _fit_labels(y, output, request.loss)
     trainable = sum(p.numel() for p in copied.parameters() if p.requires_grad)
     if trainable == 0:
         raise TrainingRefused("the model has no trainable parameters")
@@ -419,10 +421,10 @@ def _fixed_copy(model: Any) -> tuple[Any, list[str]]:
     return copied, fixes
 
 
-def _check_rows_independent(model: Any, x: Any) -> None:
+def _check_rows_independent(model: Any, x: Any) -> tuple[int, ...]:
     """Per-row clipping bounds one row's influence only if the model's output for a row
     depends on that row alone. Probe it with random rows (no data): each row's output in a
-    batch of three must equal its output alone."""
+    batch of three must equal its output alone. Returns the shape of one row's output."""
     import torch
 
     shape = (_PROBE_ROWS, *x.shape[1:])
@@ -453,6 +455,25 @@ def _check_rows_independent(model: Any, x: Any) -> None:
                 "the model mixes rows of a batch (an output row depends on other rows, e.g. "
                 "Softmax(dim=0) or Flatten(0)): per-row clipping would not bound a row's "
                 "influence")
+    return tuple(together.shape[1:])
+
+
+def _fit_labels(y: Any, output: tuple[int, ...], loss: str) -> Any:
+    """Labels shaped to the model's output, by rules that read shapes only. A loss that
+    broadcast labels against outputs (``mse`` of ``(B, 1)`` against ``(B,)`` is ``(B, B)``)
+    would mix rows; a class index out of range would make training fail, a failure that one
+    row could cause: class labels are clamped into range instead, as DP clamps to bounds."""
+    if loss in ("cross_entropy", "nll"):
+        if len(output) != 1 or y.dim() != 1:
+            raise TrainingRefused(f"{loss} needs a model output of shape (rows, classes) and "
+                                  "labels of shape (rows,)")
+        return y.clamp(0, output[0] - 1)
+    if y.dim() == 1 and output == (1,):
+        y = y.unsqueeze(1)
+    if tuple(y.shape[1:]) != output:
+        raise TrainingRefused(f"{loss} needs labels shaped like the model's output per row "
+                              f"{list(output)}, not {list(y.shape[1:])}")
+    return y
 
 
 def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, epochs: int,
@@ -479,6 +500,22 @@ def _criterion(loss: str) -> Any:
         "mse": torch.nn.MSELoss,
         "bce_with_logits": torch.nn.BCEWithLogitsLoss,
     }[loss])()  # reduction "mean", as Opacus' optimizer is told
+
+
+def _drop_non_finite_rows(grad_samples: list[Any]) -> None:
+    """Zero the per-row gradients of rows whose gradient is not finite (an infinite value, a
+    NaN label, an overflow). Clipping cannot bound a NaN: one such row would turn the sum, and
+    with it every parameter, into NaN, a signal from a single row that no noise hides."""
+    import torch
+
+    if not grad_samples or len(grad_samples[0]) == 0:
+        return
+    finite = torch.ones(len(grad_samples[0]), dtype=torch.bool)
+    for g in grad_samples:
+        finite &= torch.isfinite(g.reshape(len(g), -1)).all(dim=1)
+    if not bool(finite.all()):
+        for g in grad_samples:
+            g[~finite] = 0
 
 
 def _private_generator() -> Any:

@@ -281,3 +281,64 @@ def test_the_global_seed_does_not_fix_the_noise(digits: tuple[np.ndarray, ...]) 
         torch.manual_seed(1234)
         runs.append(train(model, x_train, y_train, request).parameters["2.bias"])
     assert not torch.equal(runs[0], runs[1])
+
+
+def test_one_poisoned_row_cannot_turn_the_model_into_nan(
+    digits: tuple[np.ndarray, ...],
+) -> None:
+    """Clipping cannot bound a NaN: without care one row holding inf (or a NaN label) would
+    make every released parameter NaN, a certain signal from a single row."""
+    x_train, _, y_train, _ = digits
+    x = x_train.copy()
+    x[5, 3] = np.inf
+    labels = y_train.astype(np.float64)
+    labels[7] = np.nan  # becomes a clamped class index
+    result = train(mlp(), x, labels, TrainRequest(
+        loss="cross_entropy", epochs=2, batch_size=256, lr=0.5, epsilon=1.0))
+    assert all(bool(torch.isfinite(v).all()) for v in result.parameters.values())
+
+    y = np.zeros((len(x_train), 1), dtype=np.float32)
+    y[9, 0] = np.inf
+    regression = torch.nn.Sequential(torch.nn.Linear(64, 1))
+    result = train(regression, x_train, y, TrainRequest(
+        loss="mse", epochs=1, batch_size=256, lr=0.1, epsilon=1.0))
+    assert all(bool(torch.isfinite(v).all()) for v in result.parameters.values())
+
+
+def test_out_of_range_class_labels_cannot_make_training_fail(
+    digits: tuple[np.ndarray, ...],
+) -> None:
+    """Whether a run failed is data: a label >= the number of classes in one row must not
+    decide it. Labels are clamped into the model's classes."""
+    x_train, _, y_train, _ = digits
+    labels = y_train.copy()
+    labels[0] = 10_000
+    labels[1] = -100  # CrossEntropyLoss' ignore_index, so also not a special value
+    result = train(mlp(), x_train, labels, TrainRequest(
+        loss="nll", epochs=1, batch_size=256, lr=0.1, epsilon=1.0))
+    assert set(result.parameters) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_labels_that_would_broadcast_across_rows_are_refused(
+    digits: tuple[np.ndarray, ...],
+) -> None:
+    """mse of outputs (B, 2) against labels (B,) broadcasts, so each row's loss would read
+    other rows' labels; (B, 1) against (B,) is reshaped instead."""
+    x_train, _, y_train, _ = digits
+    request = TrainRequest(loss="mse", epochs=1, batch_size=256, lr=0.1, epsilon=1.0)
+    with pytest.raises(TrainingRefused, match="shaped like the model's output"):
+        prepare(torch.nn.Linear(64, 2), x_train, y_train.astype(np.float32), request)
+    prepared = prepare(torch.nn.Linear(64, 1), x_train, y_train.astype(np.float32), request)
+    assert prepared.plan.loss == "mse"
+    with pytest.raises(TrainingRefused, match=r"shape \(rows, classes\)"):
+        prepare(torch.nn.Linear(64, 10), x_train, np.eye(10)[y_train], TrainRequest(
+            loss="cross_entropy", epochs=1, batch_size=256, lr=0.1, epsilon=1.0))
+
+
+def test_empty_poisson_batches_still_count_as_steps() -> None:
+    x = torch.randn(3, 4)
+    y = torch.tensor([0, 1, 0])
+    result = train(torch.nn.Linear(4, 2), x, y, TrainRequest(
+        loss="cross_entropy", epochs=6, batch_size=1, lr=0.1, epsilon=5.0),
+        TrainSettings(delta=1e-3))
+    assert result.steps == 18 and 4.9 <= result.epsilon <= 5.0
