@@ -71,6 +71,10 @@ class RequestHandle:
             raise RequestTimeout(
                 f"no decision on request {self.id} within {timeout} s; it stays pending "
                 "(call .result() again, or .withdraw())") from None
+        except DuetError as exc:
+            # A denial is an answer, not a crash: show it without the thread machinery's
+            # frames, so a notebook prints a short traceback ending in the user's own call.
+            raise exc.with_traceback(None) from None
 
     def withdraw(self) -> None:
         if not self._future.done():

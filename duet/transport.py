@@ -170,7 +170,11 @@ class Framer:
 
 
 class Reassembler:
-    """Rebuilds messages from frames, enforcing size limits; a bad frame drops only its stream."""
+    """Rebuilds messages from frames, enforcing size limits; a bad frame drops only its stream.
+
+    Two limits bound the memory a peer can make us hold: each message's declared size, and
+    the declared sizes of all open streams together (``max_message_bytes`` as well), so 64
+    interleaved streams cannot each claim the per-message maximum."""
 
     def __init__(self, max_message_bytes: int, progress: Progress | None = None,
                  progress_threshold: int = 8 * 1024 * 1024) -> None:
@@ -178,6 +182,7 @@ class Reassembler:
         self.progress = progress
         self.progress_threshold = progress_threshold
         self._streams: dict[int, _Stream] = {}
+        self._in_flight = 0  # declared bytes of the open streams
 
     def feed(self, frame: bytes) -> tuple[bytes, list[memoryview]] | None:
         """Take one frame; return a complete message when one is done. Raises ProtocolError."""
@@ -211,11 +216,17 @@ class Reassembler:
             raise ProtocolError(
                 f"message of {total} bytes exceeds the limit of {self.max_message_bytes} bytes"
             )
+        if self._in_flight + total > self.max_message_bytes:
+            raise ProtocolError(
+                f"messages in flight would hold {self._in_flight + total} bytes, over the limit "
+                f"of {self.max_message_bytes} bytes for all open messages together"
+            )
         # np.empty does not touch the pages: memory is committed as chunks arrive.
         entry = _Stream(header_len, sizes, np.empty(total, dtype=np.uint8))
         if self.progress is not None and total >= self.progress_threshold:
             entry.progress_update = self.progress(total)
         self._streams[stream] = entry
+        self._in_flight += total
 
     def _chunk(self, frame: bytes) -> tuple[bytes, list[memoryview]] | None:
         if len(frame) <= _CHUNK.size:
@@ -227,7 +238,7 @@ class Reassembler:
         payload = memoryview(frame)[_CHUNK.size :]
         end = entry.received + len(payload)
         if end > entry.total:
-            del self._streams[stream]
+            self._close(stream)
             raise ProtocolError(f"stream {stream} overran its declared size")
         entry.data[entry.received : end] = np.frombuffer(payload, dtype=np.uint8)
         entry.received = end
@@ -235,7 +246,7 @@ class Reassembler:
             entry.progress_update(len(payload))
         if end < entry.total:
             return None
-        del self._streams[stream]
+        self._close(stream)
         view = entry.data.data
         header = bytes(view[: entry.header_len])
         buffers, offset = [], entry.header_len
@@ -244,8 +255,12 @@ class Reassembler:
             offset += size
         return header, buffers
 
+    def _close(self, stream: int) -> None:
+        self._in_flight -= self._streams.pop(stream).total
+
     def reset(self) -> None:
         self._streams.clear()
+        self._in_flight = 0
 
 
 class FramedTransport(Transport):

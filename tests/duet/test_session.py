@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def test_approve_and_deny(pair: Pair) -> None:
     with pytest.raises(duet.RequestDenied, match="too specific") as denied:
         raw.result(5)
     assert denied.value.reason == "too specific"
+    # the traceback ends at the user's call, without concurrent.futures' frames
+    assert "concurrent" not in "".join(traceback.format_tb(denied.value.__traceback__))
+    assert denied.value.__suppress_context__
     assert [r.status for r in owner.requests] == ["approved", "denied"]
     assert "denied" in repr(owner.requests) and "<table>" in owner.requests._repr_html_()
 

@@ -70,6 +70,22 @@ def test_oversized_message_is_refused_before_allocation() -> None:
         Reassembler(max_message_bytes=1000).feed(begin)
 
 
+def test_open_streams_together_are_bounded() -> None:
+    """A hostile peer opens many streams, each just under the per-message limit: the total
+    declared in flight is capped too, and finishing a stream frees its share."""
+    framer = Framer(frame_size=1024)
+    reassembler = Reassembler(max_message_bytes=1000)
+    first, begin = framer.begin(b"h", [memoryview(b"x" * 599)])
+    reassembler.feed(begin)
+    _, second = framer.begin(b"h", [memoryview(b"x" * 599)])
+    with pytest.raises(ProtocolError, match="in flight"):
+        reassembler.feed(second)
+    # the first stream is unharmed and completes; then there is room again
+    done = reassembler.feed(bytes([CHUNK]) + first.to_bytes(4, "big") + b"h" + b"x" * 599)
+    assert done is not None and bytes(done[1][0]) == b"x" * 599
+    reassembler.feed(second)
+
+
 def test_stream_overrun_is_refused_and_dropped() -> None:
     framer = Framer(frame_size=1024)
     stream, begin = framer.begin(b"hh", [memoryview(b"x" * 10)])
