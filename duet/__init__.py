@@ -9,6 +9,7 @@ from .api import embedded_server_url, join, launch, local_invitation
 from .approvals import Request, RequestQueue, Rule
 from .audit import AuditEvent, AuditLog
 from .config import SessionConfig
+from .dp import DP
 from .errors import (
     BudgetExceeded,
     ConnectionLost,
@@ -17,6 +18,7 @@ from .errors import (
     PairingError,
     PairingTimeout,
     PolicyViolation,
+    PrivacyBudgetExceeded,
     ProtocolError,
     RemoteError,
     RequestDenied,
@@ -45,6 +47,7 @@ __all__ = [
     "AuditLog",
     "BudgetExceeded",
     "ConnectionLost",
+    "DP",
     "DuetError",
     "DuetTimeout",
     "OwnerSession",
@@ -52,6 +55,7 @@ __all__ = [
     "PairingTimeout",
     "Pointer",
     "PolicyViolation",
+    "PrivacyBudgetExceeded",
     "ProtocolError",
     "RemoteError",
     "RemoteModule",

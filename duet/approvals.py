@@ -23,7 +23,7 @@ from .errors import RequestError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Request", "RequestQueue", "Rule", "ValueInfo", "safe_text"]
+__all__ = ["DPInfo", "Request", "RequestQueue", "Rule", "ValueInfo", "safe_text"]
 
 Status = Literal["pending", "approved", "denied", "withdrawn"]
 Action = Literal["approve", "deny"]
@@ -39,6 +39,35 @@ class ValueInfo:
     dtype: str | None
     elements: int
     nbytes: int
+
+
+@dataclass(frozen=True)
+class DPInfo:
+    """What a request means for privacy budgets, shown to the owner before deciding.
+
+    ``kind`` "dp": a differentially private release, its cost already reserved in the ledger
+    (``epsilon``/``delta``, charged to ``sources``), with the mechanism, noise scale and 95%
+    accuracy, and ``epsilon_left`` once it is spent. ``kind`` "exact": the value derives
+    from DP-protected data without a DP mechanism; approving it records *unbounded* privacy
+    loss for ``sources``, and no rule ever approves it."""
+
+    kind: Literal["dp", "exact"]
+    sources: tuple[str, ...]
+    epsilon: float = 0.0
+    delta: float = 0.0
+    mechanism: str = ""
+    scale: str = ""
+    accuracy: str = ""
+    epsilon_left: float = 0.0
+
+    def summary(self) -> str:
+        """One line for tables and the panel (words, not colours)."""
+        if self.kind == "exact":
+            return (f"EXACT release of DP-protected {', '.join(self.sources)}: approving "
+                    "spends the whole budget (unbounded loss)")
+        delta = f", δ={self.delta:.3g}" if self.delta else ""
+        return (f"DP ε={self.epsilon:.4g}{delta}, 95% accuracy {self.accuracy}; "
+                f"budget left after: ε={self.epsilon_left:.4g}")
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
@@ -61,8 +90,16 @@ class Rule:
     max_elements: int | None = None
     predicate: Callable[[Request], bool] | None = None
     reason: str = ""
+    dp_within_budget: bool | None = None
 
     def matches(self, request: Request) -> bool:
+        dp = request.dp
+        if self.action == "approve" and dp is not None and dp.kind == "exact":
+            return False  # unbounded privacy loss: only the owner, by hand
+        if self.dp_within_budget is not None:
+            # a DP request reaches the queue only once its cost is reserved: within budget
+            if self.dp_within_budget != (dp is not None and dp.kind == "dp"):
+                return False
         if self.name is not None:
             # deny: anything derived from the name; approve: only what derives from the name
             # alone (a value mixing in another shared object is that object's data too)
@@ -80,7 +117,8 @@ class Rule:
         criteria = [
             f"{key}={value!r}"
             for key, value in (("name", self.name), ("lineage", self.lineage),
-                               ("max_elements", self.max_elements))
+                               ("max_elements", self.max_elements),
+                               ("dp_within_budget", self.dp_within_budget))
             if value is not None
         ]
         if self.predicate is not None:
@@ -110,6 +148,7 @@ class Request:
     decided_by: str = ""
     decision_reason: str = ""
     decided_at: float | None = None
+    dp: DPInfo | None = None  # privacy budget: a DP release, or an exact one of DP data
     _queue: RequestQueue | None = field(default=None, repr=False)
 
     @property
@@ -139,8 +178,9 @@ class Request:
 
     def __repr__(self) -> str:
         sources = ", ".join(sorted(self.sources)) or "none"
+        privacy = f"; {self.dp.summary()}" if self.dp is not None else ""
         return safe_text(f"<Request {self.id} {self.status}: {self.lineage} ({self.info.type}, "
-                         f"{self.info.nbytes} bytes; sources: {sources}) "
+                         f"{self.info.nbytes} bytes; sources: {sources}{privacy}) "
                          f"reason={self.reason!r}>")
 
 
@@ -210,19 +250,24 @@ class RequestQueue(Sequence[Request]):
     def add_rule(self, action: Action = "approve", name: str | None = None, *,
                  lineage: str | None = None, max_elements: int | None = None,
                  predicate: Callable[[Request], bool] | None = None, reason: str = "",
-                 apply_to_pending: bool = True) -> Rule:
+                 apply_to_pending: bool = True, dp_within_budget: bool | None = None) -> Rule:
         """Decide matching requests automatically, e.g. ``add_rule("approve", max_elements=1)``.
 
         ``name``: for "deny", the value derives from this shared object (among others); for
         "approve", from this shared object and no other; ``lineage``: a regular expression
         searched in the lineage; ``max_elements``: at most this many elements; ``predicate``:
-        any test of the ``Request``. Rules apply in the order added; the first match decides.
+        any test of the ``Request``; ``dp_within_budget=True``: differentially private
+        requests whose cost fits the budget (it is reserved before they reach the queue; one
+        that would not fit is refused before anything is computed). Approve rules never
+        match an exact release of DP-protected data (unbounded privacy loss): only the owner
+        approves those, by hand. Rules apply in the order added; the first match decides.
         """
         if action not in ("approve", "deny"):
             raise ValueError("action must be 'approve' or 'deny'")
         if lineage is not None:
             re.compile(lineage)
-        rule = Rule(next(self._rule_ids), action, name, lineage, max_elements, predicate, reason)
+        rule = Rule(next(self._rule_ids), action, name, lineage, max_elements, predicate, reason,
+                    dp_within_budget)
         with self._lock:
             self._rules.append(rule)
         if apply_to_pending:
@@ -331,11 +376,12 @@ class RequestQueue(Sequence[Request]):
                 ", ".join(sorted(r.sources)) or "-",
                 r.info.type + ("" if r.info.shape is None else str(list(r.info.shape))),
                 str(r.info.nbytes), r.reason[:80], r.preview.replace("\n", " ")[:40],
+                "-" if r.dp is None else r.dp.summary(),
             )])
         return rows
 
     _HEADERS = ["id", "time", "status", "lineage", "sources", "type", "bytes", "reason",
-                "preview"]
+                "preview", "privacy"]
 
     def __repr__(self) -> str:
         if not len(self):

@@ -79,6 +79,14 @@ EVENTS: Mapping[str, str] = types.MappingProxyType(
         "rule_error": "A request rule raised while being checked (detail: rule, error).",
         "disconnect": "The peer left or the data channel died.",
         "session_closed": "The owner closed the session.",
+        "dp_budget": (
+            "The owner shared a name with differential privacy (detail: name, total epsilon "
+            "and delta, what the ledger says is spent)."
+        ),
+        "dp_charge": (
+            "The privacy ledger changed for a request (detail: name, epsilon, delta, status "
+            "reserved/spent/released/refused/unbounded)."
+        ),
     }
 )
 """The closed set of event names ``AuditLog.record`` accepts, each with what it means."""

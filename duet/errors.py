@@ -11,6 +11,7 @@
     ├── RequestError             a request cannot be made or decided (freed object, twice ...)
     ├── WorkerRestarted          the owner's worker restarted: objects made before it are gone
     ├── BudgetExceeded           the owner's memory budget for this session would be exceeded
+    ├── PrivacyBudgetExceeded    a DP request would exceed the shared name's privacy budget
     └── DuetTimeout              a blocking call ran out of time (also a builtin TimeoutError)
         ├── RequestTimeout       no decision arrived in time; the request stays pending
         └── PairingTimeout       (see above)
@@ -33,6 +34,7 @@ __all__ = [
     "PairingError",
     "PairingTimeout",
     "PolicyViolation",
+    "PrivacyBudgetExceeded",
     "ProtocolError",
     "RemoteError",
     "RequestDenied",
@@ -109,3 +111,28 @@ class RequestError(DuetError):
 
 class BudgetExceeded(DuetError):
     """The owner's memory budget for the session would be exceeded."""
+
+
+class PrivacyBudgetExceeded(DuetError):
+    """A differentially private request would spend more than is left of the privacy budget
+    of the shared name ``budget``; it was refused before anything was computed."""
+
+    def __init__(self, budget: str, epsilon: float = 0.0, delta: float = 0.0,
+                 epsilon_left: float = 0.0, delta_left: float = 0.0, *,
+                 unbounded: bool = False, message: str = "") -> None:
+        self.budget = budget
+        self.epsilon = epsilon
+        self.delta = delta
+        self.epsilon_left = epsilon_left
+        self.delta_left = delta_left
+        if not message:
+            if unbounded:
+                why = "an exact value of this data was released, so no budget is left"
+            else:
+                why = (f"the request needs epsilon={epsilon:.4g}"
+                       + (f", delta={delta:.3g}" if delta else "")
+                       + f" and {epsilon_left:.4g}"
+                       + (f" (delta {delta_left:.3g})" if delta else "") + " is left")
+            message = (f"privacy budget of {budget!r} exceeded: {why}; refused before "
+                       "anything was computed")
+        super().__init__(message)

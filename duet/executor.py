@@ -183,6 +183,30 @@ class Executor:
         self._events.executed(call.operation, call.text, op.result)
         return None
 
+    def adopt(self, op: Op, value: Any, text: str, sources: frozenset[str],
+              held: Any = None) -> OpFailed | None:
+        """Store ``value``, made for ``op`` outside the allowlist by the worker's own code
+        (a DP query), like an executed op; ``held`` is what counts against the memory
+        budget (default: the value)."""
+        call = _Call(op.name, set(sources), text)
+        if op.result in self._entries:
+            return self._report(op, call, _Failure("DuplicateId", f"object #{op.result} "
+                                                   "already exists"), store=False)
+        try:
+            nbytes = self._account(op.result, value if held is None else held)
+        except _Failure as failure:
+            return self._report(op, call, failure)
+        self._entries[op.result] = Entry(value, text, nbytes, sources=frozenset(sources))
+        self._events.executed(op.name, text, op.result)
+        return None
+
+    def refuse(self, op: Op, detail: str, sources: frozenset[str] = frozenset(), *,
+               error_type: str = "PolicyViolation") -> OpFailed:
+        """Store ``op`` as refused (or failed, for another ``error_type``) with ``detail``."""
+        call = _Call(op.name, set(sources), f"{op.name}(…)")
+        return self._report(op, call, _Failure(error_type, detail),
+                            policy=error_type == "PolicyViolation")
+
     def free(self, ids: Iterable[int]) -> None:
         """Drop entries (unknown ids are ignored: the researcher may free a failed op twice)."""
         for entry_id in ids:

@@ -29,6 +29,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "MAX_BUFFERS",
+    "DPQuote",
     "Done",
     "Ready",
     "Released",
@@ -146,6 +147,19 @@ class ValueSummary(_Model):
     nbytes: int
 
 
+class DPQuote(_Model):
+    """A DP release as the owner sees it (``duet.dp.Quote``); the kernel checks the cost
+    against what it reserved itself."""
+
+    statistic: Annotated[str, Field(max_length=40)]
+    source: Annotated[str, Field(max_length=200)]
+    epsilon: float
+    delta: float
+    mechanism: Annotated[str, Field(max_length=500)]
+    scale: Annotated[str, Field(max_length=500)]
+    accuracy: Annotated[str, Field(max_length=500)]
+
+
 class Snapshot(_Model):
     """A request's value, frozen when the request was made; its bytes stay in the worker
     (or ride along as buffers when small) until the owner decides."""
@@ -165,6 +179,7 @@ class Snapshot(_Model):
     sha256: Annotated[str, Field(max_length=64)] = ""
     nbytes: int = 0
     inline: bool = False  # the encoded decision travels with this message
+    dp: DPQuote | None = None  # the value is a DP release (its noise already drawn)
 
 
 class RequestFailed(_Model):

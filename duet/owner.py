@@ -30,11 +30,19 @@ from typing import Any
 import numpy as np
 
 from . import protocol as p
-from .approvals import Request, RequestQueue, Rule, ValueInfo, safe_text
+from .approvals import DPInfo, Request, RequestQueue, Rule, ValueInfo, safe_text
 from .audit import EVENTS, AuditLog, sha256_of
 from .config import SessionConfig
-from .errors import DuetTimeout, PolicyViolation, ProtocolError, RequestError
+from .dp import DP, Derivations, QuerySpec, is_dp_op, parse_op
+from .errors import (
+    DuetTimeout,
+    PolicyViolation,
+    PrivacyBudgetExceeded,
+    ProtocolError,
+    RequestError,
+)
 from .ipc import Done, RequestFailed, Snapshot, Usage
+from .ledger import Budget, Ledger
 from .policy import Allowlist
 from .session import Encoded, Session
 from .supervisor import SealedArray, WorkerProcess, WorkerSettings, prepare_share
@@ -82,6 +90,16 @@ class OwnerSession(Session):
         self._request_rows: dict[str, tuple[str, dict[str, Any]]] = {}  # audit rows to write
         self._held_rows: list[tuple[str, dict[str, Any]]] = []  # see worker_done
         self._rows_lock = threading.Lock()
+        # Differential privacy (duet.dp): the owner's declarations per shared name, which
+        # researcher objects derive from them, the DP queries by object id, and the ledger
+        # reservations by request id (name, epsilon, delta) until each is decided.
+        self._dp_specs: dict[str, dict[str, Any]] = {}
+        self._derivations = Derivations(self._dp_specs)
+        self._dp_queries: dict[int, QuerySpec] = {}
+        self._dp_refused: set[int] = set()  # dp.* ops refused at once: requests too
+        self._dp_reserved: dict[str, tuple[str, float, float]] = {}
+        self._dp_lock = threading.Lock()
+        self._ledger: Ledger | None = None
         self._audit.record("session_started")
         self._worker: WorkerProcess | None = self._start_worker()
 
@@ -96,18 +114,36 @@ class OwnerSession(Session):
 
     # -- sharing --------------------------------------------------------------------------
     def share(self, obj: Any, name: str, description: str = "",
-              tags: Iterable[str] = ()) -> None:
+              tags: Iterable[str] = (), *, dp: DP | None = None) -> None:
         """Make ``obj`` reachable by the researcher as ``store[name]`` (never its values).
 
         Arrays and tensors are copied once into sealed memory the worker maps read-only;
         torch modules, scalars and plain lists, tuples and dicts of these are copied to it.
+        ``dp=duet.DP(epsilon=..., bounds=...)``: the researcher may ask for differentially
+        private statistics (``r.dp.*``) charged to the privacy budget of ``name``, which
+        persists across sessions (``budget(name)``); see docs/dp.md.
         """
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
             raise ValueError(f"share name {name!r} must be a Python identifier without a "
                              "leading underscore")
+        if dp is not None and not isinstance(dp, DP):
+            raise TypeError("dp= takes a duet.DP(epsilon=..., delta=..., bounds=...)")
         _check_shareable(obj, 0)
+        dp_spec = dp.spec(name, obj) if dp is not None else None
         entry = _declare(obj, name, description, tuple(tags))
         prepared = prepare_share(obj)
+        prepared = ({**prepared[0], "dp": dp_spec}, prepared[1], prepared[2])
+        if dp is not None:
+            budget = self.ledger.declare(name, dp.epsilon, dp.delta)
+            self._audit.record("dp_budget", name=name, epsilon=dp.epsilon, delta=dp.delta,
+                               epsilon_spent=budget.epsilon_spent,
+                               unbounded=budget.unbounded, unit=dp_spec and dp_spec["unit"],
+                               bounds=dp_spec and dp_spec["bounds"])
+        with self._dp_lock:
+            if dp_spec is not None:
+                self._dp_specs[name] = dp_spec
+            else:
+                self._dp_specs.pop(name, None)
         with self._worker_lock:
             old = self._share_messages.pop(name, None)
             self._share_messages[name] = prepared
@@ -126,6 +162,8 @@ class OwnerSession(Session):
             raise KeyError(f"nothing is shared under {name!r}")
         del self._shared[name]
         del self._families[name]
+        with self._dp_lock:
+            self._dp_specs.pop(name, None)
         with self._worker_lock:
             _, _, sealed = self._share_messages.pop(name)
             if self._worker is not None:
@@ -157,6 +195,65 @@ class OwnerSession(Session):
                 self._worker.submit("allowlist", spec=self.allowlist.spec())
         if self.connected:
             self._send(p.AllowlistUpdate(allowlist=self._summary))
+
+    # -- differential privacy ---------------------------------------------------------------
+    @property
+    def ledger(self) -> Ledger:
+        """The privacy budget ledger (``duet.ledger``), next to the audit log."""
+        if self._ledger is None:
+            self._ledger = Ledger.beside(self.audit.path)
+        return self._ledger
+
+    def budget(self, name: str) -> Budget:
+        """What is spent and left of the privacy budget of shared ``name``
+        (``.epsilon_spent``, ``.epsilon_left``, ``.delta_spent``, ``.delta_left``);
+        reservations of undecided requests count as spent."""
+        return self.ledger.budget(name)
+
+    def _dp_reserve(self, request_id: str, name: str, epsilon: float, delta: float,
+                    what: str) -> Budget:
+        """Set a request's cost aside in the ledger before anything is computed (also for
+        DP training); raises ``PrivacyBudgetExceeded``, audited either way."""
+        try:
+            budget = self.ledger.reserve(name, epsilon, delta, request_id, what)
+        except PrivacyBudgetExceeded as exc:
+            self._audit.record("dp_charge", request_id=request_id, name=name,
+                               epsilon=epsilon, delta=delta, status="refused",
+                               epsilon_left=exc.epsilon_left, lineage=what)
+            raise
+        with self._dp_lock:
+            self._dp_reserved[request_id] = (name, epsilon, delta)
+        self._audit.record("dp_charge", request_id=request_id, name=name, epsilon=epsilon,
+                           delta=delta, status="reserved", epsilon_left=budget.epsilon_left,
+                           lineage=what)
+        return budget
+
+    def _dp_settle(self, request_id: str, spent: bool, *, epsilon: float | None = None,
+                   delta: float | None = None) -> Budget | None:
+        """The reservation of ``request_id`` becomes spent (the value left) or is given
+        back (denied, withdrawn, failed); ``epsilon``/``delta`` may lower what is spent."""
+        with self._dp_lock:
+            reserved = self._dp_reserved.pop(request_id, None)
+        if reserved is None:
+            return None
+        name = reserved[0]
+        budget: Budget | None
+        if spent:
+            budget = self.ledger.commit(request_id, epsilon=epsilon, delta=delta)
+        else:
+            budget = self.ledger.release(request_id)
+        self._audit.record("dp_charge", request_id=request_id, name=name,
+                           epsilon=reserved[1] if epsilon is None else epsilon,
+                           delta=reserved[2] if delta is None else delta,
+                           status="spent" if spent else "released",
+                           epsilon_left=None if budget is None else budget.epsilon_left)
+        return budget
+
+    def _dp_release_all(self) -> None:
+        with self._dp_lock:
+            pending = list(self._dp_reserved)
+        for request_id in pending:
+            self._dp_settle(request_id, False)
 
     @property
     def shared(self) -> dict[str, p.StoreEntry]:
@@ -226,6 +323,10 @@ class OwnerSession(Session):
             self.requests.withdraw(request.id, f"the worker restarted ({reason})")
         self._awaiting_release.clear()
         self._live_ids.clear()  # the researcher's objects died with the worker
+        self._derivations.clear()
+        self._dp_queries.clear()
+        self._dp_refused.clear()
+        self._dp_release_all()  # nothing left the dead worker
         told = reason if not crashed else "the owner's worker stopped unexpectedly"
         if stopped:
             told += (f"; it stopped {self._crashes} times, the owner's limit: nothing runs "
@@ -254,10 +355,17 @@ class OwnerSession(Session):
                          summary.dtype, summary.elements, summary.nbytes)
         if snapshot.failed:  # no size rule releases a failure: the owner (or a rule that
             info = ValueInfo("failed", None, None, sys.maxsize, 0)  # names it) decides
+        try:
+            privacy = self._privacy_of(snapshot)
+        except RequestError as exc:
+            self._reasons.pop(snapshot.request_id, None)
+            self._drop(snapshot.request_id)
+            self._answer_error(snapshot.request_id, str(exc))
+            return
         request = Request(id=snapshot.request_id, reason=self._reasons.pop(
             snapshot.request_id, ""), lineage=snapshot.lineage,
             sources=frozenset(snapshot.sources), info=info, preview=snapshot.preview,
-            sha256=snapshot.sha256, failed=snapshot.failed)
+            sha256=snapshot.sha256, failed=snapshot.failed, dp=privacy)
         # Written with the decision when a rule decides at once (one transaction), else
         # right after: no message follows it, so it need not wait for the disk either way.
         self._request_rows[request.id] = ("request", {
@@ -278,7 +386,33 @@ class OwnerSession(Session):
                 with self._rows_lock:
                     self._held_rows.append(row)
 
+    def _privacy_of(self, snapshot: Snapshot) -> DPInfo | None:
+        """What the request means for privacy budgets: a DP release whose cost the kernel
+        reserved itself (the worker's quote may not claim more), or an exact value of
+        DP-protected data (unbounded loss if approved)."""
+        quote = snapshot.dp
+        with self._dp_lock:
+            reserved = self._dp_reserved.get(snapshot.request_id)
+        if quote is not None:
+            if reserved is None:
+                raise RequestError("the request was withdrawn; nothing was charged")
+            name, epsilon, delta = reserved
+            if (quote.source != name or quote.epsilon > epsilon * (1 + 1e-9)
+                    or quote.delta > delta * (1 + 1e-9)):
+                self._dp_settle(snapshot.request_id, False)
+                self._worker_misbehaved("a DP quote that does not match its reservation")
+                raise RequestError("the DP release could not be made; nothing was charged")
+            budget = self.ledger.budget(name)
+            return DPInfo("dp", (name,), epsilon, delta, quote.mechanism, quote.scale,
+                          quote.accuracy, budget.epsilon_left)
+        if reserved is not None:  # computing the DP value failed: not a DP release
+            self._dp_settle(snapshot.request_id, False)
+        with self._dp_lock:
+            protected = tuple(sorted(set(snapshot.sources) & set(self._dp_specs)))
+        return DPInfo("exact", protected) if protected else None
+
     def worker_request_failed(self, failed: RequestFailed) -> None:
+        self._dp_settle(failed.request_id, False)
         reason = self._reasons.pop(failed.request_id, "")
         request = self._awaiting_release.pop(failed.request_id, None)
         if request is None:
@@ -331,11 +465,21 @@ class OwnerSession(Session):
             self._on_ops(message, raw)
         elif isinstance(message, p.Free):
             self._live_ids.difference_update(message.ids)
+            self._derivations.forget(message.ids)
+            for object_id in message.ids:
+                self._dp_queries.pop(object_id, None)
+                self._dp_refused.discard(object_id)
             self._forward(raw)
         elif isinstance(message, p.RequestValue):
             self._on_request(message, raw)
         elif isinstance(message, p.Withdraw):
             self.requests.withdraw(message.request_id)
+            try:
+                pending = self.requests.get(message.request_id).status == "withdrawn"
+            except RequestError:
+                pending = True  # its value has not arrived yet
+            if pending:
+                self._dp_settle(message.request_id, False)
             with self._worker_lock:
                 if self._worker is not None:
                     self._worker.submit("drop", answered=False, request_id=message.request_id)
@@ -356,12 +500,20 @@ class OwnerSession(Session):
         refusals = []
         for op in message.ops:
             try:
+                if is_dp_op(op):  # not on the allowlist: duet's own DP statistics
+                    self._check_references(op)
+                    self._dp_refused.add(op.result)
+                    self._dp_queries[op.result] = parse_op(op, self._derivations)
+                    self._dp_refused.discard(op.result)
+                    continue
                 self.allowlist.precheck(op)
                 self._check_references(op)
             except PolicyViolation as exc:
                 refusals.append(p.OpFailed(result=op.result, operation=op.name,
                                            error_type="PolicyViolation", policy=True,
                                            detail=str(exc)))
+                continue
+            self._derivations.observe(op)
         if not self._forward(raw):
             stopped = "the owner's worker is stopped; nothing runs until the owner restarts it"
             refusals = [p.OpFailed(result=op.result, operation=op.name, error_type="Stopped",
@@ -401,8 +553,32 @@ class OwnerSession(Session):
     def _on_request(self, message: p.RequestValue, raw: Encoded) -> None:
         if message.request_id in self._reasons or message.request_id in self._snapshots:
             raise ProtocolError(f"request id {message.request_id!r} is already in use")
+        target = message.target
+        if isinstance(target, p.PointerRef) and target.id in self._dp_refused:
+            self._audit.record("request", request_id=message.request_id, reason=message.reason,
+                               refused="its DP statistic was refused")
+            self._answer_error(message.request_id, "its DP statistic was refused")
+            return
+        query = self._dp_queries.get(target.id) if isinstance(target, p.PointerRef) else None
+        if query is not None:  # a DP statistic: its cost is reserved before it is computed
+            epsilon, delta = query.cost
+            try:
+                self._dp_reserve(message.request_id, query.source, epsilon, delta,
+                                 query.lineage)
+            except PrivacyBudgetExceeded as exc:
+                self._audit.record("request", request_id=message.request_id,
+                                   reason=message.reason, refused=str(exc),
+                                   lineage=query.lineage, sources=[query.source])
+                if self.connected:
+                    self._send(p.Decision(request_id=message.request_id, status="over_budget",
+                                          reason=str(exc), budget=query.source))
+                return
+            except (KeyError, ValueError) as exc:  # no budget under that name any more
+                self._answer_error(message.request_id, f"no privacy budget: {exc}")
+                return
         self._reasons[message.request_id] = message.reason
         if not self._forward(raw):
+            self._dp_settle(message.request_id, False)
             self._reasons.pop(message.request_id, None)
             self._audit.record("request", request_id=message.request_id, reason=message.reason,
                               refused="the owner's worker is stopped")
@@ -417,6 +593,7 @@ class OwnerSession(Session):
         """Called by the queue with the decision made; audit first, then send."""
         if not self.connected:
             raise RequestError(f"the researcher has left; nothing was sent for {request.id}")
+        self._settle_privacy(request, snapshot_failed=bool(request.failed))
         snapshot, encoded = self._snapshots.pop(request.id, (None, None))
         row = self._request_rows.pop(request.id, None)
         decided = [*self._take_held_rows(), *([row] if row is not None else []), ("decision", {
@@ -445,6 +622,21 @@ class OwnerSession(Session):
                 worker.submit("release", answered=False, request_id=request.id)
         if worker is None:
             self._answer_error(request.id, "the owner's worker stopped; ask again")
+
+    def _settle_privacy(self, request: Request, *, snapshot_failed: bool) -> None:
+        """Before anything is sent: a DP release's reservation becomes spent (approved) or
+        is given back; an approved exact value of DP data spends the whole budget."""
+        privacy = request.dp
+        if privacy is None:
+            return
+        approved = request.status == "approved"
+        if privacy.kind == "dp":
+            self._dp_settle(request.id, approved and not snapshot_failed)
+        elif approved:
+            for name in privacy.sources:
+                self.ledger.record_unbounded(name, f"{request.id}:{name}", request.lineage)
+                self._audit.record("dp_charge", request_id=request.id, name=name,
+                                   status="unbounded", lineage=request.lineage)
 
     def _send_value(self, request: Request, encoded: Encoded,
                     decided: list[tuple[str, dict[str, Any]]] | None = None) -> None:
@@ -496,6 +688,9 @@ class OwnerSession(Session):
     def _on_closed(self) -> None:
         self.worker_quiet()
         self.requests.close("the session is closed")
+        if self._ledger is not None:
+            self._dp_release_all()  # undecided: nothing left
+            self._ledger.close()
         for _, _, sealed in self._share_messages.values():
             if sealed is not None:
                 sealed.close()

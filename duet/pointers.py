@@ -20,8 +20,8 @@ from . import dtypes, lineage
 from . import protocol as p
 from .errors import DuetError, PolicyViolation, RequestDenied, RequestTimeout
 
-__all__ = ["Pointer", "PointerHost", "RemoteFunction", "RemoteModule", "RemoteNamespace",
-           "RequestHandle", "no_value"]
+__all__ = ["DPNamespace", "Pointer", "PointerHost", "RemoteFunction", "RemoteModule",
+           "RemoteNamespace", "RequestHandle", "no_value"]
 
 
 class PointerHost(Protocol):
@@ -515,3 +515,58 @@ class RemoteModule:
         layers = ", ".join(f"{k}={_show(v)}" for k, v in self._layers.items())
         return f"<RemoteModule {type(self).__name__}({layers})>"
 
+
+
+class DPNamespace:
+    """``r.dp``: differentially private statistics of data the owner shared with ``dp=``.
+
+    Each returns a ``Pointer`` at once; its ``get(reason)`` is a DP request: the owner's side
+    reserves ``epsilon`` from the shared name's budget (or raises ``PrivacyBudgetExceeded``
+    before computing anything), draws the noise, and the owner (or a rule) approves. Bounds,
+    the privacy unit and delta are the owner's: they cannot be passed here. Group keys and
+    quantile candidates are public values you choose (never read from the data).
+    """
+
+    def __init__(self, session: PointerHost) -> None:
+        self._session = session
+
+    def _statistic(self, name: str, data: Any, **kwargs: Any) -> Pointer:
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        text = lineage.function(f"dp.{name}", _show_args((data,), given))
+        return _submit(self._session, "function", f"dp.{name}", None, (data,), given, text)
+
+    def count(self, data: Any, *, epsilon: float, by: Any = None,
+              categories: list[Any] | None = None) -> Pointer:
+        """Rows of ``data`` (a table, a column, a filtered one), or per group of ``by``."""
+        return self._statistic("count", data, epsilon=epsilon, by=by, categories=categories)
+
+    def sum(self, column: Any, *, epsilon: float, by: Any = None,
+            categories: list[Any] | None = None) -> Pointer:
+        """Sum of a column clamped to the owner's bounds; per group with ``by=``."""
+        return self._statistic("sum", column, epsilon=epsilon, by=by, categories=categories)
+
+    def mean(self, column: Any, *, epsilon: float, by: Any = None,
+             categories: list[Any] | None = None) -> Pointer:
+        """Mean of a column clamped to the owner's bounds (noisy sum / noisy count); per
+        group with ``by=`` (a dict keyed by ``str(category)``)."""
+        return self._statistic("mean", column, epsilon=epsilon, by=by, categories=categories)
+
+    def variance(self, column: Any, *, epsilon: float) -> Pointer:
+        """Variance of a column clamped to the owner's bounds."""
+        return self._statistic("variance", column, epsilon=epsilon)
+
+    def histogram(self, column: Any, *, epsilon: float, bins: int | list[float] | None = None,
+                  categories: list[Any] | None = None) -> Pointer:
+        """Counts per bin (``bins``: a number of equal bins over the owner's bounds, or
+        edges) as ``{"edges", "counts"}``, or per public category as a dict."""
+        return self._statistic("histogram", column, epsilon=epsilon, bins=bins,
+                               categories=categories)
+
+    def quantile(self, column: Any, *, epsilon: float, q: float | list[float] = 0.5,
+                 candidates: list[float] | None = None) -> Pointer:
+        """The ``q`` quantile(s), chosen among ``candidates`` (default: 101 evenly spaced
+        values over the owner's bounds) by the exponential mechanism."""
+        return self._statistic("quantile", column, epsilon=epsilon, q=q, candidates=candidates)
+
+    def __repr__(self) -> str:
+        return "<r.dp: count, sum, mean, variance, histogram, quantile>"

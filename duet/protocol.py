@@ -217,15 +217,18 @@ class Decision(_Message):
     """The owner's answer to a request; ``value`` is present only when approved.
 
     ``failed``: the owner approved releasing that computing the value failed, and how
-    (``operation`` and ``error_type``); ``error``: the request could not be served."""
+    (``operation`` and ``error_type``); ``error``: the request could not be served;
+    ``over_budget``: a DP request would exceed the privacy budget of ``budget`` and was
+    refused before anything was computed."""
 
     type: Literal["decision"] = "decision"
     request_id: str
-    status: Literal["approved", "denied", "failed", "error"]
+    status: Literal["approved", "denied", "failed", "error", "over_budget"]
     reason: str = ""
     value: Any = None
     operation: str = ""
     error_type: str = ""
+    budget: str = ""  # over_budget: the shared name whose privacy budget would be exceeded
 
 
 class WorkerRestarted(_Message):

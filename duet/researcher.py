@@ -23,12 +23,13 @@ from .config import SessionConfig
 from .errors import (
     ConnectionLost,
     DuetError,
+    PrivacyBudgetExceeded,
     RemoteError,
     RequestDenied,
     RequestError,
     WorkerRestarted,
 )
-from .pointers import RemoteNamespace, RequestHandle
+from .pointers import DPNamespace, RemoteNamespace, RequestHandle
 from .session import Encoded, Session
 from .store import Store
 
@@ -70,6 +71,11 @@ class ResearcherSession(Session):
     @property
     def torch(self) -> RemoteNamespace:
         return RemoteNamespace(self, "torch")
+
+    @property
+    def dp(self) -> DPNamespace:
+        """Differentially private statistics of data the owner shared with ``dp=``."""
+        return DPNamespace(self)
 
     # -- PointerHost: what pointers ask of their session (any thread) ---------------------------
     def new_id(self) -> int:
@@ -188,6 +194,9 @@ class ResearcherSession(Session):
             future.set_result(decision.value)
         elif decision.status == "denied":
             future.set_exception(RequestDenied(decision.request_id, decision.reason))
+        elif decision.status == "over_budget":
+            future.set_exception(PrivacyBudgetExceeded(decision.budget or "?",
+                                                       message=decision.reason))
         elif decision.status == "failed":
             future.set_exception(RemoteError(decision.operation or "an operation",
                                              decision.error_type or "an error", decision.reason))

@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from . import ipc
+from . import ipc, lineage
 from . import protocol as p
-from .errors import DuetError, ProtocolError
+from .dp import Derivations, DPQuery, is_dp_op, parse_op
+from .errors import DuetError, PolicyViolation, ProtocolError
 from .executor import Executor, ExecutorEvents
 from .policy import Allowlist
 from .snapshot import Frozen, freeze
@@ -77,6 +78,9 @@ class Worker:
         self._executor = Executor(allowlist, memory_budget=settings.get("memory_budget"),
                                   events=self._events)
         self._mappings: dict[str, mmap.mmap] = {}
+        # DP-shared names -> the owner's declaration; which objects derive from them
+        self._dp_specs: dict[str, dict[str, Any]] = {}
+        self._derivations = Derivations(self._dp_specs)
 
     # -- plumbing ---------------------------------------------------------------------------
     def send(self, header: bytes, buffers: list[memoryview] | tuple[()] = ()) -> None:
@@ -126,6 +130,10 @@ class Worker:
         else:  # anything else the owner shared, pickled by the owner's own kernel
             value = pickle.loads(buffers[0])
         self._executor.share(name, value)
+        if message.get("dp") is not None:
+            self._dp_specs[name] = message["dp"]
+        else:
+            self._dp_specs.pop(name, None)
         self._done()
 
     def _map(self, name: str, message: dict[str, Any]) -> Any:
@@ -155,6 +163,7 @@ class Worker:
 
     def _unshare(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
         self._executor.unshare(message["name"])
+        self._dp_specs.pop(message["name"], None)
         self._done()
 
     def _allowlist(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
@@ -171,15 +180,61 @@ class Worker:
         decoded = p.decode(bytes(buffers[0]), buffers[1:])
         if isinstance(decoded, p.Ops):
             for op in decoded.ops:
-                self._executor.execute(op)
+                if is_dp_op(op):
+                    self._dp_op(op)
+                elif self._executor.execute(op) is None:
+                    self._derivations.observe(op)
             self._done(self._executor.shared_modified())
         elif isinstance(decoded, p.Free):
             self._executor.free(decoded.ids)
+            self._derivations.forget(decoded.ids)
             self._done()
         elif isinstance(decoded, p.RequestValue):
             self._snapshot(decoded)
         else:
             raise ProtocolError(f"the worker does not handle {decoded.type!r}")
+
+    def _dp_op(self, op: p.Op) -> None:
+        """A ``dp.*`` statistic: checked like the kernel checked it, then kept as a lazy
+        ``DPQuery`` over a private copy of its input. Nothing is computed until the kernel,
+        having reserved the cost, asks for the value."""
+        try:
+            spec = parse_op(op, self._derivations)
+        except PolicyViolation as exc:
+            self._executor.refuse(op, str(exc))
+            return
+        sources = frozenset({spec.source})
+        inputs: list[Any] = []
+        for object_id in (spec.input_id, spec.by_id):
+            if object_id is None:
+                inputs.append(None)
+                continue
+            ref = (p.PointerRef(object_id) if isinstance(object_id, int)
+                   else p.StoreRef(object_id))
+            try:
+                entry = self._executor.lookup(ref)
+            except DuetError as exc:
+                self._executor.refuse(op, str(exc), sources, error_type="UnknownObject")
+                return
+            if entry.failure is not None or entry.modified_by:
+                why = "failed" if entry.failure is not None else "was modified in place"
+                self._executor.refuse(op, f"its input #{object_id} {why}", sources,
+                                      error_type="UpstreamFailure")
+                return
+            inputs.append(entry)
+        try:
+            query = DPQuery(spec, inputs[0].value, None if inputs[1] is None
+                            else inputs[1].value)
+        except Exception as exc:  # noqa: BLE001 - e.g. a column of text: the owner reads why
+            self._executor.refuse(op, f"{type(exc).__name__}: {exc}", sources,
+                                  error_type=type(exc).__name__)
+            return
+        texts = [inputs[0].lineage, f"epsilon={spec.epsilon:g}"]
+        if inputs[1] is not None:
+            texts.append(f"by={inputs[1].lineage}")
+        text = lineage.function(op.name, texts)
+        held = [a for a in (query.values, query.keys) if a is not None]
+        self._executor.adopt(op, query, text, sources, held=held)
 
     # -- requests -----------------------------------------------------------------------------
     def _snapshot(self, request: p.RequestValue) -> None:
@@ -201,16 +256,28 @@ class Worker:
                                failed=entry.error or failure.error_type,
                                operation=failure.operation, error_type=failure.error_type))
             return
+        value, quote = entry.value, None
+        if isinstance(value, DPQuery):  # the kernel reserved its cost: draw the noise now
+            try:
+                value, released = value.evaluate()
+                quote = vars(released)
+            except Exception as exc:  # noqa: BLE001 - reported to the owner, like any failure
+                problem = f"{type(exc).__name__}: {exc}"
+                self.send(ipc.pack("snapshot", **common, summary=empty,
+                                   preview=f"failed: {problem}", failed=problem,
+                                   operation=f"dp.{value.spec.statistic}",
+                                   error_type=type(exc).__name__))
+                return
         budget = self._executor.memory_budget
         with self._frozen_lock:
             room = None if budget is None else (
                 budget - self._executor.used_bytes() - self._frozen_bytes)
         try:
-            frozen = freeze(request.request_id, entry.value, room)
+            frozen = freeze(request.request_id, value, room)
         except (ProtocolError, MemoryError) as exc:
             # Whether a value can be sent can depend on the data (a list too long for a
             # message, say): like any failure, it is the owner's to release.
-            is_module = type(entry.value).__module__.startswith("torch.nn")
+            is_module = type(value).__module__.startswith("torch.nn")
             hint = "a model's weights leave as model.state_dict()" if is_module else ""
             problem = f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
             self.send(ipc.pack("snapshot", **common, summary=empty,
@@ -225,7 +292,7 @@ class Worker:
                 self._frozen_bytes += frozen.nbytes
         header = ipc.pack("snapshot", **common, summary=frozen.summary.model_dump(),
                           preview=frozen.preview, sha256=frozen.sha256, nbytes=frozen.nbytes,
-                          inline=inline)
+                          inline=inline, dp=quote)
         self.send(header, [memoryview(frozen.header), *frozen.buffers] if inline else ())
 
     def _take_frozen(self, request_id: str) -> Frozen | None:

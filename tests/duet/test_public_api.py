@@ -5,7 +5,7 @@ import duet
 PROMISED = {
     "launch", "join", "DuetError", "RequestDenied", "RequestTimeout", "PolicyViolation",
     "RemoteError", "ConnectionLost", "PairingError", "OwnerSession", "ResearcherSession",
-    "RequestQueue", "Request", "Pointer",
+    "RequestQueue", "Request", "Pointer", "DP", "PrivacyBudgetExceeded",
 }
 
 
@@ -36,7 +36,8 @@ def test_timeouts_are_one_family() -> None:
 def test_every_error_is_a_duet_error() -> None:
     for name in ["RequestDenied", "RequestTimeout", "PolicyViolation", "RemoteError",
                  "ConnectionLost", "PairingError", "ProtocolError", "RequestError",
-                 "BudgetExceeded", "WorkerRestarted", "DuetTimeout", "PairingTimeout"]:
+                 "BudgetExceeded", "WorkerRestarted", "DuetTimeout", "PairingTimeout",
+                 "PrivacyBudgetExceeded"]:
         assert issubclass(getattr(duet, name), duet.DuetError)
 
 
