@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from . import protocol as p
+from .dp_train import TrainSettings
 from .errors import PolicyViolation
 
 __all__ = [
@@ -98,8 +99,13 @@ class DP:
     unit: str | None = None
     contributions: int | None = None
     categories: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    # DP-SGD (``r.dp.train``, duet.dp_train): the owner's clipping norm, epoch bound, delta
+    # per run, accountant; ``None``: ``duet.dp_train.TrainSettings()``'s defaults
+    training: TrainSettings | None = None
 
     def __post_init__(self) -> None:
+        if self.training is not None and not isinstance(self.training, TrainSettings):
+            raise ValueError("DP training takes a duet.dp_train.TrainSettings(...)")
         if not _positive_number(self.epsilon, allow_zero=True):
             raise ValueError(f"DP epsilon must be a finite number >= 0, got {self.epsilon!r}")
         if not (_number(self.delta) and 0 <= self.delta < 1):
@@ -147,8 +153,9 @@ class DP:
         elif self.contributions not in (None, 1):
             raise ValueError("contributions needs unit= (the column naming each person)")
         categories = {str(k): list(v) for k, v in dict(self.categories).items()}
+        training = None if self.training is None else asdict(self.training)
         return {"kind": kind, "bounds": bounds, "contributions": contributions,
-                "unit": self.unit, "categories": categories}
+                "unit": self.unit, "categories": categories, "training": training}
 
 
 def _kind_of(obj: Any) -> Literal["table", "values"]:
@@ -158,8 +165,10 @@ def _kind_of(obj: Any) -> Literal["table", "values"]:
     shape = getattr(obj, "shape", None)
     if shape is not None and len(shape) == 1 and module in ("numpy", "torch", "pandas"):
         return "values"
+    if shape is not None and len(shape) == 2 and module in ("numpy", "torch"):
+        return "table"  # a matrix: rows are records, columns by index (e.g. for r.dp.train)
     raise TypeError("differential privacy applies to a 1-D numpy array, torch tensor or "
-                    "pandas Series, or to a pandas DataFrame (rows are records)")
+                    "pandas Series, or to a pandas DataFrame or 2-D array (rows are records)")
 
 
 def _columns_of(obj: Any) -> list[str]:
@@ -309,6 +318,16 @@ class Derivations:
         if target.kind == "table" and isinstance(key, list) and key and all(
                 isinstance(k, str) for k in key):
             return target
+        if target.kind == "table" and isinstance(key, tuple) and len(key) == 2 and (
+                key[0] == slice(None)):  # columns of a matrix, every row in order
+            column = key[1]
+            if isinstance(column, int) and not isinstance(column, bool):
+                return Derived(target.source, None, target.rows, "values")
+            if (isinstance(column, slice) and all(v is None or isinstance(v, int) for v in (
+                    column.start, column.stop, column.step)) and (column.step or 1) > 0) or (
+                    isinstance(column, list) and column and all(
+                        isinstance(k, int) and not isinstance(k, bool) for k in column)):
+                return Derived(target.source, None, target.rows, "table")
         mask = self.tag(key)
         if (mask is not None and mask.kind == "mask" and mask.source == target.source
                 and mask.rows == target.rows):

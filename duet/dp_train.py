@@ -50,16 +50,24 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
+from . import protocol as p
+from .errors import PolicyViolation, RequestError
+
 __all__ = [
     "LOSSES",
     "OPTIMIZERS",
     "OWNER_CONTROLLED",
+    "TRAIN_OP",
     "Prepared",
+    "TrainJob",
+    "TrainJobs",
+    "TrainSpec",
     "TrainPlan",
     "TrainRequest",
     "TrainResult",
     "TrainSettings",
     "TrainingRefused",
+    "parse_train_op",
     "prepare",
     "train",
 ]
@@ -91,15 +99,16 @@ class TrainSettings:
     """The owner's side of private training: everything the guarantee depends on.
 
     ``max_grad_norm`` is the per-row clipping norm ``C``; ``max_epochs`` bounds the steps
-    (and the compute); ``delta`` is the delta used when the researcher names none
-    (``None``: ``min(1e-5, 1 / (10 n))``) and the largest one allowed; ``accountant`` is
+    (and the compute); ``delta`` is the delta used when the researcher names none, and the
+    largest one allowed (it must also stay below ``1 / rows``: a delta that large allows
+    releasing a row outright); ``accountant`` is
     Opacus' accountant ("rdp" or "prv"); ``allow_custom_modules`` lets model classes that are
     not ``torch.nn``/Opacus layers train (the owner vouches for their ``forward``)."""
 
     max_grad_norm: float = 1.0
     max_epochs: int = 30
     max_epsilon: float = 10.0
-    delta: float | None = None
+    delta: float = 1e-5
     accountant: Literal["rdp", "prv"] = "rdp"
     momentum: float = 0.0
     max_lr: float = 10.0
@@ -112,7 +121,7 @@ class TrainSettings:
             raise ValueError("max_epochs must be between 1 and 10000")
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
             raise ValueError("max_epsilon must be a positive number")
-        if self.delta is not None and not 0 < self.delta < 1:
+        if not 0 < self.delta < 1:
             raise ValueError("delta must be in (0, 1)")
         if self.accountant not in ("rdp", "prv"):
             raise ValueError("accountant must be 'rdp' or 'prv'")
@@ -333,11 +342,13 @@ def prepare(model: Any, data: Any, labels: Any, request: TrainRequest,
     x = x.to(torch.int64) if embeds and not x.is_floating_point() else x.to(torch.float32)
     y = y.to(torch.int64) if request.loss in ("cross_entropy", "nll") else y.to(torch.float32)
 
-    default_delta = min(1e-5, 1 / (10 * rows))
-    ceiling = settings.delta if settings.delta is not None else default_delta
-    delta = ceiling if request.delta is None else float(request.delta)
-    if delta > ceiling:
-        raise TrainingRefused(f"delta={delta:.3g} is more than the owner allows ({ceiling:.3g})")
+    delta = settings.delta if request.delta is None else float(request.delta)
+    if delta > settings.delta:
+        raise TrainingRefused(f"delta={delta:.3g} is more than the owner allows "
+                              f"({settings.delta:.3g})")
+    if delta >= 1 / rows:
+        raise TrainingRefused(f"delta={delta:.3g} is not below 1 / rows: with so few rows "
+                              "the guarantee would allow releasing a row outright")
 
     _check_classes(model, settings)
     copied, fixes = _fixed_copy(model)
@@ -371,6 +382,10 @@ def train(model: Any, data: Any, labels: Any, request: TrainRequest,
 def _as_tensor(value: Any, what: str) -> Any:
     import torch
 
+    if type(value).__module__.split(".")[0] == "pandas" and hasattr(value, "to_numpy"):
+        value = value.to_numpy()  # a table's rows, or a column
+        if value.dtype == object:
+            raise TrainingRefused(f"{what} must hold numbers (a column holds text)")
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise TrainingRefused(f"{what} must hold numbers")
@@ -416,8 +431,8 @@ def _fixed_copy(model: Any) -> tuple[Any, list[str]]:
     fixes = [f"{name or 'model'}: {before[name]} -> {type(m).__name__}"
              for name, m in copied.named_modules()
              if name in before and before[name] != type(m).__name__]
-    for p in copied.parameters():
-        p.grad = None
+    for parameter in copied.parameters():
+        parameter.grad = None
     return copied, fixes
 
 
@@ -523,3 +538,238 @@ def _private_generator() -> Any:
     import torch
 
     return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+# -- in a session: r.dp.train ----------------------------------------------------------------
+#
+# ``r.dp.train(model, data=X, labels=y, ...)`` sends one operation, ``dp.train``, whose
+# result is a training job. The job is asked for twice:
+#
+# 1. the *start* request: the kernel reserves the cost (epsilon, delta) in the ledger, or
+#    refuses with PrivacyBudgetExceeded before anything runs; the worker answers with the
+#    plan (noise multiplier, sample rate, steps, clipping norm), which the owner sees with
+#    the cost and approves (by hand or by a ``dp_within_budget`` rule). The researcher gets
+#    back only what they chose (epsilon, delta, epochs, batch size, loss, lr).
+# 2. the *result* request, forwarded only after the start was approved: the worker trains
+#    and returns the parameters; the kernel approves it on the strength of the start's
+#    approval (audited as such) and records the accountant's epsilon.
+#
+# Each job trains at most once; a start that is denied or withdrawn ends the job.
+
+TRAIN_OP = "dp.train"
+_REFERENCES = ("data", "labels")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """A ``dp.train`` operation as the owner's side understood it, from names and argument
+    kinds only (kernel and worker parse it the same way)."""
+
+    source: str  # the DP-shared name whose budget pays
+    request: TrainRequest  # with delta filled in: exactly what is charged
+    settings: TrainSettings
+    model: p.PointerRef | p.StoreRef
+    data: p.PointerRef | p.StoreRef
+    labels: p.PointerRef | p.StoreRef
+
+    @property
+    def cost(self) -> tuple[float, float]:
+        assert self.request.delta is not None
+        return float(self.request.epsilon), float(self.request.delta)
+
+    @property
+    def lineage(self) -> str:
+        r = self.request
+        return (f"dp.train(…, loss={r.loss}, epochs={r.epochs}, batch_size={r.batch_size}, "
+                f"lr={r.lr:g}, epsilon={r.epsilon:g})")
+
+    def public(self) -> dict[str, Any]:
+        """What the researcher chose and may see again: nothing computed from the data."""
+        r = self.request
+        return {"epsilon": float(r.epsilon), "delta": r.delta, "epochs": r.epochs,
+                "batch_size": r.batch_size, "lr": float(r.lr), "loss": r.loss,
+                "optimizer": r.optimizer}
+
+
+def parse_train_op(op: p.Op, derivations: Any) -> TrainSpec:
+    """Check a ``dp.train`` operation; ``PolicyViolation`` with the reason when it cannot
+    run with the guarantee. ``derivations`` is ``duet.dp.Derivations`` (which objects
+    derive row-stably from which DP-shared object, and the owner's DP declarations)."""
+    if op.kind != "function" or op.target is not None or op.name != TRAIN_OP:
+        raise PolicyViolation(f"{op.name} is not {TRAIN_OP}")
+    if len(op.args) != 1 or not isinstance(op.args[0], (p.PointerRef, p.StoreRef)):
+        raise PolicyViolation(f"{TRAIN_OP} takes one remote model, e.g. "
+                              "r.torch.nn.Sequential(...)")
+    refs = {}
+    for key in _REFERENCES:
+        ref = op.kwargs.get(key)
+        if not isinstance(ref, (p.PointerRef, p.StoreRef)):
+            raise PolicyViolation(f"{TRAIN_OP}: {key}= must be a remote object (derived from "
+                                  "data the owner shared with dp=)")
+        refs[key] = ref
+    fields = {k: v for k, v in op.kwargs.items() if k not in _REFERENCES}
+    try:
+        request = TrainRequest.from_researcher(fields)
+    except TrainingRefused as exc:
+        raise PolicyViolation(f"{TRAIN_OP}: {exc}") from None
+    tags = {key: derivations.tag(ref) for key, ref in refs.items()}
+    for key, tag in tags.items():
+        if tag is None or tag.kind == "mask":
+            raise PolicyViolation(
+                f"{TRAIN_OP}: {key}= is not derived from a DP-shared object through row-stable "
+                "steps only (column selection, element-wise arithmetic with numbers); nor is "
+                "data the owner shared without dp=")
+    data, labels = tags["data"], tags["labels"]
+    if data.source != labels.source or data.rows != labels.rows:
+        raise PolicyViolation(f"{TRAIN_OP}: data= and labels= must be the same rows of one "
+                              "DP-shared object")
+    if data.rows != 0:
+        raise PolicyViolation(f"{TRAIN_OP}: train on all rows of {data.source!r}, not a filtered "
+                              "subset: DP-SGD treats the number of rows as public (it sets the "
+                              "sampling rate), and a filtered count is not")
+    spec = derivations.specs[data.source]
+    if int(spec.get("contributions", 1)) != 1:
+        raise PolicyViolation(f"{TRAIN_OP}: {data.source!r} has several rows per person "
+                              f"(unit={spec.get('unit')!r}); DP-SGD here protects one row")
+    settings = TrainSettings(**dict(spec.get("training") or {}))
+    delta = settings.delta if request.delta is None else float(request.delta)
+    if delta > settings.delta:
+        raise PolicyViolation(f"{TRAIN_OP}: delta={delta:.3g} is more than the owner allows "
+                              f"({settings.delta:.3g})")
+    for name, value, bound in (("epochs", request.epochs, settings.max_epochs),
+                               ("epsilon", request.epsilon, settings.max_epsilon),
+                               ("lr", request.lr, settings.max_lr)):
+        if value > bound:
+            raise PolicyViolation(f"{TRAIN_OP}: {name}={value:g} is more than the owner allows "
+                                  f"({bound:g})")
+    request = TrainRequest(**{**asdict(request), "delta": delta})
+    return TrainSpec(data.source, request, settings, op.args[0], refs["data"], refs["labels"])
+
+
+class TrainJob:
+    """Worker side: a checked, costed run on private copies, asked for twice (see above)."""
+
+    def __init__(self, spec: TrainSpec, prepared: Prepared) -> None:
+        self.spec = spec
+        self.prepared: Prepared | None = prepared
+        self.plan = prepared.plan
+        self.phase: Literal["planned", "started", "done"] = "planned"
+        self.result: TrainResult | None = None
+
+    def held(self) -> list[Any]:
+        """The tensors the job holds (the model and data copies), for the memory budget."""
+        prepared = self.prepared
+        if prepared is None:
+            return []
+        return [*prepared._model.parameters(), *prepared._model.buffers(), prepared._data,
+                prepared._labels]
+
+    def next_value(self) -> tuple[Any, dict[str, Any] | None]:
+        """The value of the next request on this job and, for the start, the quote
+        (``duet.dp.Quote`` fields) the kernel checks against its reservation."""
+        if self.phase == "planned":
+            self.phase = "started"
+            plan = self.plan
+            quote = {
+                "statistic": "train", "source": self.spec.source, "epsilon": plan.epsilon,
+                "delta": plan.delta,
+                "mechanism": (f"DP-SGD (Opacus): Poisson sampling at rate {plan.sample_rate:.4g}, "
+                              f"per-row clipping to {plan.max_grad_norm:g}, Gaussian noise, "
+                              f"{plan.epochs} epochs = {plan.steps} steps, {plan.accountant} "
+                              "accountant; only parameters return" + (
+                                  f"; model fixed: {', '.join(plan.fixes)}" if plan.fixes
+                                  else "")),
+                "scale": f"noise multiplier {plan.noise_multiplier:.4g} "
+                         f"(σ = {plan.noise_multiplier * plan.max_grad_norm:.4g} per step)",
+                "accuracy": "n/a (a model, not a statistic)",
+            }
+            return {"training": "approved to start", **self.spec.public()}, quote
+        if self.phase == "started" and self.prepared is not None:
+            self.phase = "done"
+            prepared, self.prepared = self.prepared, None
+            result = self.result = prepared.run()
+            quote = {
+                "statistic": "train", "source": self.spec.source, "epsilon": result.epsilon,
+                "delta": result.delta,
+                "mechanism": f"DP-SGD parameters after {result.steps} steps; epsilon from "
+                             f"Opacus' {self.plan.accountant} accountant",
+                "scale": f"noise multiplier {self.plan.noise_multiplier:.4g}",
+                "accuracy": "n/a (a model, not a statistic)",
+            }
+            return {"parameters": result.parameters, **self.spec.public()}, quote
+        raise RequestError("this training job has already run; start a new one")
+
+
+@dataclass
+class _Job:
+    spec: TrainSpec
+    phase: Literal["planned", "starting", "paid", "running", "done", "dead"] = "planned"
+    start: str = ""  # the start request's id
+    result: str = ""  # the result request's id
+
+
+class TrainJobs:
+    """Kernel side: where each training job stands, so that the result is asked for only
+    after the start was approved, and only once."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, _Job] = {}
+        self._by_request: dict[str, int] = {}
+
+    def add(self, object_id: int, spec: TrainSpec) -> None:
+        self._jobs[object_id] = _Job(spec)
+
+    def spec(self, object_id: int) -> TrainSpec | None:
+        job = self._jobs.get(object_id)
+        return None if job is None else job.spec
+
+    def request(self, object_id: int, request_id: str) -> Literal["start", "result"] | None:
+        """A request on ``object_id``: "start", "result", None (not a job); raises
+        ``RequestError`` when the job cannot be asked for now."""
+        job = self._jobs.get(object_id)
+        if job is None:
+            return None
+        if job.phase == "planned":
+            job.phase, job.start = "starting", request_id
+            self._by_request[request_id] = object_id
+            return "start"
+        if job.phase == "paid":
+            job.phase, job.result = "running", request_id
+            self._by_request[request_id] = object_id
+            return "result"
+        why = {"starting": "its start is still waiting for the owner",
+               "running": "it is training", "done": "it has already run",
+               "dead": "its start was not approved"}[job.phase]
+        raise RequestError(f"this training job cannot be asked for now: {why}")
+
+    def decided(self, request_id: str, approved: bool) -> None:
+        job = self._job_of(request_id)
+        if job is None:
+            return
+        if request_id == job.start:
+            job.phase = "paid" if approved and job.phase == "starting" else "dead"
+        elif request_id == job.result:
+            job.phase = "done"
+
+    def is_start(self, request_id: str) -> bool:
+        job = self._job_of(request_id)
+        return job is not None and request_id == job.start
+
+    def start_of(self, request_id: str) -> tuple[str, TrainSpec] | None:
+        """For a result request: its start request's id and the spec."""
+        job = self._job_of(request_id)
+        if job is None or request_id != job.result:
+            return None
+        return job.start, job.spec
+
+    def forget(self, ids: Any) -> None:
+        for object_id in ids:
+            self._jobs.pop(object_id, None)
+
+    def clear(self) -> None:
+        self._jobs.clear()
+        self._by_request.clear()
+
+    def _job_of(self, request_id: str) -> _Job | None:
+        object_id = self._by_request.get(request_id)
+        return None if object_id is None else self._jobs.get(object_id)

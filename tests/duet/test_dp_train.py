@@ -4,6 +4,8 @@ non-private model, the epsilon the accountant reports against the target, what c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+import duet
+from duet import protocol as p
 from duet.dp_train import (
     OWNER_CONTROLLED,
     TrainingRefused,
@@ -20,6 +24,8 @@ from duet.dp_train import (
     prepare,
     train,
 )
+from tests.helpers import rawwire
+from tests.helpers.sessions import eventually, session_pair
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +348,232 @@ def test_empty_poisson_batches_still_count_as_steps() -> None:
         loss="cross_entropy", epochs=6, batch_size=1, lr=0.1, epsilon=5.0),
         TrainSettings(delta=1e-3))
     assert result.steps == 18 and 4.9 <= result.epsilon <= 5.0
+
+
+# -- in a session: r.dp.train, the owner's approval of its cost, the ledger -----------------
+# Real sessions in memory with the real worker process (tests/helpers/sessions.py).
+
+def shared_digits() -> tuple[np.ndarray, np.ndarray]:
+    """load_digits as the owner shares it: one matrix, 64 pixel columns and the label."""
+    x, y = load_digits(return_X_y=True)
+    return np.column_stack([x / 16.0, y]).astype(np.float32), y
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    from duet.dp import DP
+
+    matrix, _ = shared_digits()
+    with session_pair(tmp_path / "audit.sqlite3") as (owner, researcher):
+        owner.share(matrix, "digits", dp=DP(epsilon=3.0, delta=1e-4))
+        owner.share(matrix, "plain")  # the same rows, shared without dp=
+        eventually(lambda: "digits" in researcher.store and "plain" in researcher.store, 10)
+        yield owner, researcher
+
+
+def remote_mlp(r: Any) -> Any:
+    nn = r.torch.nn
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+TRAIN = dict(loss="cross_entropy", epochs=5, batch_size=128, lr=1.0, epsilon=2.0)
+
+
+def test_a_researcher_trains_privately_and_gets_parameters_only(pair: tuple[Any, Any]) -> None:
+    owner, r = pair
+    owner.requests.add_rule("approve", dp_within_budget=True)
+    digits = r.store["digits"]
+    job = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    result = job.get("a private digit classifier", timeout=120)
+
+    assert set(result["parameters"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert result["epsilon"] == 2.0 and result["delta"] == 1e-5  # what was asked for
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    net.load_state_dict(result["parameters"])
+    matrix, labels = shared_digits()
+    assert accuracy(net, matrix[:, :64], labels) >= 0.7
+
+    start, released = owner.requests[0], owner.requests[1]
+    assert start.decided_by.startswith("rule:") and start.dp is not None
+    assert "noise multiplier" in start.dp.scale and "Poisson sampling at rate" in (
+        start.dp.mechanism) and (start.dp.epsilon, start.dp.delta) == (2.0, 1e-5)
+    assert released.decided_by == "rule:1" and released.dp is not None
+    spent = released.dp.epsilon  # the accountant's, within 0.01 below the target
+    assert 1.98 <= spent <= 2.0
+    budget = owner.budget("digits")
+    assert budget.epsilon_spent == pytest.approx(spent) and budget.delta_spent == 1e-5
+    charges = owner.audit.events(event="dp_charge")
+    assert [c.detail["status"] for c in charges] == ["reserved", "spent"]
+    assert charges[-1].detail["epsilon"] == pytest.approx(spent)
+
+
+def test_the_owner_sees_the_cost_before_anything_trains(pair: tuple[Any, Any]) -> None:
+    owner, r = pair
+    digits = r.store["digits"]
+    job = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    handle = job.pointer.request("start, please")
+    start = owner.requests.wait(60)
+    assert start is not None and start.dp is not None and start.dp.kind == "dp"
+    assert owner.budget("digits").epsilon_left == pytest.approx(1.0)  # reserved: counts
+    assert len(owner.requests) == 1  # no parameters exist yet
+    start.deny("not today")
+    with pytest.raises(duet.RequestDenied):
+        handle.result(30)
+    assert owner.budget("digits").epsilon_left == pytest.approx(3.0)  # given back
+    with pytest.raises(duet.RequestError, match="its start was not approved"):
+        job.pointer.get("the result anyway", timeout=30)
+    assert [q.status for q in owner.requests] == ["denied"]
+
+
+def test_a_start_approved_by_hand_releases_the_parameters(pair: tuple[Any, Any]) -> None:
+    owner, r = pair
+    digits = r.store["digits"]
+    job = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    handle = job.pointer.request("start")
+    start = owner.requests.wait(60)
+    assert start is not None
+    start.approve()
+    assert handle.result(30)["epochs"] == 5
+    job.started = {}
+    assert set(job.result("parameters", timeout=120)["parameters"]) == {
+        "0.weight", "0.bias", "2.weight", "2.bias"}
+    assert owner.requests[1].decided_by == "dp.train start"
+    with pytest.raises(duet.RequestError, match="it has already run"):
+        job.pointer.get("again", timeout=30)
+
+
+def test_budget_exhaustion_refuses_a_second_run_before_it_starts(
+    pair: tuple[Any, Any],
+) -> None:
+    owner, r = pair
+    owner.requests.add_rule("approve", dp_within_budget=True)
+    digits = r.store["digits"]
+    r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN).get(
+        "first", timeout=120)
+    second = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    with pytest.raises(duet.PrivacyBudgetExceeded, match="digits"):
+        second.get("second", timeout=60)
+    assert len(owner.requests) == 2  # the first run's start and result only
+    assert owner.budget("digits").epsilon_spent <= 2.0
+
+
+def test_batchnorm_comes_back_as_groupnorm_parameters_without_buffers(
+    pair: tuple[Any, Any],
+) -> None:
+    owner, r = pair
+    owner.requests.add_rule("approve", dp_within_budget=True)
+    nn = r.torch.nn
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    digits = r.store["digits"]
+    result = r.dp.train(model, data=digits[:, :64], labels=digits[:, 64], **{
+        **TRAIN, "epochs": 1, "epsilon": 1.0}).get("bn", timeout=120)
+    assert set(result["parameters"]) == {"0.weight", "0.bias", "1.weight", "1.bias",
+                                         "3.weight", "3.bias"}
+    assert "BatchNorm1d -> GroupNorm" in owner.requests[0].dp.mechanism
+
+
+def test_the_researchers_api_refuses_owner_settings_and_remote_modules(
+    pair: tuple[Any, Any],
+) -> None:
+    _, r = pair
+    digits = r.store["digits"]
+    with pytest.raises(duet.PolicyViolation, match="max_grad_norm, noise_multiplier"):
+        r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64],
+                   max_grad_norm=100.0, noise_multiplier=0.0, **TRAIN)
+
+    class Net(duet.RemoteModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = r.torch.nn.Linear(64, 10)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc(x)
+
+    with pytest.raises(TypeError, match="RemoteModule's forward is Python in your kernel"):
+        r.dp.train(Net(), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+
+
+def raw_train(r: Any, model: Any, data: Any, labels: Any, **kwargs: Any) -> Any:
+    """A dp.train operation as a hostile researcher writes it, and a pointer to its result."""
+    object_id = rawwire.new_id(r)
+    rawwire.send_raw(r, rawwire.op(object_id, "dp.train", args=[model], kwargs={
+        "data": data, "labels": labels, **kwargs}))
+    return duet.Pointer(r, p.PointerRef(object_id), "dp.train(raw)")
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ({"max_grad_norm": 100.0}, "set by the data owner"),
+    ({"noise_multiplier": 0.0}, "set by the data owner"),
+    ({"sample_rate": 1.0}, "set by the data owner"),
+    ({"poisson_sampling": False}, "set by the data owner"),
+    ({"seed": 1}, "set by the data owner"),
+    ({"epochs": 31}, "more than the owner allows"),
+    ({"delta": 0.5}, "more than the owner allows"),
+    ({"epsilon": float("nan")}, "positive number"),
+])
+def test_raw_wire_attempts_to_steer_the_guarantee_are_refused_at_once(
+    pair: tuple[Any, Any], extra: dict[str, Any], reason: str,
+) -> None:
+    owner, r = pair
+    model = remote_mlp(r)
+    x, y = r.store["digits"][:, :64], r.store["digits"][:, 64]
+    pointer = raw_train(r, model._check(), x._check(), y._check(), **{**TRAIN, **extra})
+    with pytest.raises(duet.PolicyViolation, match=reason):
+        eventually(lambda: pointer.id in r._refused, 10)
+        pointer.get("raw", timeout=30)
+    assert owner.budget("digits").epsilon_spent == 0 and len(owner.requests) == 0
+
+
+def test_inputs_that_would_break_the_guarantee_are_refused(pair: tuple[Any, Any]) -> None:
+    owner, r = pair
+    owner.requests.add_rule("approve", dp_within_budget=True)
+    digits, plain = r.store["digits"], r.store["plain"]
+    over_four = digits[digits[:, 64] > 4]
+    cases = {
+        "not derived from a DP-shared": (plain[:, :64], plain[:, 64]),
+        "same rows of one": (digits[:, :64], digits[digits[:, 64] > 4][:, 64]),
+        "row-stable": (digits[:, :64], r.torch.zeros(1797)),
+        "not a filtered subset": (over_four[:, :64], over_four[:, 64]),
+    }
+    for reason, (x, y) in cases.items():
+        with pytest.raises(duet.PolicyViolation, match=reason):
+            r.dp.train(remote_mlp(r), data=x, labels=y, **TRAIN).get("x", timeout=30)
+    repeated = digits[[0] * 1797]  # one person's row 1797 times: not row-stable
+    with pytest.raises(duet.PolicyViolation, match="row-stable"):
+        r.dp.train(remote_mlp(r), data=repeated[:, :64], labels=repeated[:, 64],
+                   **TRAIN).get("x", timeout=30)
+    assert owner.budget("digits").epsilon_spent == 0
+
+
+def test_a_model_already_fitted_on_the_data_is_refused(pair: tuple[Any, Any]) -> None:
+    """Its weights would carry the non-private fit out with the DP ones."""
+    owner, r = pair
+    owner.requests.add_rule("approve", dp_within_budget=True)
+    digits = r.store["digits"]
+    model = remote_mlp(r)
+    optimizer = r.torch.optim.SGD(model.parameters(), lr=0.1)
+    rows = r.torch.tensor(digits)
+    loss = r.torch.nn.functional.cross_entropy(model(rows[:, :64]), rows[:, 64].long())
+    loss.backward()
+    optimizer.step()
+    job = r.dp.train(model, data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    with pytest.raises(duet.RemoteError):  # the failure is the owner's to release
+        handle = job.pointer.request("start")
+        failed = owner.requests.wait(60)
+        assert failed is not None and "already depends on shared data" in failed.preview
+        failed.approve()
+        handle.result(30)
+    assert owner.budget("digits").epsilon_spent == 0  # a refusal costs nothing
+
+
+def test_the_result_cannot_be_asked_for_before_the_start_is_approved(
+    pair: tuple[Any, Any],
+) -> None:
+    owner, r = pair
+    digits = r.store["digits"]
+    job = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    job.pointer.request("start")
+    with pytest.raises(duet.RequestError, match="still waiting for the owner"):
+        job.pointer.get("result now", timeout=30)
+    start = owner.requests.wait(60)
+    assert start is not None and len(owner.requests) == 1
