@@ -383,8 +383,7 @@ class OwnerSession(Session):
             if (request.status == "pending" and request.dp is not None
                     and request.dp.kind == "dp"
                     and self._train_jobs.start_of(request.id) is not None):
-                # DP-SGD parameters: the owner approved their cost with the start
-                self.requests.decide(request, "approved", by="dp.train start")
+                self._release_trained(request)
         except RequestError as exc:
             self._snapshots.pop(snapshot.request_id, None)
             self._answer_error(snapshot.request_id, str(exc))
@@ -711,6 +710,16 @@ class OwnerSession(Session):
         self._dp_settle(started[0], approved, epsilon=request.dp.epsilon,
                         delta=request.dp.delta)
         return True
+
+    def _release_trained(self, request: Request) -> None:
+        """DP-SGD parameters: the owner approved their cost with the start. (The owner, or a
+        rule, may have decided them a moment earlier: then that decision stands.)"""
+        try:
+            self.requests.decide(request, "approved", by="dp.train start")
+        except RequestError as exc:
+            if request.status == "pending":  # not decided elsewhere: a real failure
+                raise
+            log.debug("parameters of %s were decided meanwhile: %s", request.id, exc)
 
     def _train_given_up(self, request_id: str) -> None:
         """A training request that was refused or withdrawn before its decision."""
