@@ -41,6 +41,7 @@ from _common import (  # noqa: E402
     signaling_server,
 )
 
+PIXELS = [f"pixel_{i}_{j}" for i in range(8) for j in range(8)]
 REFERENCE = {
     "source": "MNIST with Opacus, as quoted in issue 17",
     "dp_training_compute_overhead": "+31%",
@@ -140,14 +141,16 @@ class TrainOwner(DuetOwner):
     same rows without DP, for the non-private remote baseline); approves what rules allow."""
 
     def share_digits(self, budget: float) -> None:
-        import numpy as np
+        import pandas as pd
+        import torch
 
         import duet
 
         x_train, _, y_train, _ = digits()
-        matrix = np.column_stack([x_train, y_train]).astype(np.float32)
-        self.session.share(matrix, "digits", dp=duet.DP(epsilon=budget, delta=1e-3))
-        self.session.share(matrix, "plain")
+        frame = pd.DataFrame(x_train, columns=PIXELS).assign(target=y_train)
+        self.session.share(frame, "digits", dp=duet.DP(epsilon=budget, delta=1e-3))
+        self.session.share(torch.tensor(x_train), "plain_x")
+        self.session.share(torch.tensor(y_train), "plain_y")
         self.session.requests.add_rule("approve", dp_within_budget=True)
 
 
@@ -162,9 +165,9 @@ class TrainResearcher(DuetResearcher):
 
     def dp(self, epochs: int, batch_size: int, lr: float, epsilon: float) -> dict[str, Any]:
         self.wait_store(["digits"])
-        matrix = self.r.store["digits"]
+        table = self.r.store["digits"]
         start = time.perf_counter()
-        result = self.r.dp.train(self._model(), data=matrix[:, :64], labels=matrix[:, 64],
+        result = self.r.dp.train(self._model(), data=table[PIXELS], labels=table["target"],
                                  loss="cross_entropy", epochs=epochs, batch_size=batch_size,
                                  lr=lr, epsilon=epsilon).get("bench", timeout=600)
         seconds = time.perf_counter() - start
@@ -172,9 +175,9 @@ class TrainResearcher(DuetResearcher):
 
     def plain(self, epochs: int, batch_size: int, lr: float) -> dict[str, Any]:
         """Ordinary remote training: shuffled fixed batches, pipelined, one get at the end."""
-        self.wait_store(["plain"])
+        self.wait_store(["plain_x", "plain_y"])
         torch = self.r.torch
-        matrix = torch.tensor(self.r.store["plain"])
+        x, y = self.r.store["plain_x"], self.r.store["plain_y"]
         rows = 1347
         start = time.perf_counter()
         model = self._model()
@@ -182,10 +185,9 @@ class TrainResearcher(DuetResearcher):
         for _ in range(epochs):
             order = torch.randperm(rows)
             for first in range(0, rows, batch_size):
-                batch = matrix[order[first:first + batch_size]]
+                batch = order[first:first + batch_size]
                 optimizer.zero_grad()
-                loss = torch.nn.functional.cross_entropy(model(batch[:, :64]),
-                                                         batch[:, 64].long())
+                loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
                 loss.backward()
                 optimizer.step()
         weights = model.state_dict().get("bench", timeout=600)

@@ -1,12 +1,16 @@
-"""``python -m duet.demo`` (``make demo``): a complete duet between the two demo notebooks.
+"""``python -m duet.demo`` (``make demo``): complete duets between the demo notebook pairs.
 
 Runs ``notebooks/owner.ipynb`` and ``notebooks/researcher.ipynb`` at the same time in two
-fresh Jupyter kernels, unattended, and prints what happened: each request and its decision
-(from the owner's audit log), the researcher's results, and where the executed notebooks
-were saved. By default the owner's kernel starts the embedded signaling server, exactly as
-``duet.launch()`` does on one machine; ``--server URL`` uses a running ``duet-signaling``.
-The owner notebook hands its join code to the researcher's through the file named by
-``$DUET_DEMO_CODE_FILE``, standing in for the person who would paste it.
+fresh Jupyter kernels, unattended, then each further pair the same way: the tables pair
+(``owner_tables.ipynb`` and ``researcher_tables.ipynb``: pandas and scikit-learn on a
+clinical table read from SQLite) and the privacy pair (``owner_dp.ipynb`` with
+``researcher_dp.ipynb``: differential privacy with a budget). It prints what happened: each
+request and its decision (from the owner's audit log), the researcher's results, and where
+the executed notebooks were saved. By default the owner's kernel starts the embedded
+signaling server, exactly as ``duet.launch()`` does on one machine; ``--server URL`` uses a
+running ``duet-signaling``. The owner notebook hands its join code to the researcher's
+through the file named by ``$DUET_DEMO_CODE_FILE``, standing in for the person who would
+paste it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ __all__ = ["DemoResult", "main", "run_demo"]
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ROLES = ("owner", "researcher")
+# notebook name suffixes: owner{pair}.ipynb + researcher{pair}.ipynb
+PAIRS = ("", "_tables", "_dp")
 ENV_CODE_FILE = "DUET_DEMO_CODE_FILE"
 
 
@@ -126,21 +132,23 @@ async def _run_both(notebooks: list[Any], directory: Path, env: dict[str, str],
 
 
 def run_demo(build_dir: Path, *, server: str | None = None, notebooks: Path = NOTEBOOKS,
-             timeout: float = 600) -> DemoResult:
-    """Execute both notebooks concurrently; save them (run or failed) under ``build_dir``."""
+             timeout: float = 600, pair: str = "") -> DemoResult:
+    """Execute both notebooks of ``pair`` (the suffix of their names) concurrently; save them
+    (run or failed) under ``build_dir``, which gets a fresh audit log (and privacy ledger)."""
     import nbformat
 
     build_dir = build_dir.resolve()  # the kernels run in the notebooks' directory
     build_dir.mkdir(parents=True, exist_ok=True)
     audit_path = build_dir / "audit.sqlite3"
     code_file = build_dir / "join-code.json"
-    for stale in (audit_path, code_file, *build_dir.glob("audit.sqlite3-*")):
+    for stale in (audit_path, code_file, *build_dir.glob("audit.sqlite3-*"),
+                  *build_dir.glob("ledger.sqlite3*")):
         stale.unlink(missing_ok=True)
     env = {**os.environ, ENV_CODE_FILE: str(code_file), "DUET_AUDIT_PATH": str(audit_path)}
     if server is not None:
         env["DUET_SIGNALING_URL"] = server
-    runs = [nbformat.read(notebooks / f"{role}.ipynb", as_version=4) for role in ROLES]
-    saved = {role: build_dir / f"{role}.ipynb" for role in ROLES}
+    runs = [nbformat.read(notebooks / f"{role}{pair}.ipynb", as_version=4) for role in ROLES]
+    saved = {role: build_dir / f"{role}{pair}.ipynb" for role in ROLES}
 
     started = time.monotonic()
     outcomes = asyncio.run(_run_both(runs, notebooks, env, timeout))
@@ -148,7 +156,7 @@ def run_demo(build_dir: Path, *, server: str | None = None, notebooks: Path = NO
     for role, notebook in zip(ROLES, runs, strict=True):
         nbformat.write(notebook, saved[role])
     result.summary = _summary_cell(runs[ROLES.index("researcher")])
-    result.error = "\n".join(f"{role}.ipynb: {error}"
+    result.error = "\n".join(f"{role}{pair}.ipynb: {error}"
                              for role, error in zip(ROLES, outcomes, strict=True) if error)
     if audit_path.exists():
         result.requests, result.events = _requests_from_audit(audit_path)
@@ -166,7 +174,8 @@ def _shown(path: Path | None) -> str:
 
 
 def _report(result: DemoResult) -> str:
-    lines = [f"duet demo: owner.ipynb and researcher.ipynb ran side by side in two kernels "
+    owner, researcher = (path.name for path in result.notebooks.values())
+    lines = [f"duet demo: {owner} and {researcher} ran side by side in two kernels "
              f"({result.seconds:.1f} s)"]
     decided = Counter(r["status"] for r in result.requests)
     lines.append(f"  requests: {len(result.requests)} ("
@@ -184,6 +193,19 @@ def _report(result: DemoResult) -> str:
                      f"test accuracy {summary['test_accuracy']:.3f}")
         lines.append(f"  trained weights received: {json.dumps(summary.get('weights', {}))}")
         lines.append(f"  raw patient rows: {summary.get('raw_rows')}")
+    if "cv_auc" in summary:
+        lines.append("  the researcher described the cohort "
+                     f"({json.dumps(summary.get('cohort', {}))} patients by sex) and fitted a "
+                     f"logistic regression: cross-validated AUC {summary['cv_auc']:.3f}")
+        coefficients = {k: round(v, 2) for k, v in summary.get("coefficients", {}).items()}
+        lines.append(f"  coefficients received: {json.dumps(coefficients)}")
+        lines.append(f"  raw patient rows: {summary.get('raw_rows')}")
+    if "radius_by_diagnosis" in summary:
+        lines.append("  differentially private answers: about "
+                     f"{summary['patients']} patients; mean radius by diagnosis "
+                     f"{json.dumps(summary['radius_by_diagnosis'])}")
+        lines.append(f"  exact mean: {summary.get('exact_mean')}; over budget: "
+                     f"{summary.get('over_budget')}")
     if result.events:
         top = ", ".join(f"{name} {n}" for name, n in result.events.most_common(6))
         lines.append(f"  audit log: {sum(result.events.values())} events in "
@@ -204,12 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebooks", type=Path, default=NOTEBOOKS,
                         help="the directory holding owner.ipynb and researcher.ipynb")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per cell")
+    parser.add_argument("--pair", action="append", choices=PAIRS,
+                        help="run only this pair (by its suffix; '' is the first pair)")
     args = parser.parse_args(argv)
-    print("duet demo: running the owner's and the researcher's notebooks…", flush=True)
-    result = run_demo(args.build_dir, server=args.server, notebooks=args.notebooks,
-                      timeout=args.timeout)
-    print(_report(result))
-    return 0 if result.ok else 1
+    ok = True
+    for pair in args.pair or PAIRS:
+        if not all((args.notebooks / f"{role}{pair}.ipynb").exists() for role in ROLES):
+            continue  # a notebooks directory with fewer pairs
+        print(f"duet demo: running owner{pair}.ipynb and researcher{pair}.ipynb…", flush=True)
+        result = run_demo(args.build_dir / pair.strip("_") if pair else args.build_dir,
+                          server=args.server, notebooks=args.notebooks, timeout=args.timeout,
+                          pair=pair)
+        print(_report(result), flush=True)
+        ok = ok and result.ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

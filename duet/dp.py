@@ -145,7 +145,7 @@ class DP:
         if self.unit is not None:
             if kind != "table" or self.unit not in columns:
                 raise ValueError(f"unit={self.unit!r} must name a column of the shared table")
-            most = int(obj[self.unit].value_counts().max()) if len(obj) else 1
+            most = _most_rows_per_unit(obj[self.unit])
             if self.contributions is not None and most > self.contributions:
                 raise ValueError(f"unit {self.unit!r}: a person has {most} rows, more than "
                                  f"contributions={self.contributions}")
@@ -162,18 +162,42 @@ def _kind_of(obj: Any) -> Literal["table", "values"]:
     module = type(obj).__module__.split(".")[0]
     if module == "pandas" and type(obj).__name__ == "DataFrame":
         return "table"
+    if type(obj) is dict and obj and all(isinstance(k, str) for k in obj):
+        # a table as a dict of equally long 1-D columns (numpy arrays or tensors)
+        lengths = {_one_d_length(v) for v in obj.values()}
+        if len(lengths) == 1 and None not in lengths:
+            return "table"
+    if _one_d_length(obj) is not None:
+        return "values"
+    raise TypeError("differential privacy applies to a 1-D numpy array, torch tensor or "
+                    "pandas Series, or to a table: a pandas DataFrame, or a dict of equally "
+                    "long 1-D columns (rows are records)")
+
+
+def _one_d_length(obj: Any) -> int | None:
+    module = type(obj).__module__.split(".")[0]
     shape = getattr(obj, "shape", None)
     if shape is not None and len(shape) == 1 and module in ("numpy", "torch", "pandas"):
-        return "values"
-    if shape is not None and len(shape) == 2 and module in ("numpy", "torch"):
-        return "table"  # a matrix: rows are records, columns by index (e.g. for r.dp.train)
-    raise TypeError("differential privacy applies to a 1-D numpy array, torch tensor or "
-                    "pandas Series, or to a pandas DataFrame or 2-D array (rows are records)")
+        return int(shape[0])
+    return None
 
 
 def _columns_of(obj: Any) -> list[str]:
+    if type(obj) is dict:
+        return [str(k) for k in obj]
     columns = getattr(obj, "columns", None)
     return [str(c) for c in columns] if columns is not None else []
+
+
+def _most_rows_per_unit(column: Any) -> int:
+    import numpy as np
+
+    values = _numpy(column)
+    if not len(values):
+        return 1
+    _, counts = np.unique(values.astype(str) if values.dtype.kind == "O" else values,
+                          return_counts=True)
+    return int(counts.max())
 
 
 def _number(value: Any) -> bool:
@@ -318,16 +342,6 @@ class Derivations:
         if target.kind == "table" and isinstance(key, list) and key and all(
                 isinstance(k, str) for k in key):
             return target
-        if target.kind == "table" and isinstance(key, tuple) and len(key) == 2 and (
-                key[0] == slice(None)):  # columns of a matrix, every row in order
-            column = key[1]
-            if isinstance(column, int) and not isinstance(column, bool):
-                return Derived(target.source, None, target.rows, "values")
-            if (isinstance(column, slice) and all(v is None or isinstance(v, int) for v in (
-                    column.start, column.stop, column.step)) and (column.step or 1) > 0) or (
-                    isinstance(column, list) and column and all(
-                        isinstance(k, int) and not isinstance(k, bool) for k in column)):
-                return Derived(target.source, None, target.rows, "table")
         mask = self.tag(key)
         if (mask is not None and mask.kind == "mask" and mask.source == target.source
                 and mask.rows == target.rows):
@@ -471,7 +485,7 @@ def _grouping(op: p.Op, by: Any, tag: Derived, spec: Mapping[str, Any],
         raise PolicyViolation(f"{op.name}: by= must be a column of the same rows, e.g. "
                               f"by={tag.source}['sex'], with categories=[...]")
     group = derivations.tag(by)
-    if group is None or group.kind != "values" or (group.source, group.rows) != (
+    if group is None or group.kind == "table" or (group.source, group.rows) != (
             tag.source, tag.rows):
         raise PolicyViolation(f"{op.name}: by= must be a column of the same rows of "
                               f"{tag.source!r} (same filters applied)")
@@ -563,7 +577,8 @@ class DPQuery:
         import numpy as np
 
         self.spec = spec
-        self.rows = int(len(values))
+        # a table given as a dict of columns has as many rows as each column
+        self.rows = int(len(next(iter(values.values())) if type(values) is dict else values))
         self.values: Any = None  # a count reads how many rows there are, nothing else
         if spec.statistic == "histogram" and spec.categories:
             self.values = _as_keys(values)
@@ -729,10 +744,20 @@ def _float_space(dp: Any) -> Any:
     return dp.vector_domain(dp.atom_domain(T=float, nan=True)), dp.symmetric_distance()
 
 
-def _calibrated(dp: Any, make: Any, d_in: int, epsilon: float) -> tuple[Any, float]:
+_SCALES: dict[tuple[Any, ...], float] = {}  # the search is costly; its answer never changes
+
+
+def _calibrated(dp: Any, make: Any, d_in: int, epsilon: float,
+                key: tuple[Any, ...]) -> tuple[Any, float]:
     """The measurement with the smallest noise scale whose privacy map, at ``d_in`` rows
-    changed, is at most ``epsilon`` (OpenDP's own search over its own map)."""
-    scale = dp.binary_search_param(make, d_in=d_in, d_out=epsilon)
+    changed, is at most ``epsilon`` (OpenDP's own search over its own map; the map is
+    checked again on the measurement actually used)."""
+    cache_key = (*key, d_in, epsilon)
+    scale = _SCALES.get(cache_key)
+    if scale is None:
+        scale = float(dp.binary_search_param(make, d_in=d_in, d_out=epsilon))
+        if len(_SCALES) < 10_000:
+            _SCALES[cache_key] = scale
     measurement = make(scale)
     assert measurement.map(d_in) <= epsilon * (1 + 1e-9)
     return measurement, float(scale)
@@ -741,7 +766,8 @@ def _calibrated(dp: Any, make: Any, d_in: int, epsilon: float) -> tuple[Any, flo
 def _count(dp: Any, rows: int, epsilon: float, k: int) -> tuple[int, float, float]:
     space = _float_space(dp)
     measurement, scale = _calibrated(
-        dp, lambda s: space >> dp.t.then_count() >> dp.m.then_laplace(s), k, epsilon)
+        dp, lambda s: space >> dp.t.then_count() >> dp.m.then_laplace(s), k, epsilon,
+        ("count",))
     # The count of rows is all the measurement reads: it gets placeholders, not values.
     released = int(measurement([0.0] * rows))
     return released, scale, float(dp.discrete_laplacian_scale_to_accuracy(scale, 0.05))
@@ -756,7 +782,7 @@ def _sum(dp: Any, values: Any, bounds: tuple[float, float], epsilon: float,
         return (space >> dp.t.then_impute_constant(lo) >> dp.t.then_clamp((lo, hi))
                 >> dp.t.then_sum() >> dp.m.then_laplace(scale))
 
-    measurement, scale = _calibrated(dp, make, k, epsilon)
+    measurement, scale = _calibrated(dp, make, k, epsilon, ("sum", lo, hi))
     released = float(measurement(values.tolist()))
     return released, scale, float(dp.laplacian_scale_to_accuracy(scale, 0.05))
 
@@ -782,7 +808,7 @@ def _count_by(dp: Any, keys: Any, categories: list[str], epsilon: float,
                                                        null_category=True)
                 >> dp.m.then_laplace(scale))
 
-    measurement, scale = _calibrated(dp, make, k, epsilon)
+    measurement, scale = _calibrated(dp, make, k, epsilon, ("by", tuple(categories)))
     counts = measurement(list(keys))
     return [int(c) for c in counts[:len(categories)]], scale  # the last is "other": dropped
 
@@ -803,7 +829,7 @@ def _binned(dp: Any, values: Any, bounds: tuple[float, float], edges: list[float
         return (chain >> dp.t.then_count_by_categories(categories=bins, null_category=False)
                 >> dp.m.then_laplace(scale))
 
-    measurement, scale = _calibrated(dp, make, k, epsilon)
+    measurement, scale = _calibrated(dp, make, k, epsilon, ("bins", lo, hi, tuple(edges)))
     return [int(c) for c in measurement(values.tolist())], scale
 
 
@@ -817,5 +843,6 @@ def _quantile_of(dp: Any, values: Any, bounds: tuple[float, float], candidates: 
                 >> dp.m.then_private_quantile(dp.max_divergence(), candidates=candidates,
                                               alpha=alpha, scale=scale))
 
-    measurement, scale = _calibrated(dp, make, k, epsilon)
+    measurement, scale = _calibrated(dp, make, k, epsilon,
+                                     ("quantile", lo, hi, tuple(candidates), alpha))
     return float(measurement(values.tolist())), scale

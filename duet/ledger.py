@@ -69,7 +69,7 @@ _SCHEMA = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Budget:
     """A shared name's privacy budget as the ledger has it now."""
 
@@ -100,6 +100,9 @@ class Budget:
                     f"was released); ε total {self.epsilon:g}")
         return (f"budget {self.name!r}: ε {self.epsilon_spent:.4g} spent of {self.epsilon:g} "
                 f"({self.epsilon_left:.4g} left), δ {self.delta_spent:.3g} of {self.delta:g}")
+
+    def __repr__(self) -> str:
+        return f"<{self}>"
 
     def _repr_html_(self) -> str:
         import html

@@ -38,6 +38,9 @@ _SHORT = (
     "operator.", "copy.", "numpy.", "torch.nn.functional.", "torch.optim.lr_scheduler.",
     "torch.optim.", "torch.nn.", "torch.",
 )
+# pandas functions read as a researcher writes them (pd.merge(a, b)); scikit-learn's by their
+# own name (LogisticRegression(max_iter=200), cross_val_score(...)).
+_RENAMED = (("pandas.", "pd."),)
 
 
 def cap(text: str) -> str:
@@ -78,6 +81,11 @@ def function(qualname: str, arguments: list[str], *, subscript: bool = False) ->
         if qualname.startswith(prefix):
             short = qualname[len(prefix):]
             break
+    for prefix, shown in _RENAMED:
+        if qualname.startswith(prefix):
+            short = shown + qualname[len(prefix):]
+    if qualname.startswith("sklearn."):
+        short = qualname.rsplit(".", 1)[-1]
     if qualname.startswith("operator."):
         if short in INFIX and len(arguments) == 2:
             return cap(f"({arguments[0]} {INFIX[short]} {arguments[1]})")

@@ -173,6 +173,13 @@ def contents(value: Any) -> Iterator[Any]:
             stack.extend((v, depth + 1) for v in item)
         elif isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
+        elif _is_table(item):
+            yield from _table_arrays(item)
+        elif _is_estimator(item):
+            # the estimator itself (its settings and fitted state are what fit changes) and
+            # the estimators it holds (a pipeline's steps are the same objects)
+            yield item
+            stack.extend((v, depth + 1) for v in item.get_params(deep=False).values())
         elif torch is None:
             continue
         elif isinstance(item, torch.Tensor):
@@ -192,6 +199,65 @@ def contents(value: Any) -> Iterator[Any]:
         elif isinstance(item, torch.optim.lr_scheduler.LRScheduler):
             yield item
             stack.append((item.optimizer, depth + 1))
+
+
+def _is_table(value: Any) -> bool:
+    pd = sys.modules.get("pandas")
+    return pd is not None and isinstance(value, (pd.DataFrame, pd.Series, pd.Index))
+
+
+def _is_estimator(value: Any) -> bool:
+    base = sys.modules.get("sklearn.base")
+    return base is not None and isinstance(value, base.BaseEstimator)
+
+
+def _columns(table: Any) -> Iterator[tuple[Any, Any]]:
+    """(dtype, values) of a DataFrame's columns, a Series or an Index, and of its index;
+    numpy columns as numpy arrays (no copy), others as pandas arrays."""
+    import pandas as pd
+
+    if isinstance(table, pd.DataFrame):
+        for i in range(table.shape[1]):
+            yield from _columns(table.iloc[:, i])
+    elif isinstance(table, pd.MultiIndex):
+        for i in range(table.nlevels):
+            yield from _columns(table.levels[i])
+        return
+    elif isinstance(table, pd.RangeIndex):
+        return
+    if isinstance(table, (pd.Series, pd.Index)):
+        dtype = table.dtype
+        numpy = isinstance(dtype, np.dtype) and dtype.kind != "O"
+        yield dtype, (table.to_numpy(copy=False) if numpy else table.array)
+    if isinstance(table, (pd.DataFrame, pd.Series)):
+        yield from _columns(table.index)
+
+
+def _table_arrays(table: Any) -> Iterator[np.ndarray]:
+    """The numpy arrays a pandas object holds without copying: numpy columns and the codes
+    of categoricals (other columns are counted by ``buffer_sizes`` as Python bytes)."""
+    import pandas as pd
+
+    for _, values in _columns(table):
+        if isinstance(values, np.ndarray):
+            yield values
+        elif isinstance(values, pd.Categorical):
+            yield values.codes
+
+
+def _table_python_bytes(table: Any) -> int:
+    """Bytes of a pandas object's columns that are not plain numpy arrays (strings,
+    nullable and categorical columns), as pandas counts them, strings sampled."""
+    total = 0
+    for dtype, values in _columns(table):
+        if isinstance(values, np.ndarray):
+            continue
+        total += int(values.nbytes)
+        if getattr(dtype, "kind", "") == "O" or str(dtype) in ("str", "string"):
+            sample = np.asarray(values[:_SAMPLE], dtype=object)
+            per_item = sum(sys.getsizeof(v) for v in sample) / max(1, len(sample))
+            total += int(per_item * len(values))
+    return total
 
 
 def allocation(item: Any) -> tuple[int, int] | None:
@@ -235,7 +301,7 @@ def buffer_sizes(value: Any) -> dict[int, int]:
         block = allocation(item)
         if block is not None:
             blocks[block[0]] = max(block[1], blocks.get(block[0], 0))
-    python = python_bytes(value)
+    python = python_bytes(value) or (_table_python_bytes(value) if _is_table(value) else 0)
     if python:
         blocks[id(value)] = python  # a live object's address is inside no other block
     return blocks

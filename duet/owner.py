@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol as p
+from . import tables
 from .approvals import DPInfo, Request, RequestQueue, Rule, ValueInfo, safe_text
 from .audit import EVENTS, AuditLog, sha256_of
 from .config import SessionConfig
@@ -46,7 +47,13 @@ from .ipc import Done, RequestFailed, Snapshot, Usage
 from .ledger import Budget, Ledger
 from .policy import Allowlist
 from .session import Encoded, Session
-from .supervisor import SealedArray, WorkerProcess, WorkerSettings, prepare_share
+from .supervisor import (
+    SealedArray,
+    SealedColumns,
+    WorkerProcess,
+    WorkerSettings,
+    prepare_share,
+)
 
 __all__ = ["OwnerSession"]
 
@@ -75,7 +82,7 @@ class OwnerSession(Session):
         self._shared: dict[str, p.StoreEntry] = {}
         # name -> (share message, buffers, sealed memory): sent again to a restarted worker
         self._share_messages: dict[str, tuple[dict[str, Any], list[bytes],
-                                              SealedArray | None]] = {}
+                                              SealedArray | SealedColumns | None]] = {}
         self._signaling: Any = None
         self._worker_lock = threading.RLock()
         self._crashes = 0
@@ -116,11 +123,14 @@ class OwnerSession(Session):
 
     # -- sharing --------------------------------------------------------------------------
     def share(self, obj: Any, name: str, description: str = "",
-              tags: Iterable[str] = (), *, dp: DP | None = None) -> None:
+              tags: Iterable[str] = (), *, declare_rows: bool = True,
+              dp: DP | None = None) -> None:
         """Make ``obj`` reachable by the researcher as ``store[name]`` (never its values).
 
         Arrays and tensors are copied once into sealed memory the worker maps read-only;
         torch modules, scalars and plain lists, tuples and dicts of these are copied to it.
+        A pandas DataFrame or Series is listed with its column names and dtypes and its row
+        count (``declare_rows=False`` hides it); its index is data and is never listed.
         ``dp=duet.DP(epsilon=..., bounds=...)``: the researcher may ask for differentially
         private statistics (``r.dp.*``) charged to the privacy budget of ``name``, which
         persists across sessions (``budget(name)``); see docs/dp.md.
@@ -132,7 +142,8 @@ class OwnerSession(Session):
             raise TypeError("dp= takes a duet.DP(epsilon=..., delta=..., bounds=...)")
         _check_shareable(obj, 0)
         dp_spec = dp.spec(name, obj) if dp is not None else None
-        entry = _declare(obj, name, description, tuple(tags))
+        entry = (tables.declare(obj, name, description, tuple(tags), declare_rows)
+                 if tables.is_table(obj) else _declare(obj, name, description, tuple(tags)))
         prepared = prepare_share(obj)
         prepared = ({**prepared[0], "dp": dp_spec}, prepared[1], prepared[2])
         if dp is not None:
@@ -823,6 +834,9 @@ def _check_shareable(obj: Any, depth: int) -> None:
         if obj.dtype.hasobject:
             raise TypeError("cannot share an array of Python objects")
         return
+    if depth == 0 and tables.is_pandas_object(obj):
+        tables.check(obj)  # a DataFrame or Series, not a subclass; refuses with the reason
+        return
     if type(obj) in (list, tuple):
         for item in obj:
             _check_shareable(item, depth + 1)
@@ -846,8 +860,8 @@ def _check_shareable(obj: Any, depth: int) -> None:
                             "in a module file, or share the model's state_dict()")
         return
     raise TypeError(f"cannot share a {type(obj).__module__}.{type(obj).__name__}: share numpy "
-                    "arrays, torch tensors or modules, numbers, strings, or plain lists, "
-                    "tuples and dicts of these")
+                    "arrays, torch tensors or modules, pandas DataFrames or Series, numbers, "
+                    "strings, or plain lists, tuples and dicts of these")
 
 
 def _declare(obj: Any, name: str, description: str, tags: tuple[str, ...]) -> p.StoreEntry:

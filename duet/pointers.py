@@ -379,12 +379,20 @@ class RemoteFunction:
         self._session = session
         self.qualname = qualname
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Pointer:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         text = lineage.function(self.qualname, _show_args(args, kwargs))
-        return _submit(self._session, "function", self.qualname, None, args, kwargs, text)
+        result = _submit(self._session, "function", self.qualname, None, args, kwargs, text)
+        if self.qualname in _SPLITS:
+            # train_test_split returns two parts per array: a count that depends only on the
+            # call, so the parts can be unpacked here (X_train, X_test, y_train, y_test = ...)
+            return tuple(result[i] for i in range(2 * len(args)))
+        return result
 
     def __repr__(self) -> str:
         return f"<remote function {self.qualname}>"
+
+
+_SPLITS = frozenset({"sklearn.model_selection.train_test_split"})
 
 
 class RemoteNamespace:

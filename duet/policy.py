@@ -22,6 +22,7 @@ import fnmatch
 import importlib
 import inspect
 import re
+import sys
 import types
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
@@ -30,13 +31,14 @@ import numpy as np
 
 from . import dtypes
 from .errors import PolicyViolation
-from .protocol import AllowlistSummary, DTypeRef, Op
+from .protocol import MAX_VALUE_DEPTH, AllowlistSummary, DTypeRef, Op
 
 __all__ = [
     "ATTRIBUTES",
     "DENIED",
     "DTYPES",
     "FUNCTIONS",
+    "FUNCTION_NAMES",
     "METHODS",
     "MUTATING_METHODS",
     "Allowlist",
@@ -111,6 +113,35 @@ FUNCTIONS: tuple[tuple[str, str], ...] = (
     # torch.optim: optimizers and learning-rate schedules
     ("torch.optim", "SGD Adam AdamW RMSprop Adagrad"),
     ("torch.optim.lr_scheduler", "StepLR ExponentialLR CosineAnnealingLR"),
+    # pandas: building, combining and reshaping tables; binning and conversion. Functions
+    # that take a function take only names of the reductions in FUNCTION_NAMES.
+    ("pandas", """DataFrame Series Categorical crosstab merge concat get_dummies cut qcut
+                  pivot_table melt to_numeric to_datetime to_timedelta isna notna unique
+                  factorize"""),
+    # scikit-learn: estimators (fit changes the researcher's estimator, never shared data),
+    # model selection, pipelines and metrics. Callables are never accepted as arguments.
+    ("sklearn.linear_model", """LinearRegression LogisticRegression Ridge Lasso ElasticNet
+                                SGDClassifier SGDRegressor"""),
+    ("sklearn.ensemble", """RandomForestClassifier RandomForestRegressor
+                            GradientBoostingClassifier GradientBoostingRegressor
+                            HistGradientBoostingClassifier HistGradientBoostingRegressor"""),
+    ("sklearn.tree", "DecisionTreeClassifier DecisionTreeRegressor"),
+    ("sklearn.neighbors", "KNeighborsClassifier KNeighborsRegressor"),
+    ("sklearn.naive_bayes", "GaussianNB"),
+    ("sklearn.svm", "LinearSVC SVC"),
+    ("sklearn.cluster", "KMeans"),
+    ("sklearn.decomposition", "PCA"),
+    ("sklearn.preprocessing", """StandardScaler MinMaxScaler RobustScaler OneHotEncoder
+                                 OrdinalEncoder LabelEncoder PolynomialFeatures
+                                 KBinsDiscretizer"""),
+    ("sklearn.impute", "SimpleImputer"),
+    ("sklearn.pipeline", "Pipeline make_pipeline"),
+    ("sklearn.compose", "ColumnTransformer make_column_transformer"),
+    ("sklearn.model_selection", """train_test_split cross_val_score cross_validate
+                                   cross_val_predict KFold StratifiedKFold GridSearchCV"""),
+    ("sklearn.metrics", """accuracy_score balanced_accuracy_score precision_score
+                           recall_score f1_score roc_auc_score log_loss confusion_matrix
+                           mean_squared_error mean_absolute_error r2_score"""),
 )
 
 # Methods per family that leave their object unchanged.
@@ -134,6 +165,41 @@ METHODS: tuple[tuple[str, str], ...] = (
     ("list", "index count"),
     ("tuple", "index count"),
     ("dict", "keys values items get"),
+    # pandas: what an analyst does with a table. Nothing here changes its object (pandas 3
+    # copies on write, and inplace=True is refused everywhere).
+    ("DataFrame", """head tail sum mean median std var sem min max count nunique prod
+                     quantile describe corr cov skew kurt mode abs round clip fillna ffill
+                     bfill dropna astype convert_dtypes isna notna isnull notnull isin
+                     groupby agg aggregate transform apply value_counts pivot_table pivot
+                     melt stack unstack merge join assign drop drop_duplicates duplicated
+                     rename sort_values sort_index reset_index set_index sample nlargest
+                     nsmallest select_dtypes filter get copy to_numpy cumsum cumprod cummax
+                     cummin diff pct_change rank shift where mask replace idxmin idxmax any
+                     all add sub mul div truediv floordiv mod pow radd rsub rmul rdiv eq ne
+                     lt le gt ge dot transpose squeeze reindex explode"""),
+    ("Series", """head tail sum mean median std var sem min max count nunique prod quantile
+                  describe corr cov skew kurt mode abs round clip fillna ffill bfill dropna
+                  astype convert_dtypes isna notna isnull notnull isin between groupby agg
+                  aggregate transform apply map value_counts unique drop drop_duplicates
+                  duplicated rename sort_values sort_index reset_index sample nlargest
+                  nsmallest get copy to_numpy to_frame to_list tolist cumsum cumprod cummax
+                  cummin diff pct_change rank shift where mask replace idxmin idxmax argmin
+                  argmax any all add sub mul div truediv floordiv mod pow radd rsub rmul rdiv
+                  eq ne lt le gt ge dot squeeze reindex explode"""),
+    ("Index", """to_numpy to_list tolist unique nunique isin astype copy min max
+                 argmin argmax value_counts to_series to_frame"""),
+    ("GroupBy", """agg aggregate transform mean median sum prod min max std var sem count
+                   size nunique first last describe quantile cumsum cumcount cummax cummin
+                   rank shift diff head tail any all idxmin idxmax value_counts ngroup"""),
+    ("StringMethods", """lower upper strip lstrip rstrip len contains startswith endswith
+                         replace slice get split cat zfill pad isdigit isalpha isnumeric"""),
+    ("Datetimelike", "strftime normalize floor ceil round total_seconds"),
+    ("CategoricalAccessor", """add_categories remove_categories remove_unused_categories
+                               rename_categories reorder_categories set_categories as_ordered
+                               as_unordered"""),
+    # scikit-learn estimators; fit and friends are in MUTATING_METHODS
+    ("Estimator", """predict predict_proba predict_log_proba decision_function score
+                     transform inverse_transform get_params get_feature_names_out"""),
 )
 
 # Methods that change their object in place: refused on shared data (and anything aliasing it).
@@ -145,6 +211,8 @@ MUTATING_METHODS: tuple[tuple[str, str], ...] = (
     ("Module", "train eval zero_grad load_state_dict requires_grad_ to float double"),
     ("Optimizer", "step zero_grad load_state_dict"),
     ("Scheduler", "step"),
+    # fitting changes the estimator (the researcher's own object): refused on shared ones
+    ("Estimator", "fit partial_fit fit_transform fit_predict set_params"),
 )
 
 ATTRIBUTES: tuple[tuple[str, str], ...] = (
@@ -157,6 +225,22 @@ ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("Scheduler", "last_epoch"),
     # named results such as torch.max(x, dim=0).values
     ("tuple", "values indices"),
+    # pandas: shape, labels and the index are data of derived tables (pointers, like all)
+    ("DataFrame", "shape columns index dtypes ndim size empty T values loc iloc at iat"),
+    ("Series", """shape index dtype name ndim size empty T values loc iloc at iat str dt cat
+                  hasnans is_unique is_monotonic_increasing is_monotonic_decreasing"""),
+    ("Index", "name names shape size dtype ndim nlevels is_unique str"),
+    ("GroupBy", "ngroups groups indices"),
+    ("Datetimelike", """year month day hour minute second dayofweek day_of_week dayofyear
+                        quarter date days seconds"""),
+    ("CategoricalAccessor", "codes categories ordered"),
+    # fitted attributes of scikit-learn estimators (they come back only through a request)
+    ("Estimator", """coef_ intercept_ classes_ n_features_in_ feature_names_in_
+                     feature_importances_ n_iter_ mean_ scale_ var_ n_samples_seen_ min_
+                     data_min_ data_max_ categories_ components_ explained_variance_
+                     explained_variance_ratio_ cluster_centers_ labels_ inertia_
+                     best_params_ best_score_ best_estimator_ cv_results_ named_steps steps
+                     statistics_ n_outputs_ estimators_ class_prior_ theta_"""),
 )
 
 # Never reachable, and ``allow`` refuses them. A pattern matches a name or any dotted prefix.
@@ -187,7 +271,38 @@ DENIED: tuple[str, ...] = (
     "Module.apply", "Module.register_*", "Module.add_module", "Module.get_submodule",
     "Module.set_extra_state", "Module.share_memory",
     "Optimizer.register_*", "Optimizer.add_param_group", "Scheduler.register_*",
+    # pandas: code in strings (query/eval), files, the clipboard, plots and styles (which
+    # run matplotlib/jinja), functions applied elementwise, global options, internals
+    "pandas.eval", "pandas.read_*", "pandas.io", "pandas.plotting", "pandas.api",
+    "pandas.core", "pandas.util", "pandas.testing", "pandas.compat", "pandas.errors",
+    "pandas.options", "pandas.set_option", "pandas.reset_option", "pandas.option_context",
+    "pandas.describe_option", "pandas.show_versions", "pandas.ExcelWriter",
+    "pandas.ExcelFile", "pandas.HDFStore", "pandas.json_normalize",
+    "DataFrame.query", "DataFrame.eval", "DataFrame.style", "*.plot", "*.hist",
+    "*.boxplot", "*.pipe", "DataFrame.map", "DataFrame.applymap", "GroupBy.apply",
+    "GroupBy.filter", "GroupBy.plot", "*.to_pickle", "*.to_csv", "*.to_parquet",
+    "*.to_feather", "*.to_sql", "*.to_hdf", "*.to_excel", "*.to_json", "*.to_html",
+    "*.to_latex", "*.to_clipboard", "*.to_stata", "*.to_orc", "*.to_xml", "*.to_markdown",
+    "*.to_gbq", "*.to_string", "DataFrame.attrs", "Series.attrs", "DataFrame.flags",
+    "Series.flags", "DataFrame.set_flags", "Series.set_flags", "DataFrame.insert",
+    "DataFrame.pop", "Series.pop", "DataFrame.update", "Series.update",
+    # scikit-learn: persistence and downloads, global configuration, estimators built
+    # around the researcher's functions, plots
+    "sklearn.datasets", "sklearn.externals", "sklearn.utils", "sklearn.experimental",
+    "sklearn.tests", "sklearn.set_config", "sklearn.config_context", "sklearn.show_versions",
+    "sklearn.preprocessing.FunctionTransformer", "sklearn.compose.TransformedTargetRegressor",
+    "sklearn.metrics.make_scorer", "sklearn.metrics.get_scorer", "sklearn.*.*Display",
+    "Estimator.set_output",
 )
+
+# Names the func/aggfunc of pandas' agg, aggregate, transform, apply, pivot_table and
+# crosstab may take: pandas looks a name up on the object and calls it, so an arbitrary
+# name would reach any method (``agg("to_pickle", path)``). Callables are never accepted.
+FUNCTION_NAMES: frozenset[str] = frozenset("""
+    sum mean median min max std var sem count size nunique first last prod any all idxmin
+    idxmax skew kurt quantile describe cumsum cumprod cummin cummax cumcount rank shift diff
+    pct_change abs round ffill bfill
+""".split())
 
 # dtype names a researcher may send (DTypeRef): the one table both ends use.
 DTYPES: tuple[str, ...] = dtypes.CANONICAL
@@ -240,9 +355,27 @@ def _words(groups: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
             yield namespace, name
 
 
-def _family_classes() -> dict[str, type]:
-    """Family name -> class, in the order ``family`` tests them (most specific first)."""
-    classes: dict[str, type] = {}
+# Families of packages that load slowly (pandas, scikit-learn) name their class as
+# "module:attribute": an object can be of such a family only once its module is imported,
+# so ``family`` looks them up only then and a session that never uses them never pays.
+_LAZY_FAMILIES: dict[str, str] = {
+    "DataFrame": "pandas:DataFrame",
+    "Series": "pandas:Series",
+    "Index": "pandas:Index",
+    "GroupBy": "pandas.core.groupby.groupby:GroupBy",
+    "StringMethods": "pandas.core.strings.accessor:StringMethods",
+    "Datetimelike": "pandas.core.indexes.accessors:Properties",
+    "CategoricalAccessor": "pandas.core.arrays.categorical:CategoricalAccessor",
+    "Estimator": "sklearn.base:BaseEstimator",
+}
+# Top-level packages whose table functions are registered by name and vetted on first use.
+_LAZY_PACKAGES = ("pandas", "sklearn")
+
+
+def _family_classes() -> dict[str, type | str]:
+    """Family name -> class (or "module:attribute" for lazy ones), in the order ``family``
+    tests them (most specific first)."""
+    classes: dict[str, type | str] = {}
     try:
         import torch
     except ImportError:  # an owner sharing only numpy needs no torch
@@ -252,6 +385,7 @@ def _family_classes() -> dict[str, type]:
         classes["Module"] = torch.nn.Module
         classes["Optimizer"] = torch.optim.Optimizer
         classes["Scheduler"] = torch.optim.lr_scheduler.LRScheduler
+    classes.update(_LAZY_FAMILIES)
     classes["ndarray"] = np.ndarray
     classes["dict"] = dict
     classes["list"] = list
@@ -315,7 +449,8 @@ class Allowlist:
 
     def __init__(self) -> None:
         self._families = _family_classes()
-        self._functions: dict[str, Callable[..., Any]] = {}
+        # None: a table name of a lazy package, vetted like any other on first use
+        self._functions: dict[str, Callable[..., Any] | None] = {}
         self._writes_through: set[str] = set()
         self._methods: dict[str, bool] = {}  # "family.name" -> mutating
         self._attributes: set[str] = set()
@@ -325,6 +460,9 @@ class Allowlist:
         allowlist = cls()
         for namespace, name in _words(FUNCTIONS):
             if namespace.split(".")[0] == "torch" and "Tensor" not in allowlist._families:
+                continue
+            if namespace.split(".")[0] in _LAZY_PACKAGES:
+                allowlist._functions[f"{namespace}.{name}"] = None
                 continue
             try:
                 allowlist._add_function(f"{namespace}.{name}")
@@ -353,7 +491,9 @@ class Allowlist:
     def from_spec(cls, spec: AllowlistSpec) -> Allowlist:
         allowlist = cls()
         for qualname in spec["functions"]:
-            if _denied(qualname) is None:
+            if qualname in _LAZY_TABLE_NAMES:
+                allowlist._functions[qualname] = None
+            elif _denied(qualname) is None:
                 try:
                     allowlist._add_function(qualname)
                 except (AttributeError, ValueError):
@@ -440,7 +580,7 @@ class Allowlist:
             self._writes_through.add(qualname)
 
     def _allow_member(self, family: str, name: str, *, mutating: bool) -> None:
-        cls = self._families[family]
+        cls = _family_class(self._families[family], load=True)
         member = inspect.getattr_static(cls, name, None)
         key = f"{family}.{name}"
         if member is not None and inspect.isroutine(member):
@@ -452,9 +592,18 @@ class Allowlist:
     def resolve_function(self, qualname: str) -> Callable[..., Any]:
         check_name(qualname)
         try:
-            return self._functions[qualname]
+            fn = self._functions[qualname]
         except KeyError:
             raise PolicyViolation(_not_allowed(qualname, list(self._functions))) from None
+        if fn is None:  # a lazy table name: vetted now, as at construction
+            try:
+                self._add_function(qualname)
+            except (AttributeError, ImportError, ValueError):
+                raise PolicyViolation(f"{qualname} is not available on the owner's side "
+                                      "(not in the installed version)") from None
+            fn = self._functions[qualname]
+            assert fn is not None
+        return fn
 
     def resolve_method(self, obj: object, name: str, *, shared: bool | str) -> Callable[..., Any]:
         """The bound method ``name`` of ``obj``, if its family allows it.
@@ -511,6 +660,7 @@ class Allowlist:
             raise PolicyViolation("out= writes into an existing object; use the result instead")
         if kwargs.get("inplace"):
             raise PolicyViolation("inplace=True is not allowed; use the result instead")
+        check_values(fn, args, kwargs, self)
         if isinstance(fn, np.ufunc) and len(args) > fn.nin:
             raise PolicyViolation(f"{fn.__name__} takes no positional output argument here")
         if qualname in self._writes_through:
@@ -555,12 +705,20 @@ class Allowlist:
         """
         for key in op.kwargs:
             check_name(key, dotted=False)
+        check_literals(op.name, op.args, op.kwargs)
         if op.kind == "function":
-            fn = self.resolve_function(op.name)
-            try:
-                self.check_arguments(fn, tuple(op.args), op.kwargs, qualname=op.name)
-            except TypeError:  # arguments that do not bind fail when the op runs
-                pass
+            check_name(op.name)
+            if op.name not in self._functions:
+                raise PolicyViolation(_not_allowed(op.name, list(self._functions)))
+            fn = self._functions[op.name]  # a lazy one is not loaded in the owner's kernel
+            if fn is None:
+                if op.kwargs.get("out") is not None or op.kwargs.get("inplace"):
+                    raise PolicyViolation(f"{op.name} with out/inplace is not allowed")
+            else:
+                try:
+                    self.check_arguments(fn, tuple(op.args), op.kwargs, qualname=op.name)
+                except TypeError:  # arguments that do not bind fail when the op runs
+                    pass
         elif op.kind in ("method", "getattr"):
             check_name(op.name, dotted=False)
             table = self._methods if op.kind == "method" else self._attributes
@@ -582,7 +740,8 @@ class Allowlist:
 
     def family(self, obj: object) -> str | None:
         for family, cls in self._families.items():
-            if isinstance(obj, cls):
+            found = _family_class(cls, load=False)
+            if found is not None and isinstance(obj, found):
                 return family
         if isinstance(obj, np.generic):  # numpy scalars have the ndarray methods
             return "ndarray"
@@ -604,6 +763,137 @@ class Allowlist:
         return qualname in self._functions or qualname in self._methods or (
             qualname in self._attributes
         )
+
+
+def _family_class(cls: type | str, *, load: bool) -> type | None:
+    """The class of a family; a lazy one only if its module is loaded (or ``load``)."""
+    if isinstance(cls, type):
+        return cls
+    module_name, attribute = cls.split(":")
+    module = sys.modules.get(module_name)
+    if module is None:
+        if not load:
+            return None
+        module = importlib.import_module(module_name)
+    found = getattr(module, attribute)
+    return found if isinstance(found, type) else None
+
+
+# -- arguments: callables and names of functions ------------------------------------------
+# Members and functions whose func/aggfunc argument pandas resolves by name.
+_FUNCTION_TAKERS = frozenset({"agg", "aggregate", "transform", "apply", "map"})
+_FUNCTION_KEYWORDS = ("func", "aggfunc", "arg")
+_PANDAS_FUNCTION_TAKERS = frozenset({"pandas.pivot_table", "pandas.crosstab"})
+_SAFE_ENGINES = (None, "c", "cython", "python")
+
+
+def check_literals(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """What the researcher sent, by itself: names of functions pandas would look up, and
+    settings that start processes or compile code. Used by ``precheck`` (in the owner's
+    kernel, at once) and again in the worker."""
+    short = name.rsplit(".", 1)[-1]
+    if short in _FUNCTION_TAKERS or name in _PANDAS_FUNCTION_TAKERS:
+        given = [kwargs[k] for k in _FUNCTION_KEYWORDS if k in kwargs]
+        if args and short in _FUNCTION_TAKERS:
+            given.append(args[0])
+        given.extend(v[1] for k, v in kwargs.items()  # named aggregation: new=("col", "mean")
+                     if k not in _FUNCTION_KEYWORDS and isinstance(v, tuple) and len(v) == 2)
+        for value in given:
+            _check_function_names(name, value, 0)
+    if (name.startswith("sklearn.") or short == "set_params") and kwargs.get("copy") is False:
+        raise PolicyViolation("copy=False is not allowed: scikit-learn would then work in "
+                              "place on its input, which may be the owner's data")
+    n_jobs = kwargs.get("n_jobs")
+    if n_jobs is not None and n_jobs != 1:
+        raise PolicyViolation("n_jobs must be 1 or None: the owner's worker runs one process")
+    for key in ("engine", "engine_kwargs"):
+        if kwargs.get(key) not in _SAFE_ENGINES:
+            raise PolicyViolation(f"{key}={kwargs[key]!r} is not allowed (it compiles code)")
+
+
+def _check_function_names(name: str, value: Any, depth: int) -> None:
+    if name.rsplit(".", 1)[-1] == "map":  # Series.map(mapping): a dict or Series, no name
+        if isinstance(value, str):
+            raise PolicyViolation(f"{name} takes a mapping (a dict or Series), not a name")
+        return
+    if isinstance(value, str):
+        if value not in FUNCTION_NAMES:
+            close = difflib.get_close_matches(value, sorted(FUNCTION_NAMES), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise PolicyViolation(
+                f"{name}: {value!r} is not an allowlisted function name (pandas looks names up "
+                f"and calls them); use one of {', '.join(sorted(FUNCTION_NAMES))}{hint}")
+        return
+    if depth > 2:
+        raise PolicyViolation(f"{name}: function names are nested too deeply")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_function_names(name, item, depth + 1)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_function_names(name, item, depth + 1)
+
+
+_TABLE_PACKAGES = ("pandas", "sklearn")
+_TABLE_FAMILIES = frozenset({"DataFrame", "Series", "Index", "GroupBy", "StringMethods",
+                             "Datetimelike", "CategoricalAccessor", "Estimator"})
+
+
+def check_values(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+                 allowlist: Allowlist) -> None:
+    """Refuse callables among the resolved arguments of anything that involves pandas or
+    scikit-learn: they call what they are given (``sort_values(key=)``, ``assign(c=f)``,
+    ``loc[f]``, ``KNeighborsClassifier(metric=f)``), and the researcher's callable objects
+    (torch modules) must not run there. Names of functions are checked as in
+    ``check_literals``, now that pointers are resolved."""
+    target = getattr(fn, "__self__", None)  # our own resolved, bound method
+    module = getattr(fn, "__module__", None) or ""
+    values = list(_walk([*args, *kwargs.values()]))
+    tables = (module.split(".")[0] in _TABLE_PACKAGES
+              or allowlist.family(target) in _TABLE_FAMILIES
+              # any pandas object counts, indexers included: df.loc[f] calls f
+              or any(type(v).__module__.split(".")[0] in _TABLE_PACKAGES for v in values))
+    if not tables:
+        return
+    for value in values:
+        if callable(value) and not isinstance(value, (np.ndarray, np.generic, np.dtype)):
+            raise PolicyViolation(
+                f"a {type(value).__name__} cannot be passed here: duet never hands callables "
+                "to pandas or scikit-learn; use names of allowlisted functions instead")
+    name = getattr(fn, "__name__", "")
+    pandas = module.startswith("pandas") or (
+        allowlist.family(target) in _TABLE_FAMILIES - {"Estimator"})
+    if pandas and (name in _FUNCTION_TAKERS or f"pandas.{name}" in _PANDAS_FUNCTION_TAKERS):
+        try:
+            bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):  # arguments that do not bind: the call fails first
+            bound = {}
+        for key in _FUNCTION_KEYWORDS:
+            if key in bound:
+                _check_function_names(name, bound[key], 0)
+        for value in dict(bound.get("kwargs") or {}).values():  # new=("column", "mean")
+            if isinstance(value, tuple) and len(value) == 2:
+                _check_function_names(name, value[1], 0)
+    check_literals(name, [], dict(kwargs))
+    sklearn = module.startswith("sklearn") or allowlist.family(target) == "Estimator"
+    if sklearn and kwargs.get("copy") is False:
+        raise PolicyViolation("copy=False is not allowed: scikit-learn would then work in "
+                              "place on its input, which may be the owner's data")
+
+
+def _walk(values: list[Any]) -> Iterable[Any]:
+    stack = [(v, 0) for v in values]
+    while stack:
+        value, depth = stack.pop()
+        yield value
+        if depth < MAX_VALUE_DEPTH and type(value) in (list, tuple, dict):
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items)
+
+
+_LAZY_TABLE_NAMES = frozenset(
+    f"{namespace}.{name}" for namespace, name in _words(FUNCTIONS)
+    if namespace.split(".")[0] in _LAZY_PACKAGES)
 
 
 def _dtype_refs(values: list[Any], depth: int) -> list[DTypeRef]:

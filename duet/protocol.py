@@ -12,6 +12,8 @@ msgpack's own types, only the tagged types below, each a msgpack ``ExtType``:
     StoreRef    a shared object (by name)
     tuple, slice, Ellipsis, complex, DTypeRef (a dtype by name)
     ArrayRef    an array or tensor whose bytes are buffer ``index`` of this message
+    FrameRef    a pandas DataFrame, Series or Index: a spec of its columns whose arrays are
+                ArrayRefs (``duet.frames``)
 
 Decoding builds nothing else: there is no pickle, no eval, and no name is ever looked up
 from a received string except through the owner's allowlist (``duet.policy``).
@@ -28,6 +30,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from . import frames
 from .errors import DuetError, PolicyViolation, ProtocolError, RemoteError
 
 PROTOCOL_VERSION = 1
@@ -93,7 +96,7 @@ class ArrayRef:
 
 
 _EXT_POINTER, _EXT_STORE, _EXT_TUPLE, _EXT_SLICE, _EXT_ELLIPSIS = 1, 2, 3, 4, 5
-_EXT_COMPLEX, _EXT_DTYPE, _EXT_ARRAY = 6, 7, 8
+_EXT_COMPLEX, _EXT_DTYPE, _EXT_ARRAY, _EXT_FRAME = 6, 7, 8, 9
 
 # torch dtypes numpy cannot hold travel as raw bytes under their torch name.
 _TORCH_ONLY_DTYPES = {"bfloat16": "int16"}
@@ -139,7 +142,10 @@ class AllowlistUpdate(_Message):
 
 
 class StoreEntry(_Message):
-    """What the owner declared about a shared object: nothing else about it is visible."""
+    """What the owner declared about a shared object: nothing else about it is visible.
+
+    Tables (pandas) declare their column names and dtypes, and their row count unless the
+    owner hid it (then ``rows`` and ``shape`` are None); never their index."""
 
     name: Name
     type: str
@@ -147,6 +153,9 @@ class StoreEntry(_Message):
     dtype: str | None = None
     description: str = ""
     tags: list[str] = []
+    rows: int | None = None
+    columns: list[str] | None = None
+    dtypes: list[str] | None = None
 
 
 class StoreSnapshot(_Message):
@@ -299,6 +308,8 @@ class _Encoder:
             return self.default(np.asarray(obj)) if obj.dtype.kind in "cmMV" else obj.item()
         if type(obj).__module__.startswith("torch"):
             return self._tensor(obj)
+        if type(obj).__module__.startswith("pandas"):
+            return self._pandas(obj)
         raise ProtocolError(f"cannot send a value of type {type(obj).__name__}")
 
     def pack(self, obj: Any) -> bytes:
@@ -311,6 +322,15 @@ class _Encoder:
         self.buffers.append(contiguous.reshape(-1).view(np.uint8).data)
         header = [kind, dtype, list(array.shape), len(self.buffers) - 1]
         return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(header))
+
+    def _pandas(self, obj: Any) -> Any:
+        try:
+            if frames.is_pandas(obj):
+                return msgpack.ExtType(_EXT_FRAME, self.pack(frames.to_spec(obj)))
+            plain = frames.scalar(obj)
+            return None if plain is None else self.default(plain)
+        except TypeError as exc:
+            raise ProtocolError(str(exc)) from None
 
     def _tensor(self, obj: Any) -> Any:
         import torch
@@ -387,6 +407,8 @@ def _ext_value(code: int, data: bytes) -> Any:
         if elements > MAX_ARRAY_ELEMENTS:
             raise ProtocolError("array shape too large")
         return ArrayRef(kind, dtype, tuple(shape), index)
+    if code == _EXT_FRAME:
+        return frames.FrameRef(_unpack(data))
     raise ProtocolError(f"unknown extension type {code}")
 
 
@@ -454,7 +476,7 @@ def decode(header: bytes, buffers: Sequence[memoryview | bytes | bytearray] = ()
 def _has_arrays(value: Any, depth: int = 0) -> bool:
     if depth > MAX_VALUE_DEPTH:
         raise ProtocolError("value nested too deeply")
-    if isinstance(value, ArrayRef):
+    if isinstance(value, (ArrayRef, frames.FrameRef)):
         return True
     if isinstance(value, (list, tuple)):
         return any(_has_arrays(v, depth + 1) for v in value)
@@ -472,6 +494,8 @@ def _attach_buffers(message: Message, buffers: Sequence[memoryview | bytes | byt
                 raise ProtocolError("array refers to a missing buffer")
             used.add(value.index)
             return array_from_buffer(value, buffers[value.index])
+        if isinstance(value, frames.FrameRef):
+            return _pandas_value(resolve(value.spec))
         if isinstance(value, list):
             return [resolve(v) for v in value]
         if isinstance(value, tuple):
@@ -487,6 +511,15 @@ def _attach_buffers(message: Message, buffers: Sequence[memoryview | bytes | byt
     if len(used) != len(buffers):
         raise ProtocolError("message carries buffers no value refers to")
     return resolved  # type: ignore[no-any-return]
+
+
+def _pandas_value(spec: Any) -> Any:
+    try:
+        return frames.from_spec(spec)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pandas refuses what our checks let through
+        raise ProtocolError(f"malformed pandas value ({type(exc).__name__})") from None
 
 
 def array_from_buffer(ref: ArrayRef, buffer: memoryview | bytes | bytearray) -> Any:

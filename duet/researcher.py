@@ -73,6 +73,16 @@ class ResearcherSession(Session):
         return RemoteNamespace(self, "torch")
 
     @property
+    def pd(self) -> RemoteNamespace:
+        """pandas on the owner's side: ``r.pd.crosstab``, ``r.pd.merge``, ``r.pd.cut`` ..."""
+        return RemoteNamespace(self, "pandas")
+
+    @property
+    def sklearn(self) -> RemoteNamespace:
+        """scikit-learn on the owner's side, e.g. ``r.sklearn.linear_model.LogisticRegression``."""
+        return RemoteNamespace(self, "sklearn")
+
+    @property
     def dp(self) -> DPNamespace:
         """Differentially private statistics of data the owner shared with ``dp=``."""
         return DPNamespace(self)

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import protocol as p
 from .audit import sha256_of
+from .frames import is_pandas
 from .ipc import ValueSummary
 
 __all__ = ["Frozen", "PREVIEW_CHARS", "freeze", "preview_of", "summarize"]
@@ -68,6 +69,10 @@ def summarize(value: Any) -> ValueSummary:
         dtype = str(value.dtype).removeprefix("torch.")
         nbytes = int(value.nbytes) if isinstance(value, np.ndarray) else int(
             value.numel() * value.element_size())
+    elif is_pandas(value):
+        shape = [int(n) for n in value.shape]
+        dtype = None if value.ndim == 2 else str(value.dtype)
+        nbytes = _table_bytes(value)
     else:
         nbytes = _nbytes(value, 0)
     return ValueSummary(type=_type_name(value), shape=shape, dtype=dtype,
@@ -83,6 +88,13 @@ def _elements(value: Any, depth: int) -> int:
         return int(value.size) if plain else int(value.nbytes)
     if _is_tensor(value):
         return int(value.numel())
+    if is_pandas(value):
+        # every cell, every index entry (the index is data) and every column label (the
+        # columns of get_dummies or a pivot are values too)
+        labels = len(value.columns) if value.ndim == 2 else 0
+        index = getattr(value, "index", None)  # an Index has none
+        entries = 0 if index is None else len(index) * index.nlevels
+        return int(value.size) * getattr(value, "nlevels", 1) + entries + labels
     if value is None or isinstance(value, (bool, int, float, complex, np.generic)):
         return 1
     if isinstance(value, (str, bytes)):
@@ -131,6 +143,12 @@ def preview_of(value: Any) -> str:
 def _preview(value: Any, depth: int) -> str:
     if depth > 3:
         return "…"
+    if is_pandas(value):
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", 10, "display.max_columns", 8,
+                               "display.width", 100, "display.max_colwidth", 30):
+            return repr(value)
     if isinstance(value, np.ndarray):
         with np.printoptions(threshold=20, edgeitems=3, precision=4):
             return repr(value)
@@ -157,6 +175,12 @@ def _preview(value: Any, depth: int) -> str:
     if isinstance(value, (str, bytes)):
         return repr(value[:PREVIEW_CHARS])
     return repr(value)[:PREVIEW_CHARS]
+
+
+def _table_bytes(value: Any) -> int:
+    """Bytes of a pandas object as pandas counts them (strings included), index included."""
+    usage = value.memory_usage(deep=True)
+    return int(usage.sum() if hasattr(usage, "sum") else usage)
 
 
 def _is_tensor(value: Any) -> bool:

@@ -51,11 +51,8 @@ class Store(Mapping[str, Pointer]):
         return self._entries[name]
 
     def _rows(self) -> list[list[str]]:
-        return [
-            [e.name, e.type, "" if e.shape is None else str(tuple(e.shape)), e.dtype or "",
-             e.description, ", ".join(e.tags)]
-            for e in self._entries.values()
-        ]
+        return [[e.name, e.type, _shape(e), _dtype(e), e.description, ", ".join(e.tags)]
+                for e in self._entries.values()]
 
     _HEADERS = ["name", "type", "shape", "dtype", "description", "tags"]
 
@@ -69,3 +66,25 @@ class Store(Mapping[str, Pointer]):
             return "<p><b>duet store</b>: the owner has shared nothing yet</p>"
         table = tabulate(self._rows(), self._HEADERS, tablefmt="html", disable_numparse=True)
         return f"<p><b>duet store</b>: {len(self)} shared objects</p>{table}"
+
+
+_COLUMNS_SHOWN = 8
+
+
+def _shape(entry: p.StoreEntry) -> str:
+    """A table's declared size (rows may be hidden: "?"), else the declared shape."""
+    if entry.columns is not None and entry.type == "pandas.DataFrame":
+        rows = "?" if entry.rows is None else str(entry.rows)
+        return f"{rows} rows x {len(entry.columns)} columns"
+    if entry.type == "pandas.Series":
+        return f"{'?' if entry.rows is None else entry.rows} rows"
+    return "" if entry.shape is None else str(tuple(entry.shape))
+
+
+def _dtype(entry: p.StoreEntry) -> str:
+    """A table's columns with their dtypes (the first few), else the declared dtype."""
+    if entry.columns is None or entry.dtypes is None or entry.type != "pandas.DataFrame":
+        return entry.dtype or ""
+    shown = [f"{c}: {t}" for c, t in zip(entry.columns, entry.dtypes, strict=False)]
+    more = len(shown) - _COLUMNS_SHOWN
+    return ", ".join(shown[:_COLUMNS_SHOWN]) + (f", … (+{more})" if more > 0 else "")

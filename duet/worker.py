@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ipc, lineage
+from . import ipc, lineage, tables
 from . import protocol as p
 from .dp import Derivations, DPQuery, is_dp_op, parse_op
 from .dp_train import TRAIN_OP, TrainingRefused, TrainJob, parse_train_op, prepare
@@ -128,6 +128,8 @@ class Worker:
         name = message["name"]
         if message["form"] == "memory":
             value = self._map(name, message)
+        elif message["form"] == "table":
+            value = self._map_table(name, message, pickle.loads(buffers[0]))
         else:  # anything else the owner shared, pickled by the owner's own kernel
             value = pickle.loads(buffers[0])
         self._executor.share(name, value)
@@ -162,6 +164,27 @@ class Worker:
         torch_dtype = message.get("torch_dtype")
         return tensor.view(getattr(torch, torch_dtype)) if torch_dtype else tensor
 
+    def _map_table(self, name: str, message: dict[str, Any], parts: dict[str, Any]) -> Any:
+        """A table whose numeric columns lie in the kernel's sealed memory, mapped read-only."""
+        numeric: dict[int, np.ndarray] = {}
+        mapping = None
+        if message["nbytes"]:
+            fd = os.open(message["path"], os.O_RDONLY)
+            try:
+                mapping = mmap.mmap(fd, message["nbytes"], prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            self._mappings[name] = mapping
+        for column in message["columns"]:
+            dtype = np.dtype(column["dtype"])
+            if mapping is None or column["length"] == 0:
+                array = np.empty(column["length"], dtype)
+                array.flags.writeable = False
+            else:
+                array = np.frombuffer(mapping, dtype, column["length"], column["offset"])
+            numeric[column["position"]] = array
+        return tables.assemble(numeric, parts)
+
     def _unshare(self, message: dict[str, Any], buffers: list[memoryview]) -> None:
         self._executor.unshare(message["name"])
         self._dp_specs.pop(message["name"], None)
@@ -183,7 +206,7 @@ class Worker:
             for op in decoded.ops:
                 if is_dp_op(op):
                     self._dp_op(op)
-                elif self._executor.execute(op) is None:
+                elif self._executor.execute(op) is None and self._unmodified(op):
                     self._derivations.observe(op)
             self._done(self._executor.shared_modified())
         elif isinstance(decoded, p.Free):
@@ -195,6 +218,31 @@ class Worker:
         else:
             raise ProtocolError(f"the worker does not handle {decoded.type!r}")
 
+    def _unmodified(self, op: p.Op) -> bool:
+        """Whether no object the op read was changed in place (``put``, ``sort``, through a
+        view ...): a changed object may hold any rows, so it and what it makes lose their
+        DP mark."""
+        changed = []
+        for ref in (op.target, *op.args, *op.kwargs.values()):
+            if isinstance(ref, p.PointerRef):
+                try:
+                    if self._executor.lookup(ref).modified_by:
+                        changed.append(ref.id)
+                except DuetError:
+                    changed.append(ref.id)
+        self._derivations.forget(changed)
+        return not changed
+
+    def _sources_of(self, op: p.Op) -> frozenset[str]:
+        found: set[str] = set()
+        for ref in (*op.args, *op.kwargs.values()):
+            if isinstance(ref, (p.PointerRef, p.StoreRef)):
+                try:
+                    found |= self._executor.lookup(ref).sources
+                except DuetError:
+                    pass
+        return frozenset(found)
+
     def _dp_op(self, op: p.Op) -> None:
         """A ``dp.*`` statistic: checked like the kernel checked it, then kept as a lazy
         ``DPQuery`` over a private copy of its input. Nothing is computed until the kernel,
@@ -204,8 +252,8 @@ class Worker:
             return
         try:
             spec = parse_op(op, self._derivations)
-        except PolicyViolation as exc:
-            self._executor.refuse(op, str(exc))
+        except PolicyViolation as exc:  # a failure derived from its inputs: their sources
+            self._executor.refuse(op, str(exc), self._sources_of(op))
             return
         sources = frozenset({spec.source})
         inputs: list[Any] = []
@@ -335,8 +383,11 @@ class Worker:
         except (ProtocolError, MemoryError) as exc:
             # Whether a value can be sent can depend on the data (a list too long for a
             # message, say): like any failure, it is the owner's to release.
-            is_module = type(value).__module__.startswith("torch.nn")
-            hint = "a model's weights leave as model.state_dict()" if is_module else ""
+            module = type(value).__module__
+            hint = ("a model's weights leave as model.state_dict()"
+                    if module.startswith("torch.nn") else
+                    "a fitted estimator's results leave as its attributes, e.g. model.coef_"
+                    if module.startswith("sklearn") else "")
             problem = f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
             self.send(ipc.pack("snapshot", **common, summary=empty,
                                preview=f"failed: cannot be sent: {problem}",
@@ -391,6 +442,8 @@ def main(argv: list[str]) -> None:
     tempfile.gettempdir()  # found (and cached) while files may still be written: torch asks
     if settings.get("torch"):
         import torch  # noqa: F401  (imported before the limits: it maps a lot of memory)
+    # joblib (scikit-learn's) finds it cannot make process semaphores here, and says so
+    warnings.filterwarnings("ignore", message=".*joblib will operate in serial mode")
     _limit(settings.get("memory"))
     worker = Worker(sock, settings)
     threading.Thread(target=worker.read_forever, name="duet-worker-reader", daemon=True).start()

@@ -55,10 +55,29 @@ def request_html(request: Request) -> str:
         f"<b>sources:</b> {_text(sources)}<br>"
         f'<b>lineage:</b> <code style="white-space:pre-wrap;word-break:break-all">'
         f"{_text(request.lineage)}</code><br>"
+        f"{_privacy_html(request)}"
         f"<b>value:</b> {value}"
         f'<pre style="margin:2px 0;max-height:10em;overflow:auto;white-space:pre-wrap">'
         f"{_text(request.preview)}</pre></div>"
     )
+
+
+def _privacy_html(request: Request) -> str:
+    """The privacy budget line: a DP release's mechanism, epsilon, noise, accuracy and the
+    budget left after it; or, in red and in words, that an exact value of DP data would
+    spend the whole budget."""
+    dp = request.dp
+    if dp is None:
+        return ""
+    if dp.kind == "exact":
+        return ('<b>privacy:</b> <b style="color:#c62828">EXACT release of DP-protected '
+                f"{_text(', '.join(dp.sources))}</b>: approving records unbounded privacy loss "
+                "(nothing is left of the budget afterwards)<br>")
+    delta = f", δ={dp.delta:.3g}" if dp.delta else ""
+    return (f'<b>privacy:</b> <b style="color:#2e7d32">differentially private</b> '
+            f"ε={dp.epsilon:.4g}{delta} of {_text(', '.join(dp.sources))}; "
+            f"{_text(dp.mechanism)}; noise scale {_text(dp.scale)}; "
+            f"95% accuracy {_text(dp.accuracy)}; budget left after: ε={dp.epsilon_left:.4g}<br>")
 
 
 def _text(text: str) -> str:

@@ -96,6 +96,7 @@ def test_event_set_is_closed_and_documented() -> None:
         "allowlist_changed", "op_executed",
         "op_refused", "op_failed", "request", "decision", "value_sent", "protocol_error",
         "disconnect", "session_closed", "worker_restarted", "rule_error",
+        "dp_budget", "dp_charge",
     }  # fmt: skip
     assert all(isinstance(doc, str) and len(doc) > 20 for doc in EVENTS.values())
     with pytest.raises(TypeError):

@@ -353,21 +353,27 @@ def test_empty_poisson_batches_still_count_as_steps() -> None:
 # -- in a session: r.dp.train, the owner's approval of its cost, the ledger -----------------
 # Real sessions in memory with the real worker process (tests/helpers/sessions.py).
 
-def shared_digits() -> tuple[np.ndarray, np.ndarray]:
-    """load_digits as the owner shares it: one matrix, 64 pixel columns and the label."""
-    x, y = load_digits(return_X_y=True)
-    return np.column_stack([x / 16.0, y]).astype(np.float32), y
+def shared_digits() -> Any:
+    """load_digits as the owner shares it: a table of 64 pixel columns (0..1) and the label."""
+    frame = load_digits(as_frame=True).frame
+    pixels = [c for c in frame.columns if c != "target"]
+    frame[pixels] = frame[pixels] / 16.0
+    return frame
+
+
+PIXELS = [f"pixel_{i}_{j}" for i in range(8) for j in range(8)]
 
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
     from duet.dp import DP
 
-    matrix, _ = shared_digits()
+    frame = shared_digits()
     with session_pair(tmp_path / "audit.sqlite3") as (owner, researcher):
-        owner.share(matrix, "digits", dp=DP(epsilon=3.0, delta=1e-4))
-        owner.share(matrix, "plain")  # the same rows, shared without dp=
-        eventually(lambda: "digits" in researcher.store and "plain" in researcher.store, 10)
+        owner.share(frame, "digits", dp=DP(epsilon=3.0, delta=1e-4))
+        owner.share(frame, "plain")  # the same rows, shared without dp=
+        owner.share(torch.tensor(frame[PIXELS].to_numpy(), dtype=torch.float32), "pixels")
+        eventually(lambda: {"digits", "plain", "pixels"} <= set(researcher.store), 10)
         yield owner, researcher
 
 
@@ -383,15 +389,15 @@ def test_a_researcher_trains_privately_and_gets_parameters_only(pair: tuple[Any,
     owner, r = pair
     owner.requests.add_rule("approve", dp_within_budget=True)
     digits = r.store["digits"]
-    job = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
     result = job.get("a private digit classifier", timeout=120)
 
     assert set(result["parameters"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert result["epsilon"] == 2.0 and result["delta"] == 1e-5  # what was asked for
     net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     net.load_state_dict(result["parameters"])
-    matrix, labels = shared_digits()
-    assert accuracy(net, matrix[:, :64], labels) >= 0.7
+    frame = shared_digits()
+    assert accuracy(net, frame[PIXELS].to_numpy(np.float32), frame["target"].to_numpy()) >= 0.7
 
     start, released = owner.requests[0], owner.requests[1]
     assert start.decided_by.startswith("rule:") and start.dp is not None
@@ -410,7 +416,7 @@ def test_a_researcher_trains_privately_and_gets_parameters_only(pair: tuple[Any,
 def test_the_owner_sees_the_cost_before_anything_trains(pair: tuple[Any, Any]) -> None:
     owner, r = pair
     digits = r.store["digits"]
-    job = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
     handle = job.pointer.request("start, please")
     start = owner.requests.wait(60)
     assert start is not None and start.dp is not None and start.dp.kind == "dp"
@@ -428,7 +434,7 @@ def test_the_owner_sees_the_cost_before_anything_trains(pair: tuple[Any, Any]) -
 def test_a_start_approved_by_hand_releases_the_parameters(pair: tuple[Any, Any]) -> None:
     owner, r = pair
     digits = r.store["digits"]
-    job = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
     handle = job.pointer.request("start")
     start = owner.requests.wait(60)
     assert start is not None
@@ -448,9 +454,9 @@ def test_budget_exhaustion_refuses_a_second_run_before_it_starts(
     owner, r = pair
     owner.requests.add_rule("approve", dp_within_budget=True)
     digits = r.store["digits"]
-    r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN).get(
+    r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN).get(
         "first", timeout=120)
-    second = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    second = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
     with pytest.raises(duet.PrivacyBudgetExceeded, match="digits"):
         second.get("second", timeout=60)
     assert len(owner.requests) == 2  # the first run's start and result only
@@ -465,7 +471,7 @@ def test_batchnorm_comes_back_as_groupnorm_parameters_without_buffers(
     nn = r.torch.nn
     model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
     digits = r.store["digits"]
-    result = r.dp.train(model, data=digits[:, :64], labels=digits[:, 64], **{
+    result = r.dp.train(model, data=digits[PIXELS], labels=digits["target"], **{
         **TRAIN, "epochs": 1, "epsilon": 1.0}).get("bn", timeout=120)
     assert set(result["parameters"]) == {"0.weight", "0.bias", "1.weight", "1.bias",
                                          "3.weight", "3.bias"}
@@ -478,7 +484,7 @@ def test_the_researchers_api_refuses_owner_settings_and_remote_modules(
     _, r = pair
     digits = r.store["digits"]
     with pytest.raises(duet.PolicyViolation, match="max_grad_norm, noise_multiplier"):
-        r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64],
+        r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"],
                    max_grad_norm=100.0, noise_multiplier=0.0, **TRAIN)
 
     class Net(duet.RemoteModule):
@@ -490,7 +496,7 @@ def test_the_researchers_api_refuses_owner_settings_and_remote_modules(
             return self.fc(x)
 
     with pytest.raises(TypeError, match="RemoteModule's forward is Python in your kernel"):
-        r.dp.train(Net(), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+        r.dp.train(Net(), data=digits[PIXELS], labels=digits["target"], **TRAIN)
 
 
 def raw_train(r: Any, model: Any, data: Any, labels: Any, **kwargs: Any) -> Any:
@@ -516,7 +522,7 @@ def test_raw_wire_attempts_to_steer_the_guarantee_are_refused_at_once(
 ) -> None:
     owner, r = pair
     model = remote_mlp(r)
-    x, y = r.store["digits"][:, :64], r.store["digits"][:, 64]
+    x, y = r.store["digits"][PIXELS], r.store["digits"]["target"]
     pointer = raw_train(r, model._check(), x._check(), y._check(), **{**TRAIN, **extra})
     with pytest.raises(duet.PolicyViolation, match=reason):
         eventually(lambda: pointer.id in r._refused, 10)
@@ -528,19 +534,19 @@ def test_inputs_that_would_break_the_guarantee_are_refused(pair: tuple[Any, Any]
     owner, r = pair
     owner.requests.add_rule("approve", dp_within_budget=True)
     digits, plain = r.store["digits"], r.store["plain"]
-    over_four = digits[digits[:, 64] > 4]
+    over_four = digits[digits["target"] > 4]
     cases = {
-        "not derived from a DP-shared": (plain[:, :64], plain[:, 64]),
-        "same rows of one": (digits[:, :64], digits[digits[:, 64] > 4][:, 64]),
-        "row-stable": (digits[:, :64], r.torch.zeros(1797)),
-        "not a filtered subset": (over_four[:, :64], over_four[:, 64]),
+        "not derived from a DP-shared": (plain[PIXELS], plain["target"]),
+        "same rows of one": (digits[PIXELS], over_four["target"]),
+        "row-stable": (digits[PIXELS], r.torch.zeros(1797)),
+        "not a filtered subset": (over_four[PIXELS], over_four["target"]),
     }
     for reason, (x, y) in cases.items():
         with pytest.raises(duet.PolicyViolation, match=reason):
             r.dp.train(remote_mlp(r), data=x, labels=y, **TRAIN).get("x", timeout=30)
-    repeated = digits[[0] * 1797]  # one person's row 1797 times: not row-stable
+    repeated = digits.sample(n=1797, replace=True)  # rows repeated: not row-stable
     with pytest.raises(duet.PolicyViolation, match="row-stable"):
-        r.dp.train(remote_mlp(r), data=repeated[:, :64], labels=repeated[:, 64],
+        r.dp.train(remote_mlp(r), data=repeated[PIXELS], labels=repeated["target"],
                    **TRAIN).get("x", timeout=30)
     assert owner.budget("digits").epsilon_spent == 0
 
@@ -552,11 +558,10 @@ def test_a_model_already_fitted_on_the_data_is_refused(pair: tuple[Any, Any]) ->
     digits = r.store["digits"]
     model = remote_mlp(r)
     optimizer = r.torch.optim.SGD(model.parameters(), lr=0.1)
-    rows = r.torch.tensor(digits)
-    loss = r.torch.nn.functional.cross_entropy(model(rows[:, :64]), rows[:, 64].long())
+    loss = model(r.store["pixels"]).sum()  # any fit on shared data
     loss.backward()
     optimizer.step()
-    job = r.dp.train(model, data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    job = r.dp.train(model, data=digits[PIXELS], labels=digits["target"], **TRAIN)
     with pytest.raises(duet.RemoteError):  # the failure is the owner's to release
         handle = job.pointer.request("start")
         failed = owner.requests.wait(60)
@@ -571,7 +576,7 @@ def test_the_result_cannot_be_asked_for_before_the_start_is_approved(
 ) -> None:
     owner, r = pair
     digits = r.store["digits"]
-    job = r.dp.train(remote_mlp(r), data=digits[:, :64], labels=digits[:, 64], **TRAIN)
+    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
     job.pointer.request("start")
     with pytest.raises(duet.RequestError, match="still waiting for the owner"):
         job.pointer.get("result now", timeout=30)

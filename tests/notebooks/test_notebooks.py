@@ -64,6 +64,41 @@ def test_demo_notebooks_run_concurrently_and_show_the_duet(tmp_path: Path) -> No
     assert "RequestQueue: 6 requests, 0 pending" in shown
 
 
+def test_tables_demo_describes_a_cohort_and_fits_a_model_without_rows(tmp_path: Path) -> None:
+    """The tables pair: a clinical table read from SQLite, pandas and scikit-learn remotely,
+    decided by the owner's rules alone."""
+    with start_signaling_server() as url:
+        result = run_demo(tmp_path, server=url, timeout=300, pair="_tables")
+    assert result.ok, result.error
+
+    summary = result.summary
+    assert summary["cohort"] == {"F": 235, "M": 207}  # load_diabetes: sex coded 1 and 2
+    assert summary["mean_age"] == {"F": 46.4, "M": 50.9}
+    assert set(summary["coefficients"]) == {"age", "bmi", "bp", "log_triglycerides",
+                                            "glucose"}
+    assert summary["coefficients"]["bmi"] > 0  # a higher BMI, more progression
+    assert 0.7 < summary["cv_auc"] < 0.95
+    assert summary["raw_rows"] == "denied: individual patient records stay in the clinic"
+
+    statuses = {r["reason"]: (r["status"], r["by"]) for r in result.requests}
+    assert statuses.pop("a few patients to sanity-check the columns") == ("denied", "rule:1")
+    assert set(statuses.values()) == {("approved", "rule:2")} and len(statuses) == 4
+    assert result.events["share"] == 1 and result.events["value_sent"] == 4
+
+    researcher = nbformat.read(result.notebooks["researcher"], as_version=4)
+    shown = outputs_text(researcher)
+    assert "442 rows x 8 columns" in shown  # the store listing: what the owner declared
+    assert "log_triglycerides: float64" in shown
+    assert "P0001" not in shown  # the index (patient ids) never reached the researcher
+    assert "cross-validated AUC: 0." in shown and "denied: request" in shown
+    assert "<table" in shown and "progression" in shown  # approved frames shown as tables
+
+    owner = nbformat.read(result.notebooks["owner"], as_version=4)
+    shown = outputs_text(owner)
+    assert "442 patients from clinic.sqlite3" in shown
+    assert "RequestQueue: 5 requests, 0 pending" in shown
+
+
 def test_make_demo_runs_on_the_embedded_server(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DUET_SIGNALING_URL"}
     done = subprocess.run([sys.executable, "-m", "duet.demo", "--build-dir", "build/demo"],
@@ -75,7 +110,12 @@ def test_make_demo_runs_on_the_embedded_server(tmp_path: Path) -> None:
     assert "owner's answer: 'individual patient records" in done.stdout
     built = tmp_path / "build" / "demo"
     assert {p.name for p in built.iterdir()} >= {"owner.ipynb", "researcher.ipynb",
-                                                  "audit.sqlite3"}
+                                                  "audit.sqlite3", "tables"}
+    # the tables pair ran next to it
+    assert "owner_tables.ipynb and researcher_tables.ipynb ran side by side" in done.stdout
+    assert "requests: 5 (4 approved, 1 denied)" in done.stdout
+    assert {p.name for p in (built / "tables").iterdir()} >= {
+        "owner_tables.ipynb", "researcher_tables.ipynb", "audit.sqlite3"}
 
 
 def test_demo_fails_loudly_and_stops_the_other_notebook(tmp_path: Path) -> None:
