@@ -649,12 +649,14 @@ def parse_train_op(op: p.Op, derivations: Any) -> TrainSpec:
 class TrainJob:
     """Worker side: a checked, costed run on private copies, asked for twice (see above)."""
 
-    def __init__(self, spec: TrainSpec, prepared: Prepared) -> None:
+    def __init__(self, spec: TrainSpec, prepared: Prepared, object_id: int) -> None:
         self.spec = spec
         self.prepared: Prepared | None = prepared
         self.plan = prepared.plan
         self.phase: Literal["planned", "started", "done"] = "planned"
-        self.result: TrainResult | None = None
+        # the object the kernel tracks: a copy of the reference made by another operation
+        # (``numpy.asarray(job)[0]``, say) is not the job the owner approves
+        self.object_id = object_id
 
     def held(self) -> list[Any]:
         """The tensors the job holds (the model and data copies), for the memory budget."""
@@ -687,7 +689,7 @@ class TrainJob:
         if self.phase == "started" and self.prepared is not None:
             self.phase = "done"
             prepared, self.prepared = self.prepared, None
-            result = self.result = prepared.run()
+            result = prepared.run()
             quote = {
                 "statistic": "train", "source": self.spec.source, "epsilon": result.epsilon,
                 "delta": result.delta,

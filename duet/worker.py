@@ -38,7 +38,7 @@ from . import ipc, lineage, tables
 from . import protocol as p
 from .dp import Derivations, DPQuery, is_dp_op, parse_op
 from .dp_train import TRAIN_OP, TrainingRefused, TrainJob, parse_train_op, prepare
-from .errors import DuetError, PolicyViolation, ProtocolError
+from .errors import DuetError, PolicyViolation, ProtocolError, RequestError
 from .executor import Executor, ExecutorEvents
 from .policy import Allowlist
 from .snapshot import Frozen, freeze
@@ -327,7 +327,7 @@ class Worker:
         except TrainingRefused as exc:  # the owner reads why, with the request
             self._executor.refuse(op, str(exc), sources, error_type="TrainingRefused")
             return
-        job = TrainJob(spec, prepared)
+        job = TrainJob(spec, prepared, op.result)
         text = lineage.function(op.name, [model.lineage, f"data={data.lineage}",
                                           f"labels={labels.lineage}",
                                           f"epsilon={spec.request.epsilon:g}"])
@@ -356,6 +356,9 @@ class Worker:
         value, quote = entry.value, None
         if isinstance(value, TrainJob):  # the start (its plan), or the training itself
             try:
+                if pointer_id != value.object_id:
+                    raise RequestError("a training job is asked for through its own pointer "
+                                       "only")
                 value, quote = value.next_value()
             except Exception as exc:  # noqa: BLE001 - reported to the owner, like any failure
                 problem = f"{type(exc).__name__}: {exc}"

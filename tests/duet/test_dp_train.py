@@ -582,3 +582,22 @@ def test_the_result_cannot_be_asked_for_before_the_start_is_approved(
         job.pointer.get("result now", timeout=30)
     start = owner.requests.wait(60)
     assert start is not None and len(owner.requests) == 1
+
+
+def test_an_alias_of_the_job_is_not_the_job(pair: tuple[Any, Any]) -> None:
+    """Another reference to the same job object (``numpy.asarray([job])[0]``) must not start
+    it, train it or release anything: the kernel gates the job's own pointer only."""
+    owner, r = pair
+    owner.requests.add_rule("approve", dp_within_budget=True)
+    owner.requests.add_rule("approve")  # an owner who approves everything else too
+    digits = r.store["digits"]
+    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
+    alias = r.np.asarray([job.pointer])[0]
+    alias.request("the job by another name")
+    failed = owner.requests.wait(60)
+    assert failed is not None and "through its own pointer only" in failed.preview
+    assert failed.dp is not None and failed.dp.kind == "exact"  # no rule releases it
+    failed.deny("no")
+    assert owner.budget("digits").epsilon_spent == 0
+    result = job.get("the job itself", timeout=120)  # untouched by the attempt
+    assert set(result["parameters"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
