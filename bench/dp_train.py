@@ -209,7 +209,9 @@ def remote(args: argparse.Namespace) -> dict[str, Any]:
         code = owner.call("launch")
         researcher.call("join", code, timeout=120)
         owner.call("setup_seconds")
-        owner.call("share_digits", args.epsilon * args.reps + 0.5)
+        owner.call("share_digits", args.epsilon * (args.reps + 1) + 0.5)
+        researcher.call("plain", 1, args.batch_size, args.lr)  # warm up both sides' imports
+        researcher.call("dp", 1, args.batch_size, args.lr, args.epsilon)
         for rep in range(args.reps):
             plain = researcher.call("plain", args.epochs, args.batch_size, args.lr)
             private = researcher.call("dp", args.epochs, args.batch_size, args.lr, args.epsilon)
