@@ -72,6 +72,22 @@ def payload(nbytes: int, seed: int = 0) -> Any:
     return np.random.default_rng(seed).random(nbytes // 4, dtype=np.float32)
 
 
+def patients_table(rows: int = 100_000, seed: int = 0) -> Any:
+    """A clinical-looking table: ints, floats, strings, a categorical, a string index."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    age = rng.integers(18, 90, rows)
+    bmi = rng.normal(26, 4, rows).round(1)
+    return pd.DataFrame({
+        "age": age, "bmi": bmi, "bp": rng.normal(90, 12, rows).round(0),
+        "sex": rng.choice(["F", "M"], rows),
+        "group": pd.Categorical(rng.choice(["control", "treated", "placebo"], rows)),
+        "outcome": ((age / 90 + bmi / 40 + rng.normal(0, 0.3, rows)) > 1.3).astype(int),
+    }, index=pd.Index([f"P{i:06d}" for i in range(rows)], name="patient_id"))
+
+
 def udp_rcvbuf_errors() -> int:
     """Datagrams the kernel dropped because a UDP socket's receive buffer was full.
 
@@ -661,6 +677,8 @@ class DuetOwner:
         elif kind == "mlp_y":
             X = torch.from_numpy(payload(256 * 20 * 4, seed=1).reshape(256, 20)) - 0.5
             value = (X[:, 0] + X[:, 1] > 0).long()
+        elif kind == "patients":
+            value = patients_table()
         else:
             raise ValueError(kind)
         self.session.share(value, name)

@@ -12,10 +12,19 @@ processes gives the reference round trip, measured in the same run:
   cross-entropy, backward, SGD step) remote vs the same step locally; synchronous steps
   (each ends with ``loss.get()``) and pipelined steps (many steps, then one ``get``).
 
+* **tables**: a 100,000-row DataFrame (ints, floats, strings, a categorical, a string
+  index) shared by the owner: pipelined pandas ops/s on a column, a groupby-mean round
+  trip, the whole table's round trip (``df.get()``, 3 times; bytes, MB/s) next to the codec alone
+  in one process (encode + decode, and pickle's time and size for reference only), and
+  scikit-learn (after one warm-up fit: the worker imports it on first use):
+  LogisticRegression fit + ``coef_`` remote vs local, a 5-fold
+  ``cross_val_score``, ``predict`` + ``accuracy_score``.
+
 Targets (reported as booleans, never asserted): >= 5,000 pipelined ops/s; an op plus a
 round trip within 2x the bare channel's ping round trip.
 
-Usage: ``.venv/bin/python bench/ops.py [--ops 10000] [--reps 200] [--steps 50] [--quick]``
+Usage: ``.venv/bin/python bench/ops.py [--ops 10000] [--reps 200] [--steps 50] [--quick]
+[--tables-only]``
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from _common import (  # noqa: E402
     emit,
     log,
     machine,
+    patients_table,
     payload,
     signaling_server,
     summary_ms,
@@ -133,12 +143,132 @@ class OpsResearcher(DuetResearcher):
                 "loss_first": first, "loss_last": last}
 
 
+    def tables(self, ops: int, reps: int) -> dict[str, Any]:
+        """pandas and scikit-learn on the owner's 100,000-row table."""
+        import numpy as np
+        from sklearn.linear_model import LogisticRegression
+
+        r = self.r
+        p = r.store["patients"]
+        column = p["bmi"]
+        start = time.perf_counter()
+        for _ in range(ops):
+            column = column + 1
+        total = float(column.sum().get("benchmark", timeout=600))
+        pipelined = time.perf_counter() - start
+        groupby = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            p.groupby("sex")["bmi"].mean().get("benchmark", timeout=60)
+            groupby.append(time.perf_counter() - start)
+        table = []
+        for _ in range(3):
+            start = time.perf_counter()
+            frame = p.get("the whole table", timeout=600)
+            table.append(time.perf_counter() - start)
+        same_bytes = r.np.ones(5_900_000 // 8)  # a plain array of the table's wire size
+        array = []
+        for _ in range(3):
+            start = time.perf_counter()
+            same_bytes.get("an array as large", timeout=600)
+            array.append(time.perf_counter() - start)
+        X, y = p[["age", "bmi", "bp"]], p["outcome"]
+        sk = r.sklearn
+        warm = sk.linear_model.LogisticRegression()  # the worker imports scikit-learn once
+        warm.fit(X.head(100), y.head(100))
+        warm.coef_.get("warm up", timeout=600)
+        start = time.perf_counter()
+        model = sk.linear_model.LogisticRegression(max_iter=200)
+        model.fit(X, y)
+        coef = model.coef_.get("benchmark", timeout=600)
+        fit_remote = time.perf_counter() - start
+        start = time.perf_counter()
+        local = LogisticRegression(max_iter=200).fit(frame[["age", "bmi", "bp"]],
+                                                     frame["outcome"])
+        fit_local = time.perf_counter() - start
+        start = time.perf_counter()
+        cv = sk.model_selection.cross_val_score(sk.linear_model.LogisticRegression(max_iter=200),
+                                                X, y, cv=5).get("benchmark", timeout=600)
+        cv_s = time.perf_counter() - start
+        predict = []
+        for _ in range(max(3, reps // 10)):
+            start = time.perf_counter()
+            sk.metrics.accuracy_score(y, model.predict(X)).get("benchmark", timeout=60)
+            predict.append(time.perf_counter() - start)
+        return {"ops": ops, "pipelined_s": pipelined, "sum_ok": bool(np.isfinite(total)),
+                "groupby": groupby, "table_s": table, "array_s": array,
+                "rows": int(len(frame)),
+                "dtypes": [str(t) for t in frame.dtypes], "index": str(frame.index.dtype),
+                "fit_remote_s": fit_remote, "fit_local_s": fit_local,
+                "coef_match": bool(np.allclose(coef, local.coef_, atol=1e-4)),
+                "cv_s": cv_s, "cv_mean": float(cv.mean()), "predict_score": predict}
+
+
+def codec_alone(rows: int = 100_000) -> dict[str, Any]:
+    """The frame codec in one process: encode + decode of the same table (no network), and
+    pickle's time and size next to it, for reference only (duet never pickles peer data)."""
+    import pickle
+
+    from duet import protocol as p
+
+    frame = patients_table(rows)
+    message = p.Decision(request_id="ab" * 4, status="approved", value=frame)
+    timings = []
+    for _ in range(5):
+        start = time.perf_counter()
+        header, buffers = p.encode(message)
+        copies = [bytearray(b) for b in buffers]
+        decoded = p.decode(header, copies)
+        timings.append(time.perf_counter() - start)
+    assert isinstance(decoded, p.Decision)
+    wire = len(header) + sum(len(b) for b in copies)
+    pickled = []
+    for _ in range(5):
+        start = time.perf_counter()
+        blob = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(blob)
+        pickled.append(time.perf_counter() - start)
+    return {"rows": rows, "wire_bytes": wire, "header_bytes": len(header),
+            "encode_decode_ms": round(min(timings) * 1e3, 1),
+            "round_trips_equal": bool(decoded.value.equals(frame)),
+            "pickle_ms_for_reference": round(min(pickled) * 1e3, 1),
+            "pickle_bytes_for_reference": len(blob)}
+
+
+def tables_section(researcher: Any, ops: int, reps: int) -> dict[str, Any]:
+    log("tables: 100,000-row DataFrame")
+    t = researcher.call("tables", ops, reps, timeout=1800)
+    codec = codec_alone()
+    table_mb = codec["wire_bytes"] / 1e6
+    return {
+        "table": {"rows": t["rows"], "dtypes": t["dtypes"], "index": t["index"]},
+        "pandas_pipelined": {"ops": ops, "ops_per_s": round(ops / t["pipelined_s"]),
+                             "ok": t["sum_ok"]},
+        "groupby_mean_round_trip": summary_ms(t["groupby"]),
+        "frame_round_trip": {"rows": t["rows"], "wire_mb": round(table_mb, 2),
+                             "seconds": [round(x, 3) for x in t["table_s"]],
+                             "mb_per_s_best": round(table_mb / min(t["table_s"]), 1),
+                             "same_size_array_seconds": [round(x, 3) for x in t["array_s"]]},
+        "codec_alone": codec,
+        "sklearn": {
+            "logistic_regression_fit_and_coef_remote_s": round(t["fit_remote_s"], 3),
+            "logistic_regression_fit_local_s": round(t["fit_local_s"], 3),
+            "coefficients_match_local": t["coef_match"],
+            "cross_val_score_5_fold_s": round(t["cv_s"], 3),
+            "cv_accuracy": round(t["cv_mean"], 4),
+            "predict_and_score_round_trip": summary_ms(t["predict_score"]),
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ops", type=int, default=10_000, help="pipelined x = x + 1 count")
     parser.add_argument("--reps", type=int, default=200, help="op + round trip repetitions")
     parser.add_argument("--steps", type=int, default=50, help="training steps to time")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~20 s)")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="only the pandas and scikit-learn section")
     args = parser.parse_args()
     if args.quick:
         args.ops, args.reps = min(args.ops, 2000), min(args.reps, 50)
@@ -157,8 +287,14 @@ def main() -> None:
         owner.call("share", "x", "small")
         owner.call("share", "X", "mlp_X")
         owner.call("share", "y", "mlp_y")
-        researcher.call("wait_store", ["x", "X", "y"])
+        owner.call("share", "patients", "patients")
+        researcher.call("wait_store", ["x", "X", "y", "patients"])
         result["setup"] = setup
+        if args.tables_only:
+            result["tables"] = tables_section(researcher, min(args.ops, 2000), args.reps // 4)
+            result["wall_seconds"] = round(time.perf_counter() - started, 1)
+            emit(result)
+            return
 
         result["audit_record_before"] = owner.call("audit_probe")
         log(f"pipelined: {args.ops} x = x + 1")
@@ -214,6 +350,7 @@ def main() -> None:
             "loss_last": round(train["loss_last"], 4),
         }
         log(f"training: remote {sync['median_ms']} ms/step, local {local['median_ms']} ms/step")
+        result["tables"] = tables_section(researcher, min(args.ops, 2000), args.reps // 4)
 
     result["targets"] = {
         "pipelined_ge_5000_ops_per_s": result["pipelined"]["ops_per_s"] >= 5000,

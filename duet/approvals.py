@@ -8,6 +8,7 @@ done here; sending the value, and writing the audit log before it leaves, is the
 
 from __future__ import annotations
 
+import html
 import itertools
 import logging
 import re
@@ -19,11 +20,14 @@ from typing import TYPE_CHECKING, Literal, overload
 
 from tabulate import tabulate
 
+from .checks import Check, worst
+from .checks import Status as CheckStatus
 from .errors import RequestError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DPInfo", "Request", "RequestQueue", "Rule", "ValueInfo", "safe_text"]
+__all__ = ["CHECK_COLOURS", "DPInfo", "Request", "RequestQueue", "Rule", "ValueInfo",
+           "check_badge", "checks_summary", "safe_text"]
 
 Status = Literal["pending", "approved", "denied", "withdrawn"]
 Action = Literal["approve", "deny"]
@@ -90,9 +94,12 @@ class Rule:
     max_elements: int | None = None
     predicate: Callable[[Request], bool] | None = None
     reason: str = ""
+    checks: CheckStatus | None = None
     dp_within_budget: bool | None = None
 
     def matches(self, request: Request) -> bool:
+        if self.checks is not None and request.check_status != self.checks:
+            return False
         dp = request.dp
         if self.action == "approve" and dp is not None and dp.kind == "exact":
             return False  # unbounded privacy loss: only the owner, by hand
@@ -117,7 +124,7 @@ class Rule:
         criteria = [
             f"{key}={value!r}"
             for key, value in (("name", self.name), ("lineage", self.lineage),
-                               ("max_elements", self.max_elements),
+                               ("max_elements", self.max_elements), ("checks", self.checks),
                                ("dp_within_budget", self.dp_within_budget))
             if value is not None
         ]
@@ -143,6 +150,8 @@ class Request:
     preview: str
     sha256: str = ""
     failed: str = ""
+    # disclosure checks computed where the data is, on the frozen value (duet.checks)
+    checks: tuple[Check, ...] = ()
     created: float = field(default_factory=time.time)
     status: Status = "pending"
     decided_by: str = ""
@@ -154,6 +163,12 @@ class Request:
     @property
     def nbytes(self) -> int:
         return self.info.nbytes
+
+    @property
+    def check_status(self) -> CheckStatus:
+        """The worst of ``checks``: "pass" only when every check passed; "review" when
+        there are none or one could not decide."""
+        return worst(self.checks)
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -180,8 +195,15 @@ class Request:
         sources = ", ".join(sorted(self.sources)) or "none"
         privacy = f"; {self.dp.summary()}" if self.dp is not None else ""
         return safe_text(f"<Request {self.id} {self.status}: {self.lineage} ({self.info.type}, "
-                         f"{self.info.nbytes} bytes; sources: {sources}{privacy}) "
-                         f"reason={self.reason!r}>")
+                         f"{self.info.nbytes} bytes; sources: {sources}{privacy}; checks: "
+                         f"{self.check_status}) reason={self.reason!r}>")
+
+    def checks_text(self) -> str:
+        """One line per check, status in words, for a terminal."""
+        if not self.checks:
+            return "  REVIEW  checks: none were computed"
+        return "\n".join(safe_text(f"  {c.status.upper():6}  {c.name}: {c.reason}")
+                         for c in self.checks)
 
 
 Decider = Callable[[Request], None]
@@ -250,24 +272,35 @@ class RequestQueue(Sequence[Request]):
     def add_rule(self, action: Action = "approve", name: str | None = None, *,
                  lineage: str | None = None, max_elements: int | None = None,
                  predicate: Callable[[Request], bool] | None = None, reason: str = "",
-                 apply_to_pending: bool = True, dp_within_budget: bool | None = None) -> Rule:
+                 apply_to_pending: bool = True, checks: CheckStatus | None = None,
+                 dp_within_budget: bool | None = None) -> Rule:
         """Decide matching requests automatically, e.g. ``add_rule("approve", max_elements=1)``.
 
         ``name``: for "deny", the value derives from this shared object (among others); for
         "approve", from this shared object and no other; ``lineage``: a regular expression
-        searched in the lineage; ``max_elements``: at most this many elements; ``predicate``:
-        any test of the ``Request``; ``dp_within_budget=True``: differentially private
-        requests whose cost fits the budget (it is reserved before they reach the queue; one
-        that would not fit is refused before anything is computed). Approve rules never
-        match an exact release of DP-protected data (unbounded privacy loss): only the owner
-        approves those, by hand. Rules apply in the order added; the first match decides.
+        searched in the lineage; ``max_elements``: at most this many elements; ``checks``:
+        the request's ``check_status`` is this ("pass" to approve what every disclosure check
+        passed, "fail" or "review" to deny); ``predicate``: any test of the ``Request``;
+        ``dp_within_budget=True``: differentially private requests whose cost fits the budget
+        (it is reserved before they reach the queue; one that would not fit is refused before
+        anything is computed). Approve rules never match an exact release of DP-protected
+        data (unbounded privacy loss): only the owner approves those, by hand. Rules apply in
+        the order added; the first match decides.
         """
         if action not in ("approve", "deny"):
             raise ValueError("action must be 'approve' or 'deny'")
+        if checks not in (None, "pass", "fail", "review"):
+            raise ValueError("checks must be 'pass', 'fail' or 'review'")
+        if action == "approve" and checks not in (None, "pass"):
+            raise ValueError(f"an approve rule with checks={checks!r} would release values "
+                             "the disclosure checks did not clear; use checks='pass'")
         if lineage is not None:
             re.compile(lineage)
+        if not reason and checks is not None and action == "deny":
+            reason = ("the owner's disclosure checks did not clear this value"
+                      if checks == "review" else "the value failed the owner's disclosure checks")
         rule = Rule(next(self._rule_ids), action, name, lineage, max_elements, predicate, reason,
-                    dp_within_budget)
+                    checks, dp_within_budget)
         with self._lock:
             self._rules.append(rule)
         if apply_to_pending:
@@ -315,9 +348,14 @@ class RequestQueue(Sequence[Request]):
                     self._on_rule_error(rule, request, exc)
                 matched = False
             if matched:
+                reason = rule.reason
+                if rule.checks is not None and rule.action == "deny":
+                    # the names of the checks, never their evidence: counts are data
+                    named = [c.name for c in request.checks if c.status == rule.checks]
+                    reason = f"{reason} ({', '.join(named)})" if named else reason
                 try:
                     self.decide(request, "approved" if rule.action == "approve" else "denied",
-                                by=f"rule:{rule.id}", reason=rule.reason)
+                                by=f"rule:{rule.id}", reason=reason)
                 except RequestError as exc:  # decided meanwhile by hand, or the researcher left
                     log.info("%s did not decide request %s: %s", rule, request.id, exc)
                 return
@@ -372,6 +410,7 @@ class RequestQueue(Sequence[Request]):
         for r in self:
             rows.append([safe_text(cell) for cell in (
                 r.id, time.strftime("%H:%M:%S", time.localtime(r.created)), r.status,
+                checks_summary(r),
                 r.lineage if len(r.lineage) < 60 else r.lineage[:59] + "…",
                 ", ".join(sorted(r.sources)) or "-",
                 r.info.type + ("" if r.info.shape is None else str(list(r.info.shape))),
@@ -380,21 +419,50 @@ class RequestQueue(Sequence[Request]):
             )])
         return rows
 
-    _HEADERS = ["id", "time", "status", "lineage", "sources", "type", "bytes", "reason",
-                "preview", "privacy"]
+    _HEADERS = ["id", "time", "status", "checks", "lineage", "sources", "type", "bytes",
+                "reason", "preview", "privacy"]
 
     def __repr__(self) -> str:
         if not len(self):
             return "RequestQueue: no requests yet"
         pending = len(self.pending)
         table = tabulate(self._rows(), headers=self._HEADERS)
-        return f"RequestQueue: {len(self)} requests, {pending} pending\n{table}"
+        lines = [f"RequestQueue: {len(self)} requests, {pending} pending", table]
+        for r in self.pending:
+            lines.append(safe_text(f"checks of {r.id} ({r.check_status.upper()}):"))
+            lines.append(r.checks_text())
+        return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         if not len(self):
             return "<p><b>duet requests</b>: none yet</p>"
-        table = tabulate(self._rows(), self._HEADERS, tablefmt="html", disable_numparse=True)
+        rows = [[html.escape(cell) for cell in row] for row in self._rows()]
+        column = self._HEADERS.index("checks")
+        for row, request in zip(rows, self, strict=False):
+            row[column] = check_badge(request.check_status) + " " + row[column]
+        table = tabulate(rows, self._HEADERS, tablefmt="unsafehtml", disable_numparse=True)
         return f"<p><b>duet requests</b>: {len(self)}, {len(self.pending)} pending</p>{table}"
+
+
+CHECK_COLOURS = {"pass": "#2e7d32", "review": "#b58900", "fail": "#c62828"}
+CHECK_WORDS = {"pass": "PASS", "review": "REVIEW", "fail": "FAIL"}
+
+
+def check_badge(status: str) -> str:
+    """A check status as HTML: the word in capitals, coloured (never colour alone)."""
+    colour = CHECK_COLOURS.get(status, "inherit")
+    word = CHECK_WORDS.get(status, html.escape(status.upper()))
+    return (f'<b class="duet-check duet-check-{html.escape(status)}" '
+            f'style="color:{colour}">{word}</b>')
+
+
+def checks_summary(request: Request) -> str:
+    """The status in words, and the checks that did not pass, for one table cell."""
+    status = request.check_status
+    others = [c.name for c in request.checks if c.status != "pass"]
+    if not request.checks:
+        return "review: no checks"
+    return status + (f": {', '.join(others)}" if others else "")
 
 
 if TYPE_CHECKING:  # keep the Sequence protocol honest for mypy

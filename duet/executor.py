@@ -15,6 +15,7 @@ Not thread-safe: the session calls it from one worker thread, in order, off the 
 
 from __future__ import annotations
 
+import sys
 import types
 from collections.abc import ItemsView, Iterable, KeysView, ValuesView
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import lineage
+from . import lineage, provenance
 from .errors import PolicyViolation, RequestError
 from .lineage import MAX_LINEAGE
 from .memory import (
@@ -40,6 +41,7 @@ from .memory import (
 )
 from .policy import Allowlist, check_name
 from .protocol import MAX_VALUE_DEPTH, DTypeRef, Op, OpFailed, PointerRef, StoreRef
+from .provenance import EMPTY, Provenance
 
 __all__ = ["MAX_LINEAGE", "Entry", "Executor", "ExecutorEvents"]
 
@@ -58,15 +60,23 @@ class Entry:
     # Names of the shared objects the value was derived from, in-place changes included.
     sources: frozenset[str] = frozenset()
     modified_by: list[str] = field(default_factory=list)
+    # which records of each source the value depends on, and how (duet.provenance)
+    provenance: Provenance = field(default_factory=dict)
     origin: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.origin = self.lineage
 
-    def note_modification(self, note: str, sources: frozenset[str]) -> None:
+    def note_modification(self, note: str, sources: frozenset[str],
+                          by: Provenance = EMPTY) -> None:
         """Record an in-place change, so that a model trained by ``opt.step()`` says so, and
         on which shared data, in its lineage. The operations are kept in ``modified_by``; the
-        lineage stays short enough to read in an approval table."""
+        lineage stays short enough to read in an approval table. A model, its parameters or
+        an optimizer learn from the records ``by`` names; anything else changed in place
+        loses its row alignment (``provenance.modified``)."""
+        if by:
+            self.provenance = provenance.modified(self.provenance, by,
+                                                  trained=_learns(self.value))
         self.sources |= sources
         if note not in self.modified_by:
             self.modified_by.append(note)
@@ -129,6 +139,7 @@ class Executor:
         # torch bumps a tensor's version counter on every in-place change: shared tensors
         # (parameters of a shared model, say) must keep theirs
         self._shared_versions: dict[str, list[tuple[Any, int]]] = {}
+        self._shared_provenance: dict[str, Provenance] = {}
 
     # -- shared objects -----------------------------------------------------------------------
     def share(self, name: str, obj: Any) -> None:
@@ -137,6 +148,7 @@ class Executor:
             raise ValueError("a shared object needs a non-empty name")
         value = protected(obj, 0)
         self._shared[name] = Shared(value, list(footprint(value)))
+        self._shared_provenance[name] = provenance.of_shared(name, value)
         self._intervals = Intervals(self._shared)
         self._shared_versions[name] = [(t, t._version) for t in contents(value)
                                        if is_tensor(t)]
@@ -144,6 +156,7 @@ class Executor:
     def unshare(self, name: str) -> None:
         if self._shared.pop(name, None) is None:
             raise KeyError(f"nothing is shared under the name {name!r}")
+        self._shared_provenance.pop(name, None)
         self._intervals = Intervals(self._shared)
         self._shared_versions.pop(name, None)
 
@@ -168,7 +181,10 @@ class Executor:
             self._taint_written_inputs(call)
             value = _materialized(value)
             self._protect_result(value)
-            nbytes = self._account(op.result, value)
+            derived = call.derive(value)
+            # the record numbers provenance keeps count too (a mean over a selection holds
+            # them after the selection is freed)
+            nbytes = self._account(op.result, value, provenance.arrays(derived))
         except PolicyViolation as exc:
             return self._report(op, call, _Failure("PolicyViolation", str(exc)), policy=True)
         except _Failure as failure:
@@ -178,7 +194,8 @@ class Executor:
             raised = _Failure(type(exc).__name__, error=f"{type(exc).__name__}: {exc}")
             return self._report(op, call, raised)
         self._entries[op.result] = Entry(value, call.text, nbytes,
-                                         sources=frozenset(call.sources))
+                                         sources=frozenset(call.sources),
+                                         provenance=derived)
         self._footprints[op.result] = list(footprint(value))
         self._events.executed(call.operation, call.text, op.result)
         return None
@@ -221,7 +238,8 @@ class Executor:
             if shared is None:
                 raise RequestError(f"nothing is shared under the name {ref.name!r}")
             size = sum(buffer_sizes(shared.value).values())
-            return Entry(shared.value, ref.name, size, sources=frozenset([ref.name]))
+            return Entry(shared.value, ref.name, size, sources=frozenset([ref.name]),
+                         provenance=self._shared_provenance[ref.name])
         entry = self._entries.get(ref.id)
         if entry is None:
             raise RequestError(f"object #{ref.id} does not exist (never created, or freed)")
@@ -254,6 +272,7 @@ class Executor:
         subscript = len(op.args) == 2 and isinstance(op.args[1], tuple) and len(op.args[1])
         call.text = lineage.function(op.name, arguments, subscript=bool(subscript))
         self.allowlist.check_arguments(fn, args, kwargs, qualname=op.name)
+        call.inputs = provenance.Call(op.name, args, kwargs, method=False)
         return fn(*args, **kwargs)
 
     def _run_getattr(self, op: Op, call: _Call, target: Any, target_text: str,
@@ -262,6 +281,7 @@ class Executor:
         call.text = lineage.attribute(target_text, op.name)
         if op.args or op.kwargs:
             raise _Failure("BadOperation", "reading an attribute takes no arguments")
+        call.inputs = provenance.Call(call.operation, (target,), {}, method=True)
         return self.allowlist.resolve_attribute(target, op.name)
 
     def _run_method(self, op: Op, call: _Call, target: Any, target_text: str,
@@ -275,11 +295,12 @@ class Executor:
         args, kwargs, arguments = self._arguments(op, call, torch=family in _TORCH_FAMILIES)
         call.text = lineage.method(target_text, op.name, arguments)
         self.allowlist.check_arguments(method, args, kwargs)
+        call.inputs = provenance.Call(call.operation, (target, *args), kwargs, method=True)
         value = method(*args, **kwargs)
         if mutating:
             shown = ", ".join(arguments)
             note = f"{call.operation}({shown if len(shown) <= 40 else '…'})"
-            self._note_modified(op.target, touched, note, call.sources)
+            self._note_modified(op.target, touched, note, call.sources, call.provenance())
         return value
 
     def _run_call(self, op: Op, call: _Call, target: Any, target_text: str,
@@ -292,9 +313,12 @@ class Executor:
         args, kwargs, arguments = self._arguments(op, call, torch=True)
         call.text = lineage.call(target_text, arguments)
         self.allowlist.check_arguments(target, args, kwargs)
+        operation = "Module.forward" if family == "Module" else "call"
+        call.inputs = provenance.Call(operation, (target, *args), kwargs, method=True)
         value = target(*args, **kwargs)
         if mutating:
-            self._note_modified(op.target, touched, f"{call.operation}()", call.sources)
+            self._note_modified(op.target, touched, f"{call.operation}()", call.sources,
+                                call.provenance())
         return value
 
     def _arguments(
@@ -321,8 +345,10 @@ class Executor:
             if isinstance(value, PointerRef):
                 call.note_input(value, item)
             if isinstance(item, np.ndarray) and item.flags.writeable:
+                original = item
                 item = item.view()  # an argument is read, never written (positional out)
                 item.flags.writeable = False
+                call.alias(original, item)
             return item, text
         if isinstance(value, DTypeRef):
             return self.allowlist.resolve_dtype(value.name, torch=torch), value.name
@@ -361,6 +387,7 @@ class Executor:
             if shared is None:
                 raise _Failure("UnknownObject", f"nothing is shared under the name {ref.name!r}")
             call.sources.add(ref.name)
+            call.note_provenance(shared.value, self._shared_provenance[ref.name])
             return shared.value, ref.name
         entry = self._entries.get(ref.id)
         if entry is None:
@@ -369,11 +396,13 @@ class Executor:
         if entry.failure is not None:
             call.sources |= entry.sources  # what failed came from these
             upstream = entry.failure
-            cause = upstream.detail if upstream.error_type == "UpstreamFailure" else (
-                f"{upstream.operation} failed with {upstream.error_type}"
-            )
+            # the root cause only: a chain of 2,000 failed ops must not make a 2,000-deep text
+            cause = upstream.detail.split(": ", 1)[-1] if (
+                upstream.error_type == "UpstreamFailure") else (
+                f"{upstream.operation} failed with {upstream.error_type}")
             raise _Failure("UpstreamFailure", f"input #{ref.id} is unusable: {cause}")
         call.sources |= entry.sources
+        call.note_provenance(entry.value, entry.provenance)
         return entry.value, entry.lineage
 
     # -- protecting shared data ---------------------------------------------------------------
@@ -383,7 +412,8 @@ class Executor:
         sharing its memory, so provenance stays complete."""
         for ref, tensor, version in call.versions:
             if tensor._version != version:
-                self._note_modified(ref, list(footprint(tensor)), call.operation, call.sources)
+                self._note_modified(ref, list(footprint(tensor)), call.operation, call.sources,
+                                    call.provenance())
     def _shared_name(
         self, ref: PointerRef | StoreRef, touched: list[tuple[int, int]]
     ) -> str | None:
@@ -406,7 +436,7 @@ class Executor:
 
     def _note_modified(
         self, ref: PointerRef | StoreRef, touched: list[tuple[int, int]], operation: str,
-        sources: set[str],
+        sources: set[str], by: Provenance = EMPTY,
     ) -> None:
         """Note the in-place change in the lineage of every entry it reached (a trained
         model's lineage names the training steps and their data), and recount their memory."""
@@ -418,15 +448,16 @@ class Executor:
                 for start, size in self._footprints.get(entry_id, ())
             )
             if reached:
-                entry.note_modification(note, frozenset(sources))
+                entry.note_modification(note, frozenset(sources), by)
                 self._budget.release(entry_id)
                 entry.nbytes = self._budget.account(entry_id, entry.value, self._intervals,
                                                     enforce=False)
                 self._footprints[entry_id] = list(footprint(entry.value))
 
-    def _account(self, entry_id: int, value: Any) -> int:
+    def _account(self, entry_id: int, value: Any, extra: list[np.ndarray] | None = None) -> int:
         try:
-            return self._budget.account(entry_id, value, self._intervals)
+            held = (value, *extra) if extra else value
+            return self._budget.account(entry_id, held, self._intervals)
         except OverBudget as exc:
             raise _Failure(
                 "BudgetExceeded",
@@ -466,12 +497,50 @@ class _Call:
     text: str = ""  # the lineage, once the arguments are known
     # tensors among the arguments with their version counters before the call
     versions: list[tuple[PointerRef, Any, int]] = field(default_factory=list)
+    # the resolved inputs, and the provenance of each input object (by identity: the
+    # objects are alive for the whole call)
+    inputs: provenance.Call | None = None
+    provenances: dict[int, Provenance] = field(default_factory=dict)
+
+    def note_provenance(self, value: Any, found: Provenance) -> None:
+        known = self.provenances.get(id(value))
+        self.provenances[id(value)] = found if known is None or known is found else (
+            provenance.merge_all([known, found]))
+
+    def alias(self, original: Any, view: Any) -> None:
+        found = self.provenances.get(id(original))
+        if found is not None:
+            self.provenances[id(view)] = found
+
+    def provenance(self) -> Provenance:
+        """Everything the call read, merged (what an in-place change learns from)."""
+        return provenance.merge_all(list(self.provenances.values()))
+
+    def derive(self, value: Any) -> Provenance:
+        if self.inputs is None or not self.provenances:
+            return EMPTY
+        provenances = self.provenances
+        return provenance.derive(self.inputs, value, lambda item: provenances.get(id(item)))
 
     def note_input(self, ref: PointerRef, value: Any) -> None:
         items = value if isinstance(value, (list, tuple)) else (value,)
         for item in items:
             if is_tensor(item):
                 self.versions.append((ref, item, item._version))
+
+
+def _learns(value: Any) -> bool:
+    """Whether changing ``value`` in place is learning: a torch module, an optimizer,
+    trainable tensors (alone or in a list or dict), a scikit-learn estimator."""
+    torch = sys.modules.get("torch")
+    items = list(value.values()) if isinstance(value, dict) else (
+        value if isinstance(value, (list, tuple)) else [value])
+    return bool(items) and all(
+        type(item).__module__.startswith("sklearn.")
+        or (torch is not None and (
+            isinstance(item, (torch.nn.Module, torch.optim.Optimizer))
+            or (isinstance(item, torch.Tensor) and item.requires_grad)))
+        for item in items)
 
 
 def _materialized(value: Any) -> Any:

@@ -159,14 +159,27 @@ def _column(array: Any) -> dict[str, Any]:
 
 
 def _strings(values: np.ndarray, dtype: str) -> dict[str, Any]:
-    mask = np.array([not isinstance(v, str) for v in values], dtype=bool)
-    if not all(_missing(v) for v in values[mask]):
+    """Strings and missing values as one UTF-8 buffer, int64 offsets and a mask (joined in
+    one piece: for ASCII text the byte lengths are the character lengths)."""
+    import pandas as pd
+
+    mask = np.asarray(pd.isna(values), dtype=bool)
+    present = values[~mask]
+    if not all(isinstance(v, str) for v in present):
         return _objects(values, dtype)
-    encoded = [v.encode() if isinstance(v, str) else b"" for v in values]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    return {"t": "str", "dtype": dtype, "bytes": data, "offsets": offsets, "mask": mask}
+    joined = "".join(present)
+    data = joined.encode()
+    if len(data) == len(joined):
+        lengths = np.fromiter(map(len, present), dtype=np.int64, count=len(present))
+    else:
+        lengths = np.fromiter((len(v.encode()) for v in present), dtype=np.int64,
+                              count=len(present))
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    sizes = np.zeros(len(values), dtype=np.int64)
+    sizes[~mask] = lengths
+    np.cumsum(sizes, out=offsets[1:])
+    return {"t": "str", "dtype": dtype, "bytes": np.frombuffer(data, dtype=np.uint8),
+            "offsets": offsets, "mask": mask}
 
 
 def _objects(values: np.ndarray, dtype: str) -> dict[str, Any]:

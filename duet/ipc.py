@@ -17,18 +17,21 @@ Buffers carry array bytes and already-encoded peer messages out of band, as in
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .errors import ProtocolError
 
 __all__ = [
     "MAX_BUFFERS",
+    "MAX_EVIDENCE_CHARS",
+    "CheckResult",
     "DPQuote",
     "Done",
     "Ready",
@@ -45,6 +48,7 @@ __all__ = [
 
 MAX_BUFFERS = 4096
 MAX_HEADER = 64 * 1024 * 1024
+MAX_EVIDENCE_CHARS = 8_000  # per check, as JSON text
 _COUNT = struct.Struct("<IQ")
 _LENGTH = struct.Struct("<Q")
 
@@ -147,6 +151,25 @@ class ValueSummary(_Model):
     nbytes: int
 
 
+class CheckResult(_Model):
+    """One disclosure check computed in the worker (``duet.checks.Check``); the evidence is
+    JSON the owner reads, bounded in size."""
+
+    name: Annotated[str, Field(max_length=64)]
+    status: Literal["pass", "fail", "review"]
+    reason: Annotated[str, Field(max_length=400)]
+    evidence: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("evidence")
+    @classmethod
+    def _bounded(cls, evidence: dict[str, Any]) -> dict[str, Any]:
+        try:
+            text = json.dumps(evidence, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError("check evidence must be plain JSON") from None
+        if len(text) > MAX_EVIDENCE_CHARS:
+            raise ValueError(f"check evidence longer than {MAX_EVIDENCE_CHARS} characters")
+        return evidence
 class DPQuote(_Model):
     """A DP release as the owner sees it (``duet.dp.Quote``); the kernel checks the cost
     against what it reserved itself."""
@@ -179,6 +202,8 @@ class Snapshot(_Model):
     sha256: Annotated[str, Field(max_length=64)] = ""
     nbytes: int = 0
     inline: bool = False  # the encoded decision travels with this message
+    # disclosure checks on the frozen value (none: the kernel treats it as "review")
+    checks: list[CheckResult] = Field(default_factory=list, max_length=32)
     dp: DPQuote | None = None  # the value is a DP release (its noise already drawn)
 
 

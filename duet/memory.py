@@ -211,9 +211,11 @@ def _is_estimator(value: Any) -> bool:
     return base is not None and isinstance(value, base.BaseEstimator)
 
 
-def _columns(table: Any) -> Iterator[tuple[Any, Any]]:
-    """(dtype, values) of a DataFrame's columns, a Series or an Index, and of its index;
-    numpy columns as numpy arrays (no copy), others as pandas arrays."""
+def _columns(table: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """(dtype, values, holder) of a DataFrame's columns, a Series or an Index, and of its
+    index: numpy columns as numpy arrays (no copy), others as pandas arrays; ``holder`` is
+    the object that keeps the values alive (the same object in every result that shares
+    them, so their bytes are counted once)."""
     import pandas as pd
 
     if isinstance(table, pd.DataFrame):
@@ -227,37 +229,39 @@ def _columns(table: Any) -> Iterator[tuple[Any, Any]]:
         return
     if isinstance(table, (pd.Series, pd.Index)):
         dtype = table.dtype
-        numpy = isinstance(dtype, np.dtype) and dtype.kind != "O"
-        yield dtype, (table.to_numpy(copy=False) if numpy else table.array)
+        numpy = isinstance(dtype, np.dtype)
+        values = table.to_numpy(copy=False) if numpy else table.array
+        yield dtype, values, values
     if isinstance(table, (pd.DataFrame, pd.Series)):
         yield from _columns(table.index)
 
 
 def _table_arrays(table: Any) -> Iterator[np.ndarray]:
     """The numpy arrays a pandas object holds without copying: numpy columns and the codes
-    of categoricals (other columns are counted by ``buffer_sizes`` as Python bytes)."""
+    of categoricals (the Python objects in other columns are counted by ``buffer_sizes``)."""
     import pandas as pd
 
-    for _, values in _columns(table):
+    for _, values, _ in _columns(table):
         if isinstance(values, np.ndarray):
             yield values
         elif isinstance(values, pd.Categorical):
             yield values.codes
 
 
-def _table_python_bytes(table: Any) -> int:
-    """Bytes of a pandas object's columns that are not plain numpy arrays (strings,
-    nullable and categorical columns), as pandas counts them, strings sampled."""
-    total = 0
-    for dtype, values in _columns(table):
-        if isinstance(values, np.ndarray):
+def _table_python_blocks(table: Any) -> dict[int, int]:
+    """Bytes a pandas object holds outside plain numpy arrays (strings, nullable and
+    categorical columns, string indexes), per holder: strings are sampled."""
+    blocks: dict[int, int] = {}
+    for dtype, values, holder in _columns(table):
+        if isinstance(values, np.ndarray) and dtype.kind != "O":
             continue
-        total += int(values.nbytes)
+        size = 0 if isinstance(values, np.ndarray) else int(values.nbytes)
         if getattr(dtype, "kind", "") == "O" or str(dtype) in ("str", "string"):
-            sample = np.asarray(values[:_SAMPLE], dtype=object)
+            sample = np.asarray(values[:_STRING_SAMPLE], dtype=object)
             per_item = sum(sys.getsizeof(v) for v in sample) / max(1, len(sample))
-            total += int(per_item * len(values))
-    return total
+            size += int(per_item * len(values))
+        blocks[id(holder)] = max(size, blocks.get(id(holder), 0))
+    return blocks
 
 
 def allocation(item: Any) -> tuple[int, int] | None:
@@ -301,7 +305,9 @@ def buffer_sizes(value: Any) -> dict[int, int]:
         block = allocation(item)
         if block is not None:
             blocks[block[0]] = max(block[1], blocks.get(block[0], 0))
-    python = python_bytes(value) or (_table_python_bytes(value) if _is_table(value) else 0)
+    if _is_table(value):
+        blocks.update(_table_python_blocks(value))
+    python = python_bytes(value)
     if python:
         blocks[id(value)] = python  # a live object's address is inside no other block
     return blocks
@@ -340,6 +346,7 @@ def _scalar_bytes(item: Any) -> int:
 
 
 _SAMPLE = 1000
+_STRING_SAMPLE = 64  # strings measured to estimate a text column's bytes
 _SMALL = 64 * 1024
 
 

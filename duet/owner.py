@@ -33,6 +33,7 @@ from . import protocol as p
 from . import tables
 from .approvals import DPInfo, Request, RequestQueue, Rule, ValueInfo, safe_text
 from .audit import EVENTS, AuditLog, sha256_of
+from .checks import Check, CheckSettings
 from .config import SessionConfig
 from .dp import DP, Derivations, QuerySpec, is_dp_op, parse_op
 from .dp_train import TRAIN_OP, TrainJobs, TrainSpec, parse_train_op
@@ -124,17 +125,20 @@ class OwnerSession(Session):
     # -- sharing --------------------------------------------------------------------------
     def share(self, obj: Any, name: str, description: str = "",
               tags: Iterable[str] = (), *, declare_rows: bool = True,
-              dp: DP | None = None) -> None:
+              min_count: int = 10, dp: DP | None = None) -> None:
         """Make ``obj`` reachable by the researcher as ``store[name]`` (never its values).
 
         Arrays and tensors are copied once into sealed memory the worker maps read-only;
         torch modules, scalars and plain lists, tuples and dicts of these are copied to it.
         A pandas DataFrame or Series is listed with its column names and dtypes and its row
         count (``declare_rows=False`` hides it); its index is data and is never listed.
+        ``min_count``: the fewest records of ``obj`` any released number may come from
+        (the disclosure checks, docs/disclosure.md).
         ``dp=duet.DP(epsilon=..., bounds=...)``: the researcher may ask for differentially
         private statistics (``r.dp.*``) charged to the privacy budget of ``name``, which
         persists across sessions (``budget(name)``); see docs/dp.md.
         """
+        settings = CheckSettings(min_count=min_count)
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
             raise ValueError(f"share name {name!r} must be a Python identifier without a "
                              "leading underscore")
@@ -145,7 +149,9 @@ class OwnerSession(Session):
         entry = (tables.declare(obj, name, description, tuple(tags), declare_rows)
                  if tables.is_table(obj) else _declare(obj, name, description, tuple(tags)))
         prepared = prepare_share(obj)
-        prepared = ({**prepared[0], "dp": dp_spec}, prepared[1], prepared[2])
+        prepared = ({**prepared[0], "dp": dp_spec,
+                     "checks": {"min_count": settings.min_count, "rows_declared": declare_rows}},
+                    prepared[1], prepared[2])
         if dp is not None:
             budget = self.ledger.declare(name, dp.epsilon, dp.delta)
             self._audit.record("dp_budget", name=name, epsilon=dp.epsilon, delta=dp.delta,
@@ -167,7 +173,8 @@ class OwnerSession(Session):
         self._shared[name] = entry
         self._families[name] = self.allowlist.family(obj)
         self._audit.record("share", name=name, type=entry.type,
-                          shape=entry.shape, dtype=entry.dtype, description=description)
+                          shape=entry.shape, dtype=entry.dtype, description=description,
+                          min_count=settings.min_count)
         self._publish_store()
 
     def unshare(self, name: str) -> None:
@@ -379,7 +386,9 @@ class OwnerSession(Session):
         request = Request(id=snapshot.request_id, reason=self._reasons.pop(
             snapshot.request_id, ""), lineage=snapshot.lineage,
             sources=frozenset(snapshot.sources), info=info, preview=snapshot.preview,
-            sha256=snapshot.sha256, failed=snapshot.failed, dp=privacy)
+            sha256=snapshot.sha256, failed=snapshot.failed, dp=privacy,
+            checks=tuple(Check(c.name, c.status, c.reason, c.evidence)
+                         for c in snapshot.checks))
         # Written with the decision when a rule decides at once (one transaction), else
         # right after: no message follows it, so it need not wait for the disk either way.
         self._request_rows[request.id] = ("request", {
@@ -387,7 +396,8 @@ class OwnerSession(Session):
             "pointer_id": snapshot.pointer_id, "lineage": request.lineage,
             "reason": request.reason, "sources": sorted(request.sources),
             "sha256": request.sha256 or None, "nbytes": snapshot.nbytes or None,
-            "failed": request.failed or None})
+            "failed": request.failed or None, "check_status": request.check_status,
+            "checks": [c.to_dict() for c in request.checks]})
         self._snapshots[snapshot.request_id] = (snapshot, encoded)
         try:
             self.requests.add(request)
@@ -636,9 +646,13 @@ class OwnerSession(Session):
         self._settle_privacy(request, snapshot_failed=bool(request.failed))
         snapshot, encoded = self._snapshots.pop(request.id, (None, None))
         row = self._request_rows.pop(request.id, None)
-        decided = [*self._take_held_rows(), *([row] if row is not None else []), ("decision", {
+        decision: dict[str, Any] = {
             "request_id": request.id, "status": request.status, "by": request.decided_by,
-            "reason": request.decision_reason})]
+            "reason": request.decision_reason, "check_status": request.check_status}
+        if request.decided_by.startswith("rule:"):  # an automatic decision: on what grounds
+            decision["checks"] = [c.to_dict() for c in request.checks]
+        decided = [*self._take_held_rows(), *([row] if row is not None else []),
+                   ("decision", decision)]
         if request.status != "approved" or snapshot is None:
             self._audit.record_many(decided)
             self._send(p.Decision(request_id=request.id, status="denied",

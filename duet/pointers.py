@@ -94,14 +94,16 @@ def no_value(what: str) -> NoReturn:
 class Pointer:
     """A reference to an object on the owner's side."""
 
-    __slots__ = ("__weakref__", "_lineage", "_ref", "_session")
+    __slots__ = ("__weakref__", "_family", "_lineage", "_ref", "_session")
     __array_ufunc__ = None  # numpy defers to our reflected operators: array + ptr works
 
     def __init__(self, session: PointerHost, ref: p.PointerRef | p.StoreRef | None,
-                 lineage: str) -> None:
+                 lineage: str, family: str | None = None) -> None:
         self._session = session
         self._ref = ref
         self._lineage = lineage
+        # the type family the owner declared (shared tables): its members are known here
+        self._family = family
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -169,6 +171,12 @@ class Pointer:
             raise AttributeError(name)
         members = self._session.allowlist.members
         families = [f for f, names in members.items() if name in names]
+        own = members.get(self._family or "")
+        if own is not None and name not in own:
+            close = difflib.get_close_matches(name, own, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise PolicyViolation(f"{self._family}.{name} is not on the owner's allowlist."
+                                  f"{hint}")
         if members and not families:
             every = sorted({n for names in members.values() for n in names})
             close = difflib.get_close_matches(name, every, n=3)

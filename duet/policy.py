@@ -800,15 +800,27 @@ def check_literals(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
                      if k not in _FUNCTION_KEYWORDS and isinstance(v, tuple) and len(v) == 2)
         for value in given:
             _check_function_names(name, value, 0)
-    if (name.startswith("sklearn.") or short == "set_params") and kwargs.get("copy") is False:
-        raise PolicyViolation("copy=False is not allowed: scikit-learn would then work in "
-                              "place on its input, which may be the owner's data")
+    if name.startswith("sklearn.") or short == "set_params":
+        _check_sklearn_settings(kwargs)
     n_jobs = kwargs.get("n_jobs")
     if n_jobs is not None and n_jobs != 1:
         raise PolicyViolation("n_jobs must be 1 or None: the owner's worker runs one process")
     for key in ("engine", "engine_kwargs"):
         if kwargs.get(key) not in _SAFE_ENGINES:
             raise PolicyViolation(f"{key}={kwargs[key]!r} is not allowed (it compiles code)")
+
+
+def _check_sklearn_settings(kwargs: Mapping[str, Any]) -> None:
+    """Settings of scikit-learn that would work in place on the owner's data, write files,
+    or evaluate an expression."""
+    if kwargs.get("copy") is False:
+        raise PolicyViolation("copy=False is not allowed: scikit-learn would then work in "
+                              "place on its input, which may be the owner's data")
+    if kwargs.get("memory") is not None:
+        raise PolicyViolation("memory= is not allowed: it caches fitted steps in files")
+    dispatch = kwargs.get("pre_dispatch", 0)
+    if not isinstance(dispatch, int) and dispatch != "all":
+        raise PolicyViolation("pre_dispatch must be a number or 'all', not an expression")
 
 
 def _check_function_names(name: str, value: Any, depth: int) -> None:
@@ -875,10 +887,8 @@ def check_values(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[
             if isinstance(value, tuple) and len(value) == 2:
                 _check_function_names(name, value[1], 0)
     check_literals(name, [], dict(kwargs))
-    sklearn = module.startswith("sklearn") or allowlist.family(target) == "Estimator"
-    if sklearn and kwargs.get("copy") is False:
-        raise PolicyViolation("copy=False is not allowed: scikit-learn would then work in "
-                              "place on its input, which may be the owner's data")
+    if module.startswith("sklearn") or allowlist.family(target) == "Estimator":
+        _check_sklearn_settings(kwargs)
 
 
 def _walk(values: list[Any]) -> Iterable[Any]:

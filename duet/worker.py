@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ipc, lineage, tables
+from . import checks, ipc, lineage, tables
 from . import protocol as p
 from .dp import Derivations, DPQuery, is_dp_op, parse_op
 from .dp_train import TRAIN_OP, TrainingRefused, TrainJob, parse_train_op, prepare
@@ -49,6 +49,7 @@ __all__ = ["INLINE_BYTES", "main"]
 # then needs no second round trip to the worker.
 INLINE_BYTES = 256 * 1024
 _MAX_FROM_KERNEL = 1 << 40
+_TEXT = 10_000  # characters of a failure's text shown to the owner (ipc.Text allows 20,000)
 
 
 class _Events(ExecutorEvents):
@@ -79,6 +80,8 @@ class Worker:
         self._executor = Executor(allowlist, memory_budget=settings.get("memory_budget"),
                                   events=self._events)
         self._mappings: dict[str, mmap.mmap] = {}
+        self._check_settings: dict[str, checks.CheckSettings] = {}
+        self._history = checks.History()  # record sets of earlier requests (differencing)
         # DP-shared names -> the owner's declaration; which objects derive from them
         self._dp_specs: dict[str, dict[str, Any]] = {}
         self._derivations = Derivations(self._dp_specs)
@@ -133,6 +136,7 @@ class Worker:
         else:  # anything else the owner shared, pickled by the owner's own kernel
             value = pickle.loads(buffers[0])
         self._executor.share(name, value)
+        self._check_settings[name] = checks.CheckSettings(**message.get("checks", {}))
         if message.get("dp") is not None:
             self._dp_specs[name] = message["dp"]
         else:
@@ -346,11 +350,12 @@ class Worker:
         common = {"request_id": request.request_id, "pointer_id": pointer_id,
                   "lineage": entry.lineage, "sources": sorted(entry.sources)}
         empty = {"type": "failed", "elements": 0, "nbytes": 0}
+        failed_checks = [c.to_dict() for c in checks.failed_value()]
         if entry.failure is not None:
             failure = entry.failure
-            self.send(ipc.pack("snapshot", **common, summary=empty,
-                               preview=f"failed: {entry.error or failure.error_type}",
-                               failed=entry.error or failure.error_type,
+            self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
+                               preview=f"failed: {entry.error or failure.error_type}"[:_TEXT],
+                               failed=(entry.error or failure.error_type)[:_TEXT],
                                operation=failure.operation, error_type=failure.error_type))
             return
         value, quote = entry.value, None
@@ -372,7 +377,7 @@ class Worker:
                 quote = vars(released)
             except Exception as exc:  # noqa: BLE001 - reported to the owner, like any failure
                 problem = f"{type(exc).__name__}: {exc}"
-                self.send(ipc.pack("snapshot", **common, summary=empty,
+                self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
                                    preview=f"failed: {problem}", failed=problem,
                                    operation=f"dp.{value.spec.statistic}",
                                    error_type=type(exc).__name__))
@@ -392,7 +397,7 @@ class Worker:
                     "a fitted estimator's results leave as its attributes, e.g. model.coef_"
                     if module.startswith("sklearn") else "")
             problem = f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
-            self.send(ipc.pack("snapshot", **common, summary=empty,
+            self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
                                preview=f"failed: cannot be sent: {problem}",
                                failed=f"cannot be sent: {problem}", operation="sending the value",
                                error_type=type(exc).__name__, hint=hint))
@@ -402,9 +407,16 @@ class Worker:
             with self._frozen_lock:
                 self._frozen[request.request_id] = frozen
                 self._frozen_bytes += frozen.nbytes
+        if quote is not None:  # noise, not output checking, protects a DP release
+            found = checks.dp_release(quote["statistic"], quote["epsilon"], quote["delta"])
+        else:
+            found = checks.evaluate(request.request_id, entry.provenance, entry.sources,
+                                    elements=frozen.summary.elements,
+                                    settings=self._check_settings, history=self._history)
         header = ipc.pack("snapshot", **common, summary=frozen.summary.model_dump(),
                           preview=frozen.preview, sha256=frozen.sha256, nbytes=frozen.nbytes,
-                          inline=inline, dp=quote)
+                          inline=inline, dp=quote,
+                          checks=[c.to_dict() for c in found])
         self.send(header, [memoryview(frozen.header), *frozen.buffers] if inline else ())
 
     def _take_frozen(self, request_id: str) -> Frozen | None:

@@ -8,14 +8,16 @@ are registered here as IPython formatters, which keeps the library free of noteb
 from __future__ import annotations
 
 import html
+import json
 import time
 from typing import Any
 
 from duet import OwnerSession, ResearcherSession
-from duet.approvals import Request, safe_text
+from duet.approvals import Request, check_badge, safe_text
 from duet.session import Session
 
-__all__ = ["register_formatters", "request_html", "researcher_html", "session_state"]
+__all__ = ["checks_html", "register_formatters", "request_html", "researcher_html",
+           "session_state"]
 
 _STATUS_COLOURS = {"pending": "#b58900", "approved": "#2e7d32", "denied": "#c62828",
                    "withdrawn": "#757575"}
@@ -56,10 +58,27 @@ def request_html(request: Request) -> str:
         f'<b>lineage:</b> <code style="white-space:pre-wrap;word-break:break-all">'
         f"{_text(request.lineage)}</code><br>"
         f"{_privacy_html(request)}"
-        f"<b>value:</b> {value}"
+        f"<b>value:</b> {value}<br>"
+        f"{checks_html(request)}"
         f'<pre style="margin:2px 0;max-height:10em;overflow:auto;white-space:pre-wrap">'
         f"{_text(request.preview)}</pre></div>"
     )
+
+
+def checks_html(request: Request) -> str:
+    """The disclosure checks: the overall status, then one line per check with its reason;
+    each status is a coloured word, so it reads without colour too. The evidence is in a
+    tooltip (JSON) and in ``request.checks``."""
+    lines = "".join(
+        f'<li class="duet-check-line" data-check="{_text(c.name)}" '
+        f'data-status="{_text(c.status)}" title="{_text(json.dumps(c.evidence)[:2000])}">'
+        f"{check_badge(c.status)} <code>{_text(c.name)}</code>: {_text(c.reason)}</li>"
+        for c in request.checks)
+    if not lines:
+        lines = f"<li>{check_badge('review')} no checks were computed</li>"
+    return (f'<div class="duet-checks" data-check-status="{_text(request.check_status)}">'
+            f"<b>disclosure checks:</b> {check_badge(request.check_status)}"
+            f'<ul style="margin:2px 0 2px 1em;padding:0">{lines}</ul></div>')
 
 
 def _privacy_html(request: Request) -> str:

@@ -210,7 +210,8 @@ class DuetMagics(Magics):
     def _cmd_approve(self, args: argparse.Namespace) -> None:
         request = _find(self._owner(args.name).requests, args.id)
         request.approve()
-        print(f"approved {request.id}: {request.lineage}")
+        print(f"approved {request.id} (checks: {request.check_status.upper()}): "
+              f"{request.lineage}")
 
     def _cmd_deny(self, args: argparse.Namespace) -> None:
         request = _find(self._owner(args.name).requests, args.id)

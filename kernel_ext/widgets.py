@@ -15,7 +15,7 @@ import threading
 import weakref
 from typing import Any
 
-from duet.approvals import Request, RequestQueue
+from duet.approvals import Request, RequestQueue, check_badge
 from duet.errors import DuetError
 
 from .display import _STATUS_COLOURS, request_html
@@ -87,7 +87,7 @@ def _decided_html(request: Request) -> str:
     return (f'<div class="duet-decided" data-request-id="{html.escape(request.id)}" '
             f'data-status="{html.escape(request.status)}" style="margin:2px 0">'
             f'<b style="color:{colour}">{html.escape(request.status)}</b> '
-            f"<code>{html.escape(request.id)}</code> "
+            f"<code>{html.escape(request.id)}</code> checks {check_badge(request.check_status)} "
             f'<code style="white-space:pre-wrap;overflow-wrap:anywhere">'
             f"{html.escape(request.lineage)}</code> "
             f"by {html.escape(request.decided_by)}{html.escape(why)}</div>")

@@ -362,3 +362,57 @@ def test_every_table_name_resolves_and_is_vetted_on_first_use() -> None:
         assert callable(allowlist.resolve_function(qualname)), qualname
     rebuilt = Allowlist.from_spec(allowlist.spec())
     assert rebuilt.spec() == allowlist.spec()
+
+
+def test_a_long_chain_on_a_failed_pointer_keeps_the_worker_up(tmp_path: Path) -> None:
+    """Each op on a failed input names its root cause once: 1,500 of them used to build a
+    1,500-deep text that broke the worker's message limit (and restarted it)."""
+    with session_pair(tmp_path / "audit.db") as (owner, researcher):
+        owner.share(patients(50), name="patients")
+        owner.requests.add_rule("approve")
+        df = researcher.store.wait_for("patients", 10)
+        pid = owner.worker_pid
+        chain = df["no such column"]
+        for _ in range(1500):
+            chain = chain + 1
+        with pytest.raises(duet.RemoteError, match="UpstreamFailure"):
+            chain.get("the end of the chain", timeout=120)
+        request = owner.requests[-1]
+        assert "KeyError" in request.failed and len(request.failed) < 500
+        assert owner.worker_pid == pid
+        assert df["age"].count().get("still working", timeout=60) == 50
+
+
+def test_callables_and_looked_up_names_are_refused_wherever_pandas_is_involved() -> None:
+    """The worker's check on resolved arguments (the raw wire reaches it with objects the
+    researcher made on the owner's side: here a torch module, which can be called)."""
+    from duet.errors import PolicyViolation
+    from duet.policy import Allowlist
+
+    allowlist = Allowlist.default()
+    frame = patients(20)
+    module = torch.nn.Identity()
+    pivot = allowlist.resolve_function("pandas.pivot_table")
+    refused = [
+        (frame.sort_values, ("age",), {"key": module}),
+        (frame.assign, (), {"x": module}),
+        (allowlist.resolve_function("operator.getitem"), (frame.loc, module), {}),
+        (allowlist.resolve_function("operator.getitem"), (frame, module), {}),
+        (frame.agg, ("to_pickle", "/tmp/x"), {}),
+        (frame.groupby("sex").agg, (), {"n": ("age", "to_csv")}),
+        (pivot, (frame, "bmi", "sex", None, "to_pickle"), {}),
+        (frame["sex"].map, ("upper",), {}),
+        (frame.apply, (module,), {}),
+    ]
+    for fn, args, kwargs in refused:
+        with pytest.raises(PolicyViolation):
+            allowlist.check_arguments(fn, args, kwargs)
+    allowed = [
+        (frame.agg, ({"age": ["mean", "max"], "bmi": "median"},), {}),
+        (frame.groupby("sex").agg, (), {"n": ("age", "count")}),
+        (frame["sex"].map, ({"F": 0, "M": 1},), {}),
+        (pivot, (frame, "bmi", "sex", None, "mean"), {}),
+        (torch.nn.Sequential, (module,), {}),  # torch keeps taking its modules
+    ]
+    for fn, args, kwargs in allowed:
+        allowlist.check_arguments(fn, args, kwargs)

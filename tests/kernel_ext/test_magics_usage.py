@@ -34,6 +34,9 @@ def test_without_ipywidgets_the_owner_decides_with_html_and_magics(
         html = "".join(listed.mime("text/html"))
         assert "sum(doses)" in html and "total dose" in html and "every dose" in html
         assert "%duet approve ID" in html
+        # the disclosure checks, in words: a plain list has no rows of records to count
+        assert "disclosure checks:" in html and "REVIEW</b>" in html
+        assert "which records of &#x27;doses&#x27; it reveals is unknown" in html
         owner.run(f"%duet approve {first.id}")
         owner.run(f"%duet deny {second.id} only totals leave this hospital")
         assert float(first.result(30)) == 8.0

@@ -129,7 +129,13 @@ def test_the_owner_screen_cannot_lie(signaling_url: str, tmp_path: Path) -> None
     assert count >= len(REASONS) + 2 + 2
     # the text table: one line per request plus title, header and rule; nothing else
     assert UNSAFE.findall(queue_repr) == [], UNSAFE.findall(queue_repr)
-    assert len(queue_repr.splitlines()) == count + 3, queue_repr
+    lines = queue_repr.splitlines()
+    assert len(lines[:count + 3]) == count + 3 and not lines[count + 2].startswith("checks of")
+    # then the disclosure checks of pending requests: a title and one line per check, each
+    # written by duet (no researcher text can add a line)
+    check_line = re.compile(r"(checks of [0-9a-f]+ \((PASS|FAIL|REVIEW)\):"
+                            r"|  (PASS|FAIL|REVIEW) +[a-z_]+: .*)")
+    assert all(check_line.fullmatch(line) for line in lines[count + 3:]), lines[count + 3:]
     assert "\\x1b" in queue_repr and "\\u202e" in queue_repr
     assert UNSAFE.findall(queue_html) == [], UNSAFE.findall(queue_html)
     assert "\\x1b" in queue_html

@@ -111,6 +111,14 @@ attempts = {
         df[["age"]]),
     "metric callable": lambda: sk.neighbors.KNeighborsClassifier(metric=identity),
     "fetch_openml": lambda: sk.datasets.fetch_openml("iris"),
+    "pipeline memory": lambda: sk.pipeline.make_pipeline(sk.preprocessing.StandardScaler(),
+                                                         memory=leak + "8"),
+    "set_params memory": lambda: sk.pipeline.make_pipeline(
+        sk.preprocessing.StandardScaler()).set_params(memory=leak + "9"),
+    "pre_dispatch expression": lambda: sk.model_selection.cross_val_score(
+        sk.linear_model.LogisticRegression(), df[["age"]], df["outcome"],
+        pre_dispatch="2*n_jobs"),
+    "df[callable]": lambda: df[identity],
     "numpy view sort": lambda: df["age"].to_numpy().sort(),
     "asarray view sort": lambda: r.np.asarray(df["bmi"]).sort(),
     "values view partition": lambda: df["age"].values.partition(3),
@@ -217,6 +225,8 @@ def test_the_hostile_researcher_against_a_shared_table(signaling_url: str,
     assert len(out) >= 50, len(out)
     # refusals that depend on names alone say what was refused
     assert "not on the owner's allowlist" in out["query"][1]
+    assert "DataFrame.eval is not on the owner's allowlist" in out["DataFrame.eval"][1]
+    assert "DataFrame.style is not on the owner's allowlist" in out["style"][1]
     assert "'to_pickle' is not an allowlisted function name" in out["agg('to_pickle')"][1]
     assert "inplace=True is not allowed" in out["inplace=True"][1]
     assert "n_jobs" in out["n_jobs=-1"][1]
