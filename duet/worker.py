@@ -366,8 +366,8 @@ class Worker:
                                        "only")
                 value, quote = value.next_value()
             except Exception as exc:  # noqa: BLE001 - reported to the owner, like any failure
-                problem = f"{type(exc).__name__}: {exc}"
-                self.send(ipc.pack("snapshot", **common, summary=empty,
+                problem = f"{type(exc).__name__}: {exc}"[:_TEXT]
+                self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
                                    preview=f"failed: {problem}", failed=problem,
                                    operation=TRAIN_OP, error_type=type(exc).__name__))
                 return
