@@ -217,6 +217,9 @@ class RequestQueue(Sequence[Request]):
                  ) -> None:
         self._requests: list[Request] = []
         self._by_id: dict[str, Request] = {}
+        # ids of requests whose rules have not run yet: not pending for ``wait`` or the owner,
+        # so a hand (or a loop over ``wait()``) never decides what a rule is about to decide
+        self._arriving: set[str] = set()
         self._rules: list[Rule] = []
         self._rule_ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -253,7 +256,8 @@ class RequestQueue(Sequence[Request]):
     @property
     def pending(self) -> list[Request]:
         with self._lock:
-            return [r for r in self._requests if r.status == "pending"]
+            return [r for r in self._requests
+                    if r.status == "pending" and r.id not in self._arriving]
 
     def wait(self, timeout: float | None = None) -> Request | None:
         """The oldest pending request, waiting up to ``timeout`` seconds for one to arrive."""
@@ -333,9 +337,14 @@ class RequestQueue(Sequence[Request]):
                 raise RequestError(f"request id {request.id!r} was already used")
             self._requests.append(request)
             self._by_id[request.id] = request
-            self._arrived.notify_all()
+            self._arriving.add(request.id)
+        try:
+            self._apply_rules(request)
+        finally:
+            with self._arrived:
+                self._arriving.discard(request.id)
+                self._arrived.notify_all()
         self._notify(request)
-        self._apply_rules(request)
 
     def _apply_rules(self, request: Request) -> None:
         for rule in self.rules:

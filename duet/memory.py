@@ -305,12 +305,35 @@ def buffer_sizes(value: Any) -> dict[int, int]:
         block = allocation(item)
         if block is not None:
             blocks[block[0]] = max(block[1], blocks.get(block[0], 0))
+        elif _is_estimator(item):
+            for start, size in _fitted_blocks(item, 0):
+                blocks[start] = max(size, blocks.get(start, 0))
     if _is_table(value):
         blocks.update(_table_python_blocks(value))
     python = python_bytes(value)
     if python:
         blocks[id(value)] = python  # a live object's address is inside no other block
     return blocks
+
+
+def _fitted_blocks(estimator: Any, depth: int) -> Iterator[tuple[int, int]]:
+    """Memory a fitted scikit-learn estimator holds: its arrays (coefficients, a k-NN's
+    training rows), its fitted sub-estimators (a forest's trees) and their tree structures.
+    Read from the estimator's own attributes (our object, not a name from the peer)."""
+    if depth > 4:
+        return
+    for value in vars(estimator).values():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items[:_WALK_LIMIT]:
+            if isinstance(item, np.ndarray):
+                block = allocation(item)
+                if block is not None:
+                    yield block
+            elif _is_estimator(item):
+                yield from _fitted_blocks(item, depth + 1)
+            elif type(item).__module__ == "sklearn.tree._tree" and hasattr(item, "node_count"):
+                # a tree: ~64 bytes per node plus its values per node
+                yield id(item), int(item.node_count) * 64 + int(item.value.nbytes)
 
 
 def python_bytes(value: Any) -> int:

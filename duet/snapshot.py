@@ -25,6 +25,7 @@ from .ipc import ValueSummary
 __all__ = ["Frozen", "PREVIEW_CHARS", "freeze", "preview_of", "summarize"]
 
 PREVIEW_CHARS = 400
+TABLE_PREVIEW_CHARS = 1200  # a table needs its rows and columns lined up to be read
 _ITEMS = 8  # container items shown in a preview
 _UNKNOWN = sys.maxsize  # elements of an object we cannot count: no size rule matches it
 
@@ -137,7 +138,8 @@ def _nbytes(value: Any, depth: int) -> int:
 def preview_of(value: Any) -> str:
     """The value as the owner sees it, abbreviated at bounded cost."""
     text = _preview(value, 0)
-    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
+    limit = TABLE_PREVIEW_CHARS if is_pandas(value) else PREVIEW_CHARS
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _preview(value: Any, depth: int) -> str:
@@ -146,8 +148,10 @@ def _preview(value: Any, depth: int) -> str:
     if is_pandas(value):
         import pandas as pd
 
-        with pd.option_context("display.max_rows", 10, "display.max_columns", 8,
-                               "display.width", 100, "display.max_colwidth", 30):
+        # up to 10 rows (else 4 corner rows), 8 columns, and the dimensions
+        with pd.option_context("display.max_rows", 10, "display.min_rows", 4,
+                               "display.max_columns", 8, "display.width", 100,
+                               "display.max_colwidth", 16, "display.precision", 4):
             return repr(value)
     if isinstance(value, np.ndarray):
         with np.printoptions(threshold=20, edgeitems=3, precision=4):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,34 @@ def test_values_the_researcher_could_not_receive_are_refused_when_frozen() -> No
 
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         freeze("ab" * 8, list(range(3_000_000)))  # a 14 MB header: arrays travel as buffers
+
+
+def test_a_request_is_pending_for_the_owner_only_after_the_rules_ran() -> None:
+    """An owner loop that denies whatever ``wait()`` returns must not race a rule: the rule
+    below holds the request until the loop had its chance, and the loop must not get it."""
+    queue = RequestQueue(lambda request: None)
+    looked = threading.Event()
+
+    def slow_rule(request: Request) -> bool:
+        looked.wait(1.0)  # the owner's loop is looking meanwhile
+        return True
+
+    queue.add_rule("approve", predicate=slow_rule)
+    seen: list[Request | None] = []
+
+    def owner_loop() -> None:
+        seen.append(queue.wait(0.5))
+        looked.set()
+        if seen[0] is not None:
+            seen[0].deny("loop")
+
+    loop = threading.Thread(target=owner_loop)
+    loop.start()
+    queue.add(Request(id="r1", reason="", lineage="mean(x)", sources=frozenset({"x"}),
+                      info=ValueInfo("float", None, None, 1, 8), preview="1.0"))
+    loop.join(5)
+    assert seen == [None]
+    assert queue.get("r1").status == "approved" and queue.pending == []
 
 
 def test_an_approve_rule_by_name_never_releases_another_sources_data() -> None:

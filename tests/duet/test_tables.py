@@ -416,3 +416,58 @@ def test_callables_and_looked_up_names_are_refused_wherever_pandas_is_involved()
     ]
     for fn, args, kwargs in allowed:
         allowlist.check_arguments(fn, args, kwargs)
+
+
+def test_a_restarted_worker_maps_the_shared_table_again(tmp_path: Path) -> None:
+    frame = patients(80)
+    with session_pair(tmp_path / "audit.db") as (owner, researcher):
+        owner.share(frame, name="patients")
+        df = researcher.store.wait_for("patients", 10)
+        pending = df["bmi"].sum().request("left pending")
+        assert owner.requests.wait(30) is not None
+        old = owner.worker_pid
+        owner.cancel()
+        assert owner.worker_pid != old
+        with pytest.raises(duet.WorkerRestarted):
+            pending.result(30)  # the researcher has heard of the restart
+        owner.requests.add_rule("approve")
+        before = frame["bmi"].sum()
+        after = researcher.store["patients"]["bmi"].sum().get("after", timeout=60)
+        assert before == after == pytest.approx(frame["bmi"].sum())
+        got = researcher.store["patients"][["sex", "group"]].value_counts().get(
+            "strings and categories after the restart", timeout=60)
+        pd.testing.assert_series_equal(got, frame[["sex", "group"]].value_counts())
+
+
+def test_the_owner_previews_a_table_with_its_extremes_and_its_size() -> None:
+    from duet.snapshot import freeze
+
+    frame = patients(1000)
+    described = freeze("ab" * 4, frame[["age", "bmi"]].describe())
+    assert "max" in described.preview and "min" in described.preview  # all 8 rows shown
+    assert described.summary.type == "pandas.DataFrame" and described.summary.shape == [8, 2]
+    assert described.summary.elements == 8 * 2 + 8 + 2  # cells, index entries, labels
+    whole = freeze("ab" * 4, frame)
+    assert "[1000 rows x 6 columns]" in whole.preview and len(whole.preview) < 1200
+    assert "patient-0000" in whole.preview  # the owner sees the index; it is data
+
+
+def test_a_fitted_estimator_counts_against_the_memory_budget() -> None:
+    from duet.executor import Executor
+    from duet.policy import Allowlist
+
+    rng = np.random.default_rng(0)
+    X = rng.random((2000, 4))
+    y = (X[:, 0] + rng.normal(0, 0.3, 2000) > 0.5).astype(int)
+    executor = Executor(Allowlist.default(), memory_budget=None)
+    executor.share("X", X)
+    executor.share("y", y)
+    assert executor.execute(p.Op(result=1, kind="function",
+                                 name="sklearn.ensemble.RandomForestClassifier",
+                                 kwargs={"n_estimators": 10, "random_state": 0})) is None
+    empty = executor.used_bytes()
+    assert executor.execute(p.Op(result=2, kind="method", name="fit", target=p.PointerRef(1),
+                                 args=[p.StoreRef("X"), p.StoreRef("y")])) is None
+    fitted = executor.used_bytes()
+    assert fitted > empty + 10 * 64  # ten trees, each at least a node
+    assert executor.lookup(p.PointerRef(1)).sources == frozenset({"X", "y"})
