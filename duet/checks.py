@@ -239,6 +239,10 @@ def _min_count(parts: list[tuple[str, Part]], setting: Any) -> Check:
         records = part.n
         if "n" in part.cells and part.cells["n"].size:  # records that are not NaN, per cell
             records = min(records, int(part.cells["n"].min()))
+        if "nonzero" in part.cells and part.cells["nonzero"].size and not (
+                "indicator" in part.cells and part.cells["indicator"].all()):
+            # a total over 200 records of which 3 are not zero is a total of 3
+            records = min(records, int(part.cells["nonzero"].min()))
         smallest = records if smallest is None else min(smallest, records)
         if records < limit:
             problems.append({"source": name, "of": part.note, "records": records,

@@ -121,7 +121,10 @@ class DP:
                 and 1 <= self.contributions <= 10_000):
             raise ValueError("DP contributions must be an integer between 1 and 10000")
         for column, keys in dict(self.categories).items():
-            _check_categories(list(keys), f"categories of {column!r}")
+            try:
+                _check_categories(list(keys), f"categories of {column!r}")
+            except PolicyViolation as exc:
+                raise ValueError(str(exc)) from None
 
     def spec(self, name: str, obj: Any) -> dict[str, Any]:
         """The plain description the kernel keeps and sends to the worker (checked against
@@ -260,6 +263,7 @@ _MASK_LOGIC = {"numpy.logical_and", "numpy.logical_or", "numpy.logical_xor",
 _SAME_METHODS = {"astype", "abs", "round", "clip", "fillna", "float", "double", "copy",
                  "clone", "to_numpy", "numpy", "detach"}
 _MASK_METHODS = {"isna", "isnull", "notna", "notnull"}
+_SUBSET_METHODS = {"dropna"}  # keeps some rows, each at most once: a new row set
 
 
 class Derivations:
@@ -305,6 +309,8 @@ class Derivations:
                 return None
             if op.name in _MASK_METHODS:
                 return Derived(target.source, None, target.rows, "mask")
+            if op.name in _SUBSET_METHODS:
+                return Derived(target.source, target.column, op.result, target.kind)
             if op.name in _SAME_METHODS:
                 if op.name in ("to_numpy", "numpy") and target.kind == "table":
                     return None
@@ -618,7 +624,8 @@ class DPQuery:
             mean, scales, spread = _mean(dp, self.values, spec.bounds, spec.epsilon, k)
             return mean, self._quote(
                 "noisy clamped sum / noisy count, Laplace (OpenDP), ε split in half",
-                spec.epsilon, f"sum {scales[0]:.4g}, count {scales[1]:.4g}", spread)
+                spec.epsilon, f"sum {scales[0]:.4g}, count {scales[1]:.4g}",
+                f"about ±{spread:.4g} (from the released count)")
         assert stat == "variance"
         lo, hi = spec.bounds
         values = self._np.clip(self._np.nan_to_num(self.values, nan=lo), lo, hi)
@@ -693,15 +700,18 @@ class DPQuery:
         assert spec.bounds is not None and self.values is not None
         out: dict[str, float] = {}
         scales: tuple[float, float] = (0.0, 0.0)
-        acc_text = ""
+        worst = 0.0
         for code, name in zip(codes, names, strict=True):
             part = self.values[self.keys == code]
             if spec.statistic == "sum":
-                value, scale, acc = _sum(dp, part, spec.bounds, spec.epsilon, k)
-                scales, acc_text = (scale, 0.0), f"±{acc:.4g} per group"
+                value, scale, worst = _sum(dp, part, spec.bounds, spec.epsilon, k)
+                scales = (scale, 0.0)
                 out[name] = value
             else:
-                out[name], scales, acc_text = _mean(dp, part, spec.bounds, spec.epsilon, k)
+                out[name], scales, spread = _mean(dp, part, spec.bounds, spec.epsilon, k)
+                worst = max(worst, spread)
+        acc_text = (f"±{worst:.4g} per group" if spec.statistic == "sum" else
+                    f"about ±{worst:.4g} in the least precise group (from its released count)")
         what = "sum" if spec.statistic == "sum" else "noisy sum / noisy count"
         scale_text = f"{scales[0]:.4g}" if spec.statistic == "sum" else (
             f"sum {scales[0]:.4g}, count {scales[1]:.4g}")
@@ -740,6 +750,20 @@ def _numpy(values: Any) -> Any:
     return array
 
 
+def _contiguous(values: Any) -> Any:
+    """float64 values as one contiguous numpy array: OpenDP reads it without a Python list
+    (30 to 60 times faster for 100,000 rows)."""
+    import numpy as np
+
+    return np.ascontiguousarray(values, dtype=np.float64)
+
+
+def _np_zeros(rows: int) -> Any:
+    import numpy as np
+
+    return np.zeros(rows, dtype=np.float64)
+
+
 def _float_space(dp: Any) -> Any:
     return dp.vector_domain(dp.atom_domain(T=float, nan=True)), dp.symmetric_distance()
 
@@ -769,7 +793,7 @@ def _count(dp: Any, rows: int, epsilon: float, k: int) -> tuple[int, float, floa
         dp, lambda s: space >> dp.t.then_count() >> dp.m.then_laplace(s), k, epsilon,
         ("count",))
     # The count of rows is all the measurement reads: it gets placeholders, not values.
-    released = int(measurement([0.0] * rows))
+    released = int(measurement(_np_zeros(rows)))
     return released, scale, float(dp.discrete_laplacian_scale_to_accuracy(scale, 0.05))
 
 
@@ -783,12 +807,14 @@ def _sum(dp: Any, values: Any, bounds: tuple[float, float], epsilon: float,
                 >> dp.t.then_sum() >> dp.m.then_laplace(scale))
 
     measurement, scale = _calibrated(dp, make, k, epsilon, ("sum", lo, hi))
-    released = float(measurement(values.tolist()))
+    released = float(measurement(_contiguous(values)))
     return released, scale, float(dp.laplacian_scale_to_accuracy(scale, 0.05))
 
 
 def _mean(dp: Any, values: Any, bounds: tuple[float, float], epsilon: float,
-          k: int) -> tuple[float, tuple[float, float], str]:
+          k: int) -> tuple[float, tuple[float, float], float]:
+    """Noisy clamped sum / noisy count, half of epsilon each; also the scales and the 95%
+    spread worked out from the released count (post-processing of released values)."""
     total, sum_scale, sum_acc = _sum(dp, values, bounds, epsilon / 2, k)
     count, count_scale, count_acc = _count(dp, len(values), epsilon / 2, k)
     lo, hi = bounds
@@ -796,7 +822,7 @@ def _mean(dp: Any, values: Any, bounds: tuple[float, float], epsilon: float,
     mean = min(max(total / n, lo), hi)  # post-processing: the mean lies within the bounds
     # Post-processing of released values only: sum ± a, count ± b at 95% each.
     spread = (sum_acc + max(abs(lo), abs(hi)) * count_acc) / n
-    return mean, (sum_scale, count_scale), f"about ±{spread:.4g} (from the released count)"
+    return mean, (sum_scale, count_scale), spread
 
 
 def _count_by(dp: Any, keys: Any, categories: list[str], epsilon: float,
@@ -830,7 +856,7 @@ def _binned(dp: Any, values: Any, bounds: tuple[float, float], edges: list[float
                 >> dp.m.then_laplace(scale))
 
     measurement, scale = _calibrated(dp, make, k, epsilon, ("bins", lo, hi, tuple(edges)))
-    return [int(c) for c in measurement(values.tolist())], scale
+    return [int(c) for c in measurement(_contiguous(values))], scale
 
 
 def _quantile_of(dp: Any, values: Any, bounds: tuple[float, float], candidates: list[float],
@@ -845,4 +871,4 @@ def _quantile_of(dp: Any, values: Any, bounds: tuple[float, float], candidates: 
 
     measurement, scale = _calibrated(dp, make, k, epsilon,
                                      ("quantile", lo, hi, tuple(candidates), alpha))
-    return float(measurement(values.tolist())), scale
+    return float(measurement(_contiguous(values))), scale

@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import secrets
 import sys
 import threading
 from collections import OrderedDict
@@ -103,11 +104,12 @@ class OwnerSession(Session):
         # researcher objects derive from them, the DP queries by object id, and the ledger
         # reservations by request id (name, epsilon, delta) until each is decided.
         self._dp_specs: dict[str, dict[str, Any]] = {}
+        self._dp_names: set[str] = set()  # DP-shared at any time in this session
         self._derivations = Derivations(self._dp_specs)
         self._dp_queries: dict[int, QuerySpec] = {}
         self._dp_refused: set[int] = set()  # dp.* ops refused at once: requests too
         self._train_jobs = TrainJobs()  # dp.train jobs: started, paid, run (duet.dp_train)
-        self._dp_reserved: dict[str, tuple[str, float, float]] = {}
+        self._dp_reserved: dict[str, tuple[str, float, float, str]] = {}  # + ledger charge id
         self._dp_lock = threading.Lock()
         self._ledger: Ledger | None = None
         self._audit.record("session_started")
@@ -161,6 +163,7 @@ class OwnerSession(Session):
         with self._dp_lock:
             if dp_spec is not None:
                 self._dp_specs[name] = dp_spec
+                self._dp_names.add(name)
             else:
                 self._dp_specs.pop(name, None)
         with self._worker_lock:
@@ -230,19 +233,29 @@ class OwnerSession(Session):
         reservations of undecided requests count as spent."""
         return self.ledger.budget(name)
 
+    @property
+    def budgets(self) -> dict[str, Budget]:
+        """The privacy budget of every name shared with ``dp=`` in this session."""
+        with self._dp_lock:
+            names = sorted(self._dp_names)
+        return {name: self.ledger.budget(name) for name in names}
+
     def _dp_reserve(self, request_id: str, name: str, epsilon: float, delta: float,
                     what: str) -> Budget:
         """Set a request's cost aside in the ledger before anything is computed (also for
         DP training); raises ``PrivacyBudgetExceeded``, audited either way."""
         try:
-            budget = self.ledger.reserve(name, epsilon, delta, request_id, what)
+            # The ledger's charge ids are ours: a researcher may reuse a request id
+            charge_id = f"{self.session_id}:{request_id}:{secrets.token_hex(8)}"
+            budget = self.ledger.reserve(name, epsilon, delta, charge_id,
+                                         f"{what} (request {request_id})")
         except PrivacyBudgetExceeded as exc:
             self._audit.record("dp_charge", request_id=request_id, name=name,
                                epsilon=epsilon, delta=delta, status="refused",
                                epsilon_left=exc.epsilon_left, lineage=what)
             raise
         with self._dp_lock:
-            self._dp_reserved[request_id] = (name, epsilon, delta)
+            self._dp_reserved[request_id] = (name, epsilon, delta, charge_id)
         self._audit.record("dp_charge", request_id=request_id, name=name, epsilon=epsilon,
                            delta=delta, status="reserved", epsilon_left=budget.epsilon_left,
                            lineage=what)
@@ -259,9 +272,9 @@ class OwnerSession(Session):
         name = reserved[0]
         budget: Budget | None
         if spent:
-            budget = self.ledger.commit(request_id, epsilon=epsilon, delta=delta)
+            budget = self.ledger.commit(reserved[3], epsilon=epsilon, delta=delta)
         else:
-            budget = self.ledger.release(request_id)
+            budget = self.ledger.release(reserved[3])
         self._audit.record("dp_charge", request_id=request_id, name=name,
                            epsilon=reserved[1] if epsilon is None else epsilon,
                            delta=reserved[2] if delta is None else delta,
@@ -407,6 +420,7 @@ class OwnerSession(Session):
                 self._release_trained(request)
         except RequestError as exc:
             self._snapshots.pop(snapshot.request_id, None)
+            self._dp_settle(snapshot.request_id, False)
             self._answer_error(snapshot.request_id, str(exc))
         finally:
             row = self._request_rows.pop(request.id, None)
@@ -427,7 +441,7 @@ class OwnerSession(Session):
         if quote is not None:
             if reserved is None:
                 raise RequestError("the request was withdrawn; nothing was charged")
-            name, epsilon, delta = reserved
+            name, epsilon, delta, _ = reserved
             if (quote.source != name or quote.epsilon > epsilon * (1 + 1e-9)
                     or quote.delta > delta * (1 + 1e-9)):
                 self._dp_settle(snapshot.request_id, False)
@@ -439,7 +453,8 @@ class OwnerSession(Session):
         if reserved is not None:  # computing the DP value failed: not a DP release
             self._dp_settle(snapshot.request_id, False)
         with self._dp_lock:
-            protected = tuple(sorted(set(snapshot.sources) & set(self._dp_specs)))
+            # values made while a name was DP-shared stay protected after it is unshared
+            protected = tuple(sorted(set(snapshot.sources) & self._dp_names))
         return DPInfo("exact", protected) if protected else None
 
     def worker_request_failed(self, failed: RequestFailed) -> None:
@@ -544,6 +559,7 @@ class OwnerSession(Session):
                     continue
                 self.allowlist.precheck(op)
                 self._check_references(op)
+                self._check_no_dp_input(op)
             except PolicyViolation as exc:
                 refusals.append(p.OpFailed(result=op.result, operation=op.name,
                                            error_type="PolicyViolation", policy=True,
@@ -586,6 +602,22 @@ class OwnerSession(Session):
                         f"{family}.{op.name} would modify shared object {op.target.name!r}; "
                         "the owner's data cannot change. Work on a copy")
 
+    def _request_known(self, request_id: str) -> bool:
+        try:
+            self.requests.get(request_id)
+        except RequestError:
+            return False
+        return True
+
+    def _check_no_dp_input(self, op: p.Op) -> None:
+        """A DP query is read only by a request (which charges it): never by an operation."""
+        for ref in _references([op.target, *op.args, *op.kwargs.values()], 0):
+            if isinstance(ref, p.PointerRef) and (ref.id in self._dp_queries
+                                                  or ref.id in self._dp_refused):
+                self._dp_refused.add(op.result)  # a request for it is answered at once
+                raise PolicyViolation("a DP statistic is not an input to other operations: "
+                                      "ask for its value with .get(reason)")
+
     def _on_request(self, message: p.RequestValue, raw: Encoded) -> None:
         if message.request_id in self._reasons or message.request_id in self._snapshots:
             raise ProtocolError(f"request id {message.request_id!r} is already in use")
@@ -608,6 +640,9 @@ class OwnerSession(Session):
             if phase == "start":
                 query = self._train_jobs.spec(target.id)
         if query is not None:  # a DP statistic: its cost is reserved before it is computed
+            if message.request_id in self._dp_reserved or self._request_known(
+                    message.request_id):  # refused before anything is reserved or computed
+                raise ProtocolError(f"request id {message.request_id!r} was already used")
             epsilon, delta = query.cost
             try:
                 self._dp_reserve(message.request_id, query.source, epsilon, delta,
@@ -690,7 +725,9 @@ class OwnerSession(Session):
             self._dp_settle(request.id, approved and not snapshot_failed)
         elif approved:
             for name in privacy.sources:
-                self.ledger.record_unbounded(name, f"{request.id}:{name}", request.lineage)
+                self.ledger.record_unbounded(
+                    name, f"{self.session_id}:{request.id}:{secrets.token_hex(8)}",
+                    f"{request.lineage} (request {request.id})")
                 self._audit.record("dp_charge", request_id=request.id, name=name,
                                    status="unbounded", lineage=request.lineage)
 
@@ -703,7 +740,7 @@ class OwnerSession(Session):
             reserved = self._dp_reserved.get(start_id)
         if reserved is None:
             raise RequestError("the training's budget reservation is gone; nothing was sent")
-        name, epsilon, delta = reserved
+        name, epsilon, delta, _ = reserved
         quote = snapshot.dp
         if snapshot.failed or quote is None:
             self._dp_settle(start_id, False)

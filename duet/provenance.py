@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,16 @@ class Rows:
     distinct: bool = True  # no record appears twice in ``index``
     single: bool = False
     ordered: bool = True  # ``index`` is increasing (records() needs no sort)
+    # combined element-wise with other per-record values (another column, an array the
+    # researcher sent): a sum of it is a weighted sum, not a total of records
+    mixed: bool = False
+    # computed per record by the researcher's model (its forward): still one row per record,
+    # but a sum of it is no plain total either
+    modelled: bool = False
+
+    @property
+    def plain(self) -> bool:
+        return not (self.mixed or self.modelled)
 
     @property
     def length(self) -> int:
@@ -283,7 +293,7 @@ def _derive(call: Call, value: Any, inputs: list[Provenance],
     if name == "where" and len(call.args) == 1:  # positions of matching records
         return _unknown(inputs, "positions of records (where with one argument)")
     if name in _ELEMENTWISE or name in _IDENTITY or name == "where":
-        return _merge(inputs)
+        return _mark_mixed(call, value, _merge(inputs))
     if name in _RESHAPE:
         return _merge(inputs)  # alignment is re-checked against the value's axis 0
     if name in _REARRANGE:
@@ -375,7 +385,11 @@ def merge_states(states: list[State]) -> State:
     rows = [s for s in states if isinstance(s, Rows)]
     if rows:
         if all(_same_rows(rows[0], other) for other in rows[1:]):
-            return rows[0]  # record-level, whatever summaries were mixed in
+            mixed, modelled = any(r.mixed for r in rows), any(r.modelled for r in rows)
+            first = rows[0]  # record-level, whatever summaries were added
+            if (mixed, modelled) != (first.mixed, first.modelled):
+                first = replace(first, mixed=mixed, modelled=modelled)
+            return first
         return Unknown("combines differently selected records element-wise")
     parts = tuple(p for s in states if isinstance(s, Aggregated) for p in s.parts)
     if parts:
@@ -405,6 +419,40 @@ def _merge(inputs: list[Provenance]) -> Provenance:
         for name, state in provenance.items():
             by_name.setdefault(name, []).append(state)
     return {name: merge_states(states) for name, states in by_name.items()}
+
+
+def _mark_mixed(call: Call, value: Any, provenance: Provenance) -> Provenance:
+    """An element-wise operation on two or more per-record operands (``x * w``,
+    ``where(c, x, y)``, ``a + b``) weighs or swaps records' values: its row alignment is kept,
+    marked ``mixed``, so that a sum of it is never cleared as a plain total. Booleans are
+    exempt: their sums are counts, checked as counts."""
+    rows = [s for s in provenance.values() if isinstance(s, Rows) and not s.single]
+    if not rows or all(r.mixed for r in rows) or _is_boolean(value):
+        return provenance
+    length = rows[0].length
+    name = call.operation.rsplit(".", 1)[-1]
+    operands = [*call.args, *call.kwargs.values()]
+    if name in ("where", "masked_fill", "mask") and len(call.args) >= 2:
+        # a condition per record swaps some records' values for others (a constant, NaN):
+        # sum(where(id == 7, 0, x)) is sum(x) without patient 7, over "all" the rows
+        condition = call.args[0] if name == "where" else call.args[1]
+        if _length_of(condition) == length:
+            operands = [condition, condition]
+    per_record = sum(1 for operand in operands if _length_of(operand) == length)
+    if per_record < 2:
+        return provenance
+    return {name: replace(state, mixed=True) if isinstance(state, Rows) else state
+            for name, state in provenance.items()}
+
+
+def _is_boolean(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return False
+    if isinstance(dtype, np.dtype):
+        return dtype == np.bool_
+    text = str(dtype)
+    return text in ("torch.bool", "bool", "boolean")
 
 
 def _check_alignment(provenance: Provenance, value: Any) -> Provenance:
@@ -537,7 +585,9 @@ def _select(state: Rows, selector: Any) -> State:
         if not -length <= selector < length:
             return Unknown("indexed out of range")
         row = (index[selector] if index is not None else selector % length)
-        return Rows(np.array([row], dtype=np.int64), state.total, True, single=True)
+        return Rows(np.array([row], dtype=np.int64), state.total, True, single=True,
+                    mixed=state.mixed,
+                modelled=state.modelled)
     if isinstance(selector, slice):
         if selector == slice(None):
             return state
@@ -547,18 +597,21 @@ def _select(state: Rows, selector: Any) -> State:
         else:
             new = index[selector]
         return Rows(new, state.total, state.distinct,
-                    ordered=state.ordered and positions.step > 0)
+                    ordered=state.ordered and positions.step > 0, mixed=state.mixed,
+                modelled=state.modelled)
     if isinstance(selector, _Mask):
         if selector.size != length:
             return Unknown("a mask of another length")
         chosen = selector.positions
         return Rows(chosen if index is None else index[chosen], state.total, state.distinct,
-                    ordered=state.ordered)
+                    ordered=state.ordered, mixed=state.mixed,
+                modelled=state.modelled)
     if selector.size and (selector.min() < -length or selector.max() >= length):
         return Unknown("indexed out of range")
     positions = selector % length if selector.size else selector.astype(np.int64)
     new = positions.astype(np.int64) if index is None else index[positions]
-    return Rows(new, state.total, distinct=False, ordered=False)
+    return Rows(new, state.total, distinct=False, ordered=False, mixed=state.mixed,
+                modelled=state.modelled)
 
 
 def _length(provenance: Provenance) -> Provenance:
@@ -647,9 +700,14 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
         if not isinstance(state, Rows) or state.single:
             result[source] = state  # a summary of a summary, or still one record
             continue
-        if kind in ("magnitude", "frequency") and cells is None:
-            cells = _cells(data, name, kind, axis)
-        result[source] = Aggregated((_part(kind, state, cells or {}, name),))
+        part_kind = "statistic" if kind == "magnitude" and not state.plain else kind
+        if part_kind in ("magnitude", "frequency") and cells is None:
+            cells = _cells(data, name, part_kind, axis)
+        note = name
+        if state.mixed or (part_kind != kind and state.modelled):
+            # a loss over weighed values is no training signal; a sum of them no total
+            note = f"{name} of values weighed, combined or modelled per record"
+        result[source] = Aggregated((_part(part_kind, state, cells or {}, note),))
     return _merge([result, other]) if other else result
 
 
@@ -716,7 +774,8 @@ def _cells(data: Any, name: str, kind: str, axis: Any) -> dict[str, np.ndarray]:
     if not np.isfinite(total).all():
         contributions[~np.isfinite(contributions)] = 0.0  # an infinite sum reveals no more
         total = contributions.sum(axis=0)
-    cells: dict[str, np.ndarray] = {"n": records.astype(np.int64), "total": total}
+    cells: dict[str, np.ndarray] = {"n": records.astype(np.int64), "total": total,
+                                    "nonzero": np.count_nonzero(values, axis=0)}
     if n >= 2:  # the two largest, without sorting: the copy is ours to change
         columns = np.arange(cells_count)
         largest = np.argmax(contributions, axis=0)
@@ -856,7 +915,7 @@ def _stack(call: Call, inputs: list[Provenance], provenance_of: ProvenanceOf) ->
         if not totals or (joined < 0).any():
             result[name] = Unknown("stacks records with other values")
         else:
-            result[name] = Rows(joined, totals[0], distinct=False, ordered=False)
+            result[name] = Rows(joined, totals[0], distinct=False, ordered=False, mixed=True)
     return _merge([result, *summaries])
 
 
@@ -872,31 +931,45 @@ def _forward(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
         result: dict[str, State] = {}
         for source, state in data.items():
             if isinstance(state, Rows) and not state.single:
-                result[source] = Aggregated((_part("statistic", state, {}, "loss"),))
+                note = "loss of weighed or combined values" if state.mixed else "loss"
+                result[source] = Aggregated((_part("statistic", state, {}, note),))
             else:
                 result[source] = state
         return _merge([model, result])
-    return _merge([model, *inputs])
+    merged = _merge([model, *inputs])
+    # the researcher's parameters applied to each record (an embedding table indexed by
+    # ids, say): its sum is no plain total
+    return {name: replace(state, modelled=True) if isinstance(state, Rows) and not state.single
+            else state for name, state in merged.items()}
 
 
 def modified(existing: Provenance, by: Provenance, *, trained: bool) -> Provenance:
     """An object changed in place by an operation whose inputs had provenance ``by``: a
-    model (``trained``) learns from the records involved; anything else is unknown."""
+    model (``trained``) learns from the records involved; anything else is unknown.
+
+    Only training signals become a ``model`` part: records themselves, losses, other models.
+    Any other summary that reaches a model (``p.add_(x.max())``, a loss over weighed values)
+    is carried along unchanged, so its own checks still apply."""
     result = dict(existing)
     for name, state in by.items():
         if trained and isinstance(state, (Rows, Aggregated)):
-            new = _trained_part(state)
-            if new is None:
-                result[name] = Unknown("trained on records selected more than once")
-                continue
-            old = result.get(name)
-            if old is None or isinstance(old, Declared):
-                result[name] = Aggregated((new,))
-            elif isinstance(old, Aggregated):
-                result[name] = Aggregated(_union_models(old.parts, new))
+            if isinstance(state, Rows):
+                learned: list[Part] | None = None
+                carried: tuple[Part, ...] = ()
             else:
+                learned = [p for p in state.parts if p.kind == "model"
+                           or (p.kind == "statistic" and p.note in _LOSS_NOTES)]
+                carried = tuple(p for p in state.parts if all(p is not q for q in learned))
+            new = _trained_part(state, learned)
+            old = result.get(name)
+            if isinstance(old, (Rows, Unknown)):
                 result[name] = Unknown("trained after an unmodelled change") if isinstance(
                     old, Rows) else old
+                continue
+            parts = (*(old.parts if isinstance(old, Aggregated) else ()), *carried)
+            if new is not None:
+                parts = _union_models(_dedupe(parts), new)
+            result[name] = Aggregated(_dedupe(parts)) if parts else (old or DECLARED)
         elif trained and isinstance(state, Declared):
             result.setdefault(name, DECLARED)
         else:
@@ -905,13 +978,19 @@ def modified(existing: Provenance, by: Provenance, *, trained: bool) -> Provenan
     return result
 
 
-def _trained_part(state: Rows | Aggregated) -> Part | None:
+_LOSS_NOTES = frozenset("""loss mse_loss cross_entropy nll_loss binary_cross_entropy
+    binary_cross_entropy_with_logits l1_loss smooth_l1_loss kl_div""".split())
+
+
+def _trained_part(state: Rows | Aggregated, learned: list[Part] | None) -> Part | None:
     if isinstance(state, Rows):
         records = state.records()
         total = state.total
     else:
-        total = max(p.total for p in state.parts)
-        sets = [p.rows for p in state.parts]
+        if not learned:
+            return None
+        total = max(p.total for p in learned)
+        sets = [p.rows for p in learned]
         if any(s is None for s in sets):
             records = None
         else:
@@ -1008,7 +1087,7 @@ def _table_rule(call: Call, name: str, family: str, value: Any, inputs: list[Pro
                 or name in ("any", "all", "prod"):
             return _reduce(call, name, value, provenance_of)
         if name in _TABLE_ROWWISE:
-            return _merge(inputs)
+            return _mark_mixed(call, value, _merge(inputs))
         if name in ("T", "transpose"):
             return None  # the generic rule: rows move off axis 0
         return _unknown(inputs, f"{operation} is not modelled")
@@ -1074,7 +1153,9 @@ def _grouped(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> 
             cells = _group_cells(group, kind, name, value)
         records = state.records()
         n = state.total if records is None else int(records.size)
-        result[source] = Aggregated((Part(kind, records, state.total, n, cells,
+        part_kind = "statistic" if kind == "magnitude" and not state.plain else kind
+        result[source] = Aggregated((Part(part_kind, records, state.total, n,
+                                          cells if part_kind == kind else {},
                                           f"{name} per group"),))
     other = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
     return _merge([result, other]) if other else result
@@ -1102,8 +1183,9 @@ def _group_cells(group: Any, kind: str, name: str, value: Any) -> dict[str, np.n
                    if c != keys and pd.api.types.is_numeric_dtype(frame[c].dtype)]
     if len(columns) * max(groups, 1) > MAX_CELLS or not columns:
         return {}
-    parts: dict[str, list[np.ndarray]] = {"n": [], "total": [], "top1": [], "top2": [],
-                                           "two_valued": [], "indicator": [], "counts": []}
+    parts: dict[str, list[np.ndarray]] = {"n": [], "nonzero": [], "total": [], "top1": [],
+                                           "top2": [], "two_valued": [], "indicator": [],
+                                           "counts": []}
     for column in columns:
         values = np.asarray(column.to_numpy(dtype=np.float64, na_value=np.nan))
         for key, array in _group_column(codes, kept, groups, values, name).items():
@@ -1144,7 +1226,9 @@ def _group_column(codes: np.ndarray, kept: np.ndarray, groups: int, values: np.n
         ones = n - np.bincount(codes, weights=(values == first), minlength=groups)
     counts = np.stack([ones, n - ones]).astype(np.int64) if indicator.any() else np.stack(
         [n - ones, ones]).astype(np.int64)
-    return {"n": n.astype(np.int64), "total": total, "top1": top1, "top2": top2,
+    nonzero = np.bincount(codes, weights=(values != 0), minlength=groups).astype(np.int64)
+    return {"n": n.astype(np.int64), "nonzero": nonzero, "total": total, "top1": top1,
+            "top2": top2,
             "two_valued": two_valued, "indicator": indicator, "counts": counts}
 
 

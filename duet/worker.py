@@ -85,6 +85,7 @@ class Worker:
         # DP-shared names -> the owner's declaration; which objects derive from them
         self._dp_specs: dict[str, dict[str, Any]] = {}
         self._derivations = Derivations(self._dp_specs)
+        self._dp_ids: set[int] = set()  # objects that are DP queries: only a request reads them
 
     # -- plumbing ---------------------------------------------------------------------------
     def send(self, header: bytes, buffers: list[memoryview] | tuple[()] = ()) -> None:
@@ -210,17 +211,24 @@ class Worker:
             for op in decoded.ops:
                 if is_dp_op(op):
                     self._dp_op(op)
+                elif self._uses_dp_query(op):
+                    self._executor.refuse(op, _DP_ONLY_GET)
                 elif self._executor.execute(op) is None and self._unmodified(op):
                     self._derivations.observe(op)
             self._done(self._executor.shared_modified())
         elif isinstance(decoded, p.Free):
             self._executor.free(decoded.ids)
             self._derivations.forget(decoded.ids)
+            self._dp_ids.difference_update(decoded.ids)
             self._done()
         elif isinstance(decoded, p.RequestValue):
             self._snapshot(decoded)
         else:
             raise ProtocolError(f"the worker does not handle {decoded.type!r}")
+
+    def _uses_dp_query(self, op: p.Op) -> bool:
+        return any(isinstance(ref, p.PointerRef) and ref.id in self._dp_ids
+                   for ref in _references(op))
 
     def _unmodified(self, op: p.Op) -> bool:
         """Whether no object the op read was changed in place (``put``, ``sort``, through a
@@ -290,7 +298,8 @@ class Worker:
             texts.append(f"by={inputs[1].lineage}")
         text = lineage.function(op.name, texts)
         held = [a for a in (query.values, query.keys) if a is not None]
-        self._executor.adopt(op, query, text, sources, held=held)
+        if self._executor.adopt(op, query, text, sources, held=held) is None:
+            self._dp_ids.add(op.result)
 
     def _train_op(self, op: p.Op) -> None:
         """``dp.train`` (duet.dp_train): checked like the kernel checked it, then prepared
@@ -434,6 +443,21 @@ class Worker:
             return
         self.send(ipc.pack("released", request_id=request_id),
                   [memoryview(frozen.header), *frozen.buffers])
+
+
+_DP_ONLY_GET = ("a DP statistic is not an input to other operations: ask for its value with "
+                ".get(reason)")
+
+
+def _references(op: p.Op) -> list[Any]:
+    """The references among an op's target and arguments, one level of nesting deep (a
+    list or dict of pointers is how several objects are passed)."""
+    found: list[Any] = []
+    for value in (op.target, *op.args, *op.kwargs.values()):
+        items = value if isinstance(value, (list, tuple)) else (
+            list(value.values()) if isinstance(value, dict) else [value])
+        found.extend(items)
+    return found
 
 
 def _limit(memory: int | None) -> None:

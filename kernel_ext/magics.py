@@ -197,6 +197,8 @@ class DuetMagics(Magics):
                   f"  requests: {len(requests)} ({len(requests.pending)} pending)\n"
                   f"  worker process: {session.worker_pid or 'stopped'}\n"
                   f"  audit log: {session.audit.path}")
+            for budget in session.budgets.values():
+                print(f"  privacy {budget}")
         else:
             assert isinstance(session, ResearcherSession)
             line = f"duet researcher session: {state}"

@@ -193,14 +193,19 @@ def test_a_total_without_the_dominant_patient_passes(lab: Lab) -> None:
     assert lab.status(lab.fn("numpy.mean", others)) == "pass"
 
 
-def test_a_mask_multiplied_in_is_caught_by_dominance(lab: Lab) -> None:
+def test_a_mask_multiplied_in_is_never_a_plain_total(lab: Lab) -> None:
     """sum(x * (id == 7)) has all 200 records in it, and reveals one."""
     masked = lab.fn("operator.mul", ages, lab.fn("operator.eq", ids, 7))
     for reduce in ("numpy.sum", "numpy.mean", "numpy.var"):
         found = lab.checks(lab.fn(reduce, masked))
-        assert found["dominance"].status == "fail", reduce
-        # 200 records are in it, but only one contributes anything
-        assert found["min_count"].status == "fail", reduce
+        assert checks.worst(found.values()) != "pass", reduce
+        assert "weighed, combined or modelled per record" in found["summary_kind"].reason
+    # the same with a literal mask: one record is not zero
+    literal = lab.fn("operator.mul", ages, np.eye(N)[7])
+    assert lab.status(lab.fn("numpy.sum", literal)) != "pass"
+    # a plain column's total dominated by one patient fails dominance
+    alone = lab.fn("operator.getitem", income, slice(40, 45))
+    assert lab.checks(lab.fn("numpy.sum", alone))["dominance"].status == "fail"
 
 
 def test_dominance_per_column(lab: Lab) -> None:
@@ -425,3 +430,62 @@ def test_a_dict_of_equal_columns_is_a_table_of_records() -> None:
     lab.executor.share("ragged", {"a": AGES, "b": AGES[:3]})
     assert lab.status(lab.fn("numpy.mean", lab.fn("operator.getitem", StoreRef("ragged"),
                                                   "a"))) == "review"
+
+
+@pytest.mark.parametrize("build", [
+    # record 7 weighted 1000 times: sum(x * w) - sum(x) = 999 * x[7]
+    lambda lab: lab.fn("numpy.sum", lab.fn("operator.mul", ages, lab.fn(
+        "operator.add", 1, lab.fn("operator.mul", 999, lab.fn("operator.eq", ids, 7))))),
+    # record 7's value among values the researcher knows
+    lambda lab: lab.fn("numpy.sum", lab.fn("numpy.where", lab.fn("operator.eq", ids, 7), ages,
+                                           np.linspace(0.0, 50.0, N))),
+    lambda lab: lab.fn("numpy.mean", lab.fn("operator.add", lab.fn("operator.mul", ages,
+                                                                   np.eye(N)[7]),
+                                            np.linspace(0.0, 50.0, N))),
+    # a total over three records, the others multiplied by zero
+    lambda lab: lab.fn("numpy.sum", lab.fn("operator.mul", ages, lab.fn("operator.lt", ids, 3))),
+    # everyone but patient 7, without filtering: sum(x) minus this is x[7]
+    lambda lab: lab.fn("numpy.sum", lab.fn("numpy.where", lab.fn("operator.eq", ids, 7), 0.0,
+                                           ages)),
+    lambda lab: lab.fn("numpy.nansum", lab.fn("numpy.where", lab.fn("operator.eq", ids, 7),
+                                              np.nan, ages)),
+], ids=["weighted", "where-known-values", "known-offsets", "three-of-200", "where-zero",
+        "where-nan"])
+def test_weighted_and_swapped_records_never_pass_as_totals(lab: Lab, build: Any) -> None:
+    assert lab.status(build(lab)) in ("review", "fail")
+
+
+def test_plain_transforms_and_boolean_combinations_still_pass(lab: Lab) -> None:
+    capped = lab.fn("numpy.clip", ages, None, 80.0)
+    assert lab.status(lab.fn("numpy.mean", capped)) == "pass"
+    centred = lab.fn("operator.sub", ages, lab.fn("numpy.mean", ages))
+    assert lab.status(lab.fn("numpy.mean", lab.fn("operator.pow", centred, 2))) == "pass"
+    both = lab.fn("operator.and_", lab.fn("operator.gt", ages, 30.0),
+                  lab.fn("operator.lt", income, 50_000.0))
+    assert lab.status(lab.fn("numpy.count_nonzero", both)) in ("pass", "fail")
+    assert lab.checks(lab.fn("numpy.count_nonzero", both))["provenance"].status == "pass"
+
+
+def test_summaries_laundered_into_a_parameter_keep_their_own_checks(lab: Lab) -> None:
+    """A trainable tensor changed in place with a maximum, or trained to fit weighed
+    values, is not a model trained on 200 records."""
+    lab.fn("torch.set_grad_enabled", False)
+    ages_t = lab.fn("torch.tensor", ages)
+    copied = lab.fn("torch.zeros", 1, requires_grad=True)
+    lab.method(copied, "add_", lab.method(ages_t, "max"))
+    found = lab.checks(copied)
+    assert checks.worst(found.values()) == "review"
+    assert found["summary_kind"].status == "review"
+    lab.fn("torch.set_grad_enabled", True)
+    # fitting one parameter to sum(x * w): it learns a weighted mean
+    weights = lab.fn("torch.tensor", np.r_[[1000.0], np.ones(N - 1)])
+    target = lab.fn("operator.mul", ages_t, weights)
+    parameter = lab.fn("torch.zeros", 1, requires_grad=True)
+    optimizer = lab.fn("torch.optim.SGD", [parameter], lr=0.1)
+    for _ in range(3):
+        lab.method(optimizer, "zero_grad")
+        loss = lab.fn("torch.nn.functional.mse_loss",
+                      lab.method(parameter, "expand", N), target)
+        lab.method(loss, "backward")
+        lab.method(optimizer, "step")
+    assert lab.status(parameter, elements=1) == "review"

@@ -169,3 +169,12 @@ def test_the_row_count_is_for_review_when_the_owner_hid_it() -> None:
     declared = Lab()
     declared.executor.share("patients", PATIENTS)
     assert declared.status(declared.attr(patients, "shape")) == "pass"
+
+
+def test_masking_one_patient_out_without_filtering_is_not_a_plain_total(lab: Lab) -> None:
+    """s.where(id != 7).sum() is the total without patient 7, over "all" the rows."""
+    income = col(lab, "income")
+    keep = lab.fn("operator.ne", lab.attr(patients, "index"), 7)
+    for name in ("where", "mask"):
+        hidden = lab.method(income, name, keep)
+        assert lab.status(lab.method(hidden, "sum")) != "pass", name

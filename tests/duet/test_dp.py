@@ -42,6 +42,11 @@ def test_bad_declarations_are_refused(kwargs: dict[str, object]) -> None:
         DP(**kwargs)  # type: ignore[arg-type]
 
 
+def test_declared_categories_are_checked_for_the_owner() -> None:
+    with pytest.raises(ValueError, match="distinct"):
+        DP(epsilon=1.0, categories={"sex": ["F", "F"]})
+
+
 def test_dp_needs_a_1d_array_or_a_table() -> None:
     with pytest.raises(TypeError):
         DP(epsilon=1.0, bounds=(0, 1)).spec("m", np.zeros((3, 3)))
@@ -79,6 +84,8 @@ def test_row_stable_steps_keep_the_mark() -> None:
      op(3, "operator.getitem", p.StoreRef("ages"), p.PointerRef(2)),
      op(1, "operator.getitem", p.PointerRef(3), p.PointerRef(2))],               # stale mask
     [op(1, "operator.getitem", p.StoreRef("ages"), slice(None, None, -1))],      # reversed
+    [rawwire.op(2, "dropna", kind="method", target=p.StoreRef("ages")),          # rows differ
+     op(1, "operator.sub", p.PointerRef(2), p.StoreRef("ages"))],
 ])
 def test_anything_else_loses_the_mark(steps: list[p.Op]) -> None:
     d = tracker()
@@ -224,6 +231,8 @@ def test_dp_requests_show_the_owner_cost_accuracy_and_budget(tmp_path: Path) -> 
         request.approve()
         assert 40 <= handle.result(WAIT) <= 90
         assert owner.budget("ages").epsilon_spent == pytest.approx(0.25)
+        assert list(owner.budgets) == ["ages"]  # what %duet status lists
+        assert "0.25 spent of 1 (0.75 left)" in str(owner.budgets["ages"])
         charges = [e.detail["status"] for e in owner.audit.events(event="dp_charge")]
         assert charges == ["reserved", "spent"]
 
@@ -417,3 +426,84 @@ def test_an_input_changed_in_place_loses_the_mark(tmp_path: Path) -> None:
             with pytest.raises(duet.RequestDenied):
                 handle.result(WAIT)
         assert owner.budget("ages").epsilon_spent == 0 and owner.budget("ages").reserved == 0
+
+
+def test_frames_columns_filters_groups_and_a_person_unit(tmp_path: Path) -> None:
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"person_id": np.repeat(np.arange(1500), 2),
+                       "age": rng.uniform(18, 90, 3000), "bmi": rng.normal(27, 4, 3000),
+                       "sex": rng.choice(["F", "M"], 3000)})
+    with session_pair(tmp_path / "audit.sqlite3") as (owner, researcher):
+        owner.share(df, name="patients", dp=duet.DP(
+            epsilon=20.0, bounds={"age": (18, 90), "bmi": (15, 50)},
+            categories={"sex": ["F", "M"]}, unit="person_id", contributions=2))
+        owner.requests.add_rule("approve", dp_within_budget=True)
+        p = researcher.store.wait_for("patients", WAIT)
+        means = researcher.dp.mean(p["bmi"], epsilon=4.0, by=p["sex"]).get("m", timeout=WAIT)
+        truth = df.groupby("sex")["bmi"].mean()
+        assert set(means) == {"F", "M"}
+        assert all(abs(means[k] - truth[k]) < 1.5 for k in ("F", "M"))
+        older = p[(p["age"] > 60) & (p["sex"] == "F")]
+        count = researcher.dp.count(older, epsilon=4.0).get("n", timeout=WAIT)
+        assert abs(count - int(((df["age"] > 60) & (df["sex"] == "F")).sum())) < 15
+        # a person has 2 rows and can reach both groups: the grouped mean costs 2 x 4.0
+        assert owner.budget("patients").epsilon_spent == pytest.approx(12.0)
+        merged = researcher.pd.merge(p, p, on="person_id")  # rows repeated per person
+        with pytest.raises(duet.PolicyViolation, match="row-stable"):
+            researcher.dp.mean(merged["bmi"], epsilon=1.0).get("m", timeout=WAIT)
+        with pytest.raises(duet.PolicyViolation, match="no bounds"):
+            researcher.dp.mean(p["person_id"], epsilon=1.0).get("ids", timeout=WAIT)
+        with pytest.raises(duet.PrivacyBudgetExceeded):
+            researcher.dp.count(p, epsilon=8.5).get("n", timeout=WAIT)
+
+
+def test_a_dp_query_is_read_only_by_a_request(tmp_path: Path) -> None:
+    """Its object holds a copy of the data: no operation may use it (kernel and worker)."""
+    with session_pair(tmp_path / "audit.sqlite3") as (owner, researcher):
+        x = shared(owner, researcher)
+        query = researcher.dp.sum(x, epsilon=0.1)
+        for attempt in (query + 0, query[0], researcher.np.array([query]),
+                        researcher.np.sum([query, query])):
+            with pytest.raises(duet.PolicyViolation, match="not an input"):
+                attempt.get("inside", timeout=WAIT)
+        assert owner.budget("ages").epsilon_spent == 0 and not owner.requests.pending
+
+
+def test_grouped_sums_and_category_histograms_report_only_the_asked_keys() -> None:
+    d = tracker()
+    d.observe(op(1, "operator.gt", p.StoreRef("ages"), 60))
+    spec = parse_op(op(2, "dp.sum", p.StoreRef("ages"), epsilon=50.0, by=p.PointerRef(1),
+                       categories=[True, False]), d)
+    sums, quote = DPQuery(spec, AGES, AGES > 60).evaluate()
+    assert set(sums) == {"True", "False"} and "per group" in quote.accuracy
+    assert sums["True"] == pytest.approx(AGES[AGES > 60].sum(), rel=0.01)
+    colours = np.array(["red", "blue", "red", "green"] * 250)
+    spec = parse_op(op(3, "dp.histogram", p.StoreRef("ages"), epsilon=50.0,
+                       categories=["red", "blue"]), d)
+    counts, _ = DPQuery(spec, colours).evaluate()
+    assert set(counts) == {"red", "blue"}  # "green" is never reported: not asked for
+    assert counts["red"] == pytest.approx(500, abs=5)
+
+
+def test_a_reused_request_id_is_refused_before_any_charge(tmp_path: Path) -> None:
+    with session_pair(tmp_path / "audit.sqlite3") as (owner, researcher):
+        x = shared(owner, researcher)
+        owner.requests.add_rule("approve", dp_within_budget=True)
+        query = researcher.dp.count(x, epsilon=0.1)
+        received = rawwire.record_received(researcher)
+        for request_id in ("00000000000000aa", "00000000000000aa", "00000000000000cc"):
+            rawwire.send_raw(researcher, p.RequestValue(request_id=request_id,
+                                                        target=p.PointerRef(query.id)))
+        eventually(lambda: sum(m.type == "decision" for m in received) == 2, WAIT)
+        assert [m.status for m in received if m.type == "decision"] == ["approved"] * 2
+        assert owner.budget("ages").epsilon_spent == pytest.approx(0.2)  # not 0.3
+        assert owner.budget("ages").reserved == 0
+        # a raw request for the DP-shared object itself is an exact release: never a rule's
+        rawwire.send_raw(researcher, p.RequestValue(request_id="00000000000000bb",
+                                                    target=p.StoreRef("ages")))
+        eventually(lambda: bool(owner.requests.pending), WAIT)
+        request = owner.requests.pending[0]
+        assert request.dp is not None and request.dp.kind == "exact"
+        assert owner.connected and researcher.connected

@@ -29,6 +29,9 @@ def session_pair(audit_path: Path, *, frame_size: int = 64 * 1024,
     try:
         assert researcher._wait_ready(10), "in-memory pair did not connect"
         assert owner._wait_ready(10)
+        # The worker is a fresh interpreter importing numpy and torch: seconds on a busy
+        # machine. Tests wait for it here, so their own waits measure operations, not startup.
+        owner.worker_usage(120)
         yield owner, researcher
     finally:
         researcher.close()

@@ -27,12 +27,16 @@ def test_dp_notebooks_answer_within_the_budget_while_the_owner_is_away(tmp_path:
     assert 10 < means["benign"] < means["malignant"] < 20  # about 12.1 and 17.5 in the data
     assert len(summary["histogram"]["counts"]) == 5 and len(summary["quartiles"]) == 3
     assert summary["exact_mean"].startswith("denied: exact values of patient data")
+    assert "disclosure checks" in summary["exact_mean_of_few"]  # 5 patients
+    assert "min_count" in summary["exact_mean_of_few"]
+    assert "record_level" in summary["records"]
     assert summary["over_budget"] == "refused: patients"
 
     decisions = [(r["lineage"], r["status"], r.get("by", "")) for r in result.requests]
     approved = [d for d in decisions if d[1] == "approved"]
     assert len(approved) == 4 and all(by == "rule:1" for _, _, by in approved)
-    assert [d[1] for d in decisions if d[0].startswith("mean(")] == ["denied"]
+    denied = [d for d in decisions if d[1] == "denied"]
+    assert sorted(by for _, _, by in denied) == ["rule:2", "rule:2", "rule:3"]
     assert result.events["value_sent"] == 4
 
     assert result.audit_path is not None
