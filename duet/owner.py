@@ -150,6 +150,7 @@ class OwnerSession(Session):
         dp_spec = dp.spec(name, obj) if dp is not None else None
         entry = (tables.declare(obj, name, description, tuple(tags), declare_rows)
                  if tables.is_table(obj) else _declare(obj, name, description, tuple(tags)))
+        entry = entry.model_copy(update={"family": self.allowlist.family(obj)})
         prepared = prepare_share(obj)
         prepared = ({**prepared[0], "dp": dp_spec,
                      "checks": {"min_count": settings.min_count, "rows_declared": declare_rows}},
