@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from . import protocol as p
+from .dp_train import TrainSettings
 from .errors import PolicyViolation
 
 __all__ = [
@@ -98,8 +99,13 @@ class DP:
     unit: str | None = None
     contributions: int | None = None
     categories: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    # DP-SGD (``r.dp.train``, duet.dp_train): the owner's clipping norm, epoch bound, delta
+    # per run, accountant; ``None``: ``duet.dp_train.TrainSettings()``'s defaults
+    training: TrainSettings | None = None
 
     def __post_init__(self) -> None:
+        if self.training is not None and not isinstance(self.training, TrainSettings):
+            raise ValueError("DP training takes a duet.dp_train.TrainSettings(...)")
         if not _positive_number(self.epsilon, allow_zero=True):
             raise ValueError(f"DP epsilon must be a finite number >= 0, got {self.epsilon!r}")
         if not (_number(self.delta) and 0 <= self.delta < 1):
@@ -150,8 +156,9 @@ class DP:
         elif self.contributions not in (None, 1):
             raise ValueError("contributions needs unit= (the column naming each person)")
         categories = {str(k): list(v) for k, v in dict(self.categories).items()}
+        training = None if self.training is None else asdict(self.training)
         return {"kind": kind, "bounds": bounds, "contributions": contributions,
-                "unit": self.unit, "categories": categories}
+                "unit": self.unit, "categories": categories, "training": training}
 
 
 def _kind_of(obj: Any) -> Literal["table", "values"]:

@@ -37,6 +37,7 @@ from .audit import EVENTS, AuditLog, sha256_of
 from .checks import Check, CheckSettings
 from .config import SessionConfig
 from .dp import DP, Derivations, QuerySpec, is_dp_op, parse_op
+from .dp_train import TRAIN_OP, TrainJobs, TrainSpec, parse_train_op
 from .errors import (
     DuetTimeout,
     PolicyViolation,
@@ -107,6 +108,7 @@ class OwnerSession(Session):
         self._derivations = Derivations(self._dp_specs)
         self._dp_queries: dict[int, QuerySpec] = {}
         self._dp_refused: set[int] = set()  # dp.* ops refused at once: requests too
+        self._train_jobs = TrainJobs()  # dp.train jobs: started, paid, run (duet.dp_train)
         self._dp_reserved: dict[str, tuple[str, float, float, str]] = {}  # + ledger charge id
         self._dp_lock = threading.Lock()
         self._ledger: Ledger | None = None
@@ -148,6 +150,7 @@ class OwnerSession(Session):
         dp_spec = dp.spec(name, obj) if dp is not None else None
         entry = (tables.declare(obj, name, description, tuple(tags), declare_rows)
                  if tables.is_table(obj) else _declare(obj, name, description, tuple(tags)))
+        entry = entry.model_copy(update={"family": self.allowlist.family(obj)})
         prepared = prepare_share(obj)
         prepared = ({**prepared[0], "dp": dp_spec,
                      "checks": {"min_count": settings.min_count, "rows_declared": declare_rows}},
@@ -357,6 +360,7 @@ class OwnerSession(Session):
         self._derivations.clear()
         self._dp_queries.clear()
         self._dp_refused.clear()
+        self._train_jobs.clear()
         self._dp_release_all()  # nothing left the dead worker
         told = reason if not crashed else "the owner's worker stopped unexpectedly"
         if stopped:
@@ -411,6 +415,10 @@ class OwnerSession(Session):
         self._snapshots[snapshot.request_id] = (snapshot, encoded)
         try:
             self.requests.add(request)
+            if (request.status == "pending" and request.dp is not None
+                    and request.dp.kind == "dp"
+                    and self._train_jobs.start_of(request.id) is not None):
+                self._release_trained(request)
         except RequestError as exc:
             self._snapshots.pop(snapshot.request_id, None)
             self._dp_settle(snapshot.request_id, False)
@@ -425,6 +433,9 @@ class OwnerSession(Session):
         """What the request means for privacy budgets: a DP release whose cost the kernel
         reserved itself (the worker's quote may not claim more), or an exact value of
         DP-protected data (unbounded loss if approved)."""
+        started = self._train_jobs.start_of(snapshot.request_id)
+        if started is not None:
+            return self._train_result_privacy(snapshot, started[0])
         quote = snapshot.dp
         with self._dp_lock:
             reserved = self._dp_reserved.get(snapshot.request_id)
@@ -505,6 +516,7 @@ class OwnerSession(Session):
             for object_id in message.ids:
                 self._dp_queries.pop(object_id, None)
                 self._dp_refused.discard(object_id)
+            self._train_jobs.forget(message.ids)
             self._forward(raw)
         elif isinstance(message, p.RequestValue):
             self._on_request(message, raw)
@@ -515,6 +527,7 @@ class OwnerSession(Session):
             except RequestError:
                 pending = True  # its value has not arrived yet
             if pending:
+                self._train_given_up(message.request_id)
                 self._dp_settle(message.request_id, False)
             with self._worker_lock:
                 if self._worker is not None:
@@ -539,7 +552,10 @@ class OwnerSession(Session):
                 if is_dp_op(op):  # not on the allowlist: duet's own DP statistics
                     self._check_references(op)
                     self._dp_refused.add(op.result)
-                    self._dp_queries[op.result] = parse_op(op, self._derivations)
+                    if op.name == TRAIN_OP:  # DP-SGD (duet.dp_train)
+                        self._train_jobs.add(op.result, parse_train_op(op, self._derivations))
+                    else:
+                        self._dp_queries[op.result] = parse_op(op, self._derivations)
                     self._dp_refused.discard(op.result)
                     continue
                 self.allowlist.precheck(op)
@@ -612,7 +628,18 @@ class OwnerSession(Session):
                                refused="its DP statistic was refused")
             self._answer_error(message.request_id, "its DP statistic was refused")
             return
-        query = self._dp_queries.get(target.id) if isinstance(target, p.PointerRef) else None
+        query: QuerySpec | TrainSpec | None = (
+            self._dp_queries.get(target.id) if isinstance(target, p.PointerRef) else None)
+        if isinstance(target, p.PointerRef):
+            try:  # a training job: its start pays (below), its result only once paid
+                phase = self._train_jobs.request(target.id, message.request_id)
+            except RequestError as exc:
+                self._audit.record("request", request_id=message.request_id,
+                                   reason=message.reason, refused=str(exc))
+                self._answer_error(message.request_id, str(exc))
+                return
+            if phase == "start":
+                query = self._train_jobs.spec(target.id)
         if query is not None:  # a DP statistic: its cost is reserved before it is computed
             if message.request_id in self._dp_reserved or self._request_known(
                     message.request_id):  # refused before anything is reserved or computed
@@ -622,6 +649,7 @@ class OwnerSession(Session):
                 self._dp_reserve(message.request_id, query.source, epsilon, delta,
                                  query.lineage)
             except PrivacyBudgetExceeded as exc:
+                self._train_given_up(message.request_id)  # refused before anything ran
                 self._audit.record("request", request_id=message.request_id,
                                    reason=message.reason, refused=str(exc),
                                    lineage=query.lineage, sources=[query.source])
@@ -630,10 +658,12 @@ class OwnerSession(Session):
                                           reason=str(exc), budget=query.source))
                 return
             except (KeyError, ValueError) as exc:  # no budget under that name any more
+                self._train_given_up(message.request_id)
                 self._answer_error(message.request_id, f"no privacy budget: {exc}")
                 return
         self._reasons[message.request_id] = message.reason
         if not self._forward(raw):
+            self._train_given_up(message.request_id)
             self._dp_settle(message.request_id, False)
             self._reasons.pop(message.request_id, None)
             self._audit.record("request", request_id=message.request_id, reason=message.reason,
@@ -686,6 +716,8 @@ class OwnerSession(Session):
     def _settle_privacy(self, request: Request, *, snapshot_failed: bool) -> None:
         """Before anything is sent: a DP release's reservation becomes spent (approved) or
         is given back; an approved exact value of DP data spends the whole budget."""
+        if self._train_settled(request, snapshot_failed):
+            return
         privacy = request.dp
         if privacy is None:
             return
@@ -699,6 +731,65 @@ class OwnerSession(Session):
                     f"{request.lineage} (request {request.id})")
                 self._audit.record("dp_charge", request_id=request.id, name=name,
                                    status="unbounded", lineage=request.lineage)
+
+    # -- DP-SGD (duet.dp_train): a start that pays, then the parameters ----------------------
+    def _train_result_privacy(self, snapshot: Snapshot, start_id: str) -> DPInfo | None:
+        """The parameters of a DP-SGD run whose start the owner approved: the reservation
+        made for the start pays, and the accountant's epsilon may not claim more. A failed
+        run is no DP release: its reservation goes back and the failure is the owner's."""
+        with self._dp_lock:
+            reserved = self._dp_reserved.get(start_id)
+        if reserved is None:
+            raise RequestError("the training's budget reservation is gone; nothing was sent")
+        name, epsilon, delta, _ = reserved
+        quote = snapshot.dp
+        if snapshot.failed or quote is None:
+            self._dp_settle(start_id, False)
+            return DPInfo("exact", (name,))
+        if (quote.statistic != "train" or quote.source != name
+                or quote.epsilon > epsilon * (1 + 1e-9) or quote.delta > delta * (1 + 1e-9)):
+            self._dp_settle(start_id, False)
+            self._worker_misbehaved("a DP training quote that does not match its reservation")
+            raise RequestError("the DP training could not be released; nothing was charged")
+        left = self.ledger.budget(name).epsilon_left + (epsilon - quote.epsilon)
+        return DPInfo("dp", (name,), quote.epsilon, quote.delta, quote.mechanism, quote.scale,
+                      quote.accuracy, left)
+
+    def _train_settled(self, request: Request, snapshot_failed: bool) -> bool:
+        """Ledger and job state for a training request's decision; True when handled.
+
+        An approved start keeps its reservation (counted as spent) until the parameters
+        leave; then the accountant's epsilon is what is spent. Anything else gives it back."""
+        dp_release = request.dp is not None and request.dp.kind == "dp" and not snapshot_failed
+        approved = request.status == "approved"
+        if self._train_jobs.is_start(request.id):
+            self._train_jobs.decided(request.id, approved and dp_release)
+            return approved and dp_release
+        started = self._train_jobs.start_of(request.id)
+        if started is None or not dp_release:
+            return False
+        self._train_jobs.decided(request.id, approved)
+        assert request.dp is not None
+        self._dp_settle(started[0], approved, epsilon=request.dp.epsilon,
+                        delta=request.dp.delta)
+        return True
+
+    def _release_trained(self, request: Request) -> None:
+        """DP-SGD parameters: the owner approved their cost with the start. (The owner, or a
+        rule, may have decided them a moment earlier: then that decision stands.)"""
+        try:
+            self.requests.decide(request, "approved", by="dp.train start")
+        except RequestError as exc:
+            if request.status == "pending":  # not decided elsewhere: a real failure
+                raise
+            log.debug("parameters of %s were decided meanwhile: %s", request.id, exc)
+
+    def _train_given_up(self, request_id: str) -> None:
+        """A training request that was refused or withdrawn before its decision."""
+        started = self._train_jobs.start_of(request_id)
+        self._train_jobs.decided(request_id, False)
+        if started is not None:
+            self._dp_settle(started[0], False)
 
     def _send_value(self, request: Request, encoded: Encoded,
                     decided: list[tuple[str, dict[str, Any]]] | None = None) -> None:

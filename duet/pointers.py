@@ -21,8 +21,8 @@ from . import dtypes, lineage
 from . import protocol as p
 from .errors import DuetError, PolicyViolation, RequestDenied, RequestTimeout
 
-__all__ = ["DPNamespace", "Pointer", "PointerHost", "RemoteFunction", "RemoteModule",
-           "RemoteNamespace", "RequestHandle", "no_value"]
+__all__ = ["DPNamespace", "DPTraining", "Pointer", "PointerHost", "RemoteFunction",
+           "RemoteModule", "RemoteNamespace", "RequestHandle", "no_value"]
 
 
 class PointerHost(Protocol):
@@ -611,5 +611,66 @@ class DPNamespace:
         values over the owner's bounds) by the exponential mechanism."""
         return self._statistic("quantile", column, epsilon=epsilon, q=q, candidates=candidates)
 
+    def train(self, model: Any, *, data: Any, labels: Any, loss: str, epochs: int,
+              batch_size: int, lr: float, epsilon: float, delta: float | None = None,
+              optimizer: str = "sgd", **owner_only: Any) -> DPTraining:
+        """Train ``model`` with DP-SGD (Opacus) on the owner's side; see docs/dp_training.md.
+
+        ``model``: a remote ``torch.nn`` model the owner's worker can run by itself, e.g.
+        ``r.torch.nn.Sequential(r.torch.nn.Linear(64, 32), r.torch.nn.ReLU(), ...)``.
+        ``data``/``labels``: all rows of data the owner shared with ``dp=`` (columns of it).
+        ``batch_size`` is the expected batch size (sampling is Poisson). Sampling, clipping,
+        the noise and the bound on epochs are the owner's and cannot be passed here.
+        Returns a ``DPTraining``; its ``get(reason)`` asks the owner to start (showing the
+        cost), then returns ``{"parameters": {name: tensor}, "epsilon": ..., ...}``.
+        """
+        if owner_only:
+            raise PolicyViolation(f"r.dp.train: {', '.join(sorted(owner_only))} cannot be chosen "
+                                  "by the researcher; the data owner sets what the privacy "
+                                  "guarantee depends on")
+        if isinstance(model, RemoteModule):
+            raise TypeError("r.dp.train needs a model the owner's side can run by itself, e.g. "
+                            "r.torch.nn.Sequential(...) of remote layers: a duet.RemoteModule's "
+                            "forward is Python in your kernel")
+        given = {k: v for k, v in dict(loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
+                                       epsilon=epsilon, delta=delta,
+                                       optimizer=optimizer).items() if v is not None}
+        kwargs = {"data": data, "labels": labels, **given}
+        text = lineage.function("dp.train", _show_args((model,), kwargs))
+        return DPTraining(_submit(self._session, "function", "dp.train", None, (model,), kwargs,
+                                  text))
+
     def __repr__(self) -> str:
-        return "<r.dp: count, sum, mean, variance, histogram, quantile>"
+        return "<r.dp: count, sum, mean, variance, histogram, quantile, train>"
+
+
+class DPTraining:
+    """A DP-SGD run on the owner's side, asked for in two steps (``get`` does both):
+    ``start(reason)`` asks the owner to approve its cost (epsilon, delta, noise, sampling),
+    then ``result()`` waits for the trained parameters. Each run trains at most once."""
+
+    def __init__(self, pointer: Pointer) -> None:
+        self.pointer = pointer
+        self.started: dict[str, Any] | None = None
+
+    def start(self, reason: str = "", timeout: float | None = None) -> dict[str, Any]:
+        """Ask the owner to start; returns what you asked for once approved (raises
+        ``PrivacyBudgetExceeded`` before anything runs if the budget cannot pay)."""
+        self.started = self.pointer.get(reason, timeout)
+        return self.started
+
+    def result(self, reason: str = "", timeout: float | None = None) -> dict[str, Any]:
+        """The trained parameters (only ``parameters()``, never buffers), after ``start``."""
+        if self.started is None:
+            raise DuetError("start() the training first: the owner approves its cost")
+        value: dict[str, Any] = self.pointer.get(reason, timeout)
+        return value
+
+    def get(self, reason: str = "", timeout: float | None = None) -> dict[str, Any]:
+        if self.started is None:
+            self.start(reason, timeout)
+        return self.result(reason, timeout)
+
+    def __repr__(self) -> str:
+        state = "not started" if self.started is None else "started"
+        return f"<DPTraining {self.pointer.lineage} ({state})>"

@@ -156,6 +156,9 @@ class StoreEntry(_Message):
     rows: int | None = None
     columns: list[str] | None = None
     dtypes: list[str] | None = None
+    # the owner's allowlist family of the object (``Module``, ``DataFrame``, ...): the
+    # researcher refuses a member outside it by name, before anything is sent
+    family: Name | None = None
 
 
 class StoreSnapshot(_Message):

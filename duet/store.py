@@ -38,8 +38,8 @@ class Store(Mapping[str, Pointer]):
         if name not in self._entries:
             shared = ", ".join(sorted(self._entries)) or "nothing yet"
             raise KeyError(f"the owner has not shared {name!r}; shared: {shared}")
-        family = _FAMILIES.get(self._entries[name].type)
-        return Pointer(self._session, p.StoreRef(name), name, family)
+        entry = self._entries[name]
+        return Pointer(self._session, p.StoreRef(name), name, entry.family)
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._entries))
@@ -71,8 +71,6 @@ class Store(Mapping[str, Pointer]):
 
 _COLUMNS_SHOWN = 8
 # Declared types whose allowlisted members the researcher's side checks before sending.
-_FAMILIES = {"pandas.DataFrame": "DataFrame", "pandas.Series": "Series"}
-
 
 def _shape(entry: p.StoreEntry) -> str:
     """A table's declared size (rows may be hidden: "?"), else the declared shape."""

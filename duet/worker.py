@@ -37,7 +37,8 @@ import numpy as np
 from . import checks, ipc, lineage, tables
 from . import protocol as p
 from .dp import Derivations, DPQuery, is_dp_op, parse_op
-from .errors import DuetError, PolicyViolation, ProtocolError
+from .dp_train import TRAIN_OP, TrainingRefused, TrainJob, parse_train_op, prepare
+from .errors import DuetError, PolicyViolation, ProtocolError, RequestError
 from .executor import Executor, ExecutorEvents
 from .policy import Allowlist
 from .snapshot import Frozen, freeze
@@ -259,6 +260,9 @@ class Worker:
         """A ``dp.*`` statistic: checked like the kernel checked it, then kept as a lazy
         ``DPQuery`` over a private copy of its input. Nothing is computed until the kernel,
         having reserved the cost, asks for the value."""
+        if op.name == TRAIN_OP:
+            self._train_op(op)
+            return
         try:
             spec = parse_op(op, self._derivations)
         except PolicyViolation as exc:  # a failure derived from its inputs: their sources
@@ -298,6 +302,51 @@ class Worker:
         if self._executor.adopt(op, query, text, sources, held=held) is None:
             self._dp_ids.add(op.result)
 
+    def _train_op(self, op: p.Op) -> None:
+        """``dp.train`` (duet.dp_train): checked like the kernel checked it, then prepared
+        on private copies of the model and the data (Opacus' fixes, the row-mixing probe,
+        the noise multiplier) and kept as a ``TrainJob``. Nothing trains until the kernel,
+        with the start approved, asks for the result."""
+        try:
+            spec = parse_train_op(op, self._derivations)
+        except PolicyViolation as exc:
+            self._executor.refuse(op, str(exc))
+            return
+        sources = frozenset({spec.source})
+        entries = []
+        for ref in (spec.model, spec.data, spec.labels):
+            try:
+                entry = self._executor.lookup(ref)
+            except DuetError as exc:
+                self._executor.refuse(op, str(exc), sources, error_type="UnknownObject")
+                return
+            if entry.failure is not None:
+                self._executor.refuse(op, f"an input of {TRAIN_OP} failed", sources,
+                                      error_type="UpstreamFailure")
+                return
+            entries.append(entry)
+        model, data, labels = entries
+        if model.sources:  # its weights would leave without DP
+            self._executor.refuse(
+                op, f"{TRAIN_OP}: the model already depends on shared data "
+                f"({', '.join(sorted(model.sources))}); start from a fresh model", sources)
+            return
+        if data.modified_by or labels.modified_by:
+            self._executor.refuse(op, f"an input of {TRAIN_OP} was modified in place", sources,
+                                  error_type="UpstreamFailure")
+            return
+        try:
+            prepared = prepare(model.value, data.value, labels.value, spec.request,
+                               spec.settings)
+        except TrainingRefused as exc:  # the owner reads why, with the request
+            self._executor.refuse(op, str(exc), sources, error_type="TrainingRefused")
+            return
+        job = TrainJob(spec, prepared, op.result)
+        text = lineage.function(op.name, [model.lineage, f"data={data.lineage}",
+                                          f"labels={labels.lineage}",
+                                          f"epsilon={spec.request.epsilon:g}"])
+        self._executor.adopt(op, job, text, sources, held=job.held())
+
     # -- requests -----------------------------------------------------------------------------
     def _snapshot(self, request: p.RequestValue) -> None:
         """Freeze the requested value now; the owner decides on exactly these bytes."""
@@ -320,6 +369,18 @@ class Worker:
                                operation=failure.operation, error_type=failure.error_type))
             return
         value, quote = entry.value, None
+        if isinstance(value, TrainJob):  # the start (its plan), or the training itself
+            try:
+                if pointer_id != value.object_id:
+                    raise RequestError("a training job is asked for through its own pointer "
+                                       "only")
+                value, quote = value.next_value()
+            except Exception as exc:  # noqa: BLE001 - reported to the owner, like any failure
+                problem = f"{type(exc).__name__}: {exc}"[:_TEXT]
+                self.send(ipc.pack("snapshot", **common, summary=empty, checks=failed_checks,
+                                   preview=f"failed: {problem}", failed=problem,
+                                   operation=TRAIN_OP, error_type=type(exc).__name__))
+                return
         if isinstance(value, DPQuery):  # the kernel reserved its cost: draw the noise now
             try:
                 value, released = value.evaluate()
