@@ -30,6 +30,7 @@ loops over rows.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -994,7 +995,7 @@ def _trained_part(state: Rows | Aggregated, learned: list[Part] | None) -> Part 
         if any(s is None for s in sets):
             records = None
         else:
-            records = np.unique(np.concatenate([s for s in sets if s is not None]))
+            records = functools.reduce(_sorted_union, [s for s in sets if s is not None])
     n = total if records is None else int(records.size)
     return Part("model", records, total, n, {}, "training")
 
@@ -1008,9 +1009,28 @@ def _union_models(parts: tuple[Part, ...], new: Part) -> tuple[Part, ...]:
     if old.rows is None or new.rows is None:
         rows = None
     else:
-        rows = np.union1d(old.rows, new.rows)
+        rows = _sorted_union(old.rows, new.rows)
+        if rows is old.rows:  # nothing new learned (every step after the first epoch)
+            return parts
     n = old.total if rows is None else int(rows.size)
     return (*others, Part("model", rows, old.total, n, {}, "training"))
+
+
+def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The sorted distinct union of two record sets, returning the larger one itself when
+    the smaller adds nothing. A training step adds a batch (~100 records) to a model's set
+    (up to every row): a binary search per batch record and one insert, not a sort of all
+    rows, which made each step of a 60,000-row training loop cost milliseconds."""
+    big, small = (a, b) if a.size >= b.size else (b, a)
+    if big.size > 1 and not bool(np.all(big[1:] > big[:-1])):
+        big = np.unique(big)
+    small = np.unique(small)
+    at = np.searchsorted(big, small)
+    present = at < big.size
+    present[present] = big[at[present]] == small[present]
+    if present.all():
+        return big
+    return np.insert(big, at[~present], small[~present])
 
 
 # -- pandas and scikit-learn ------------------------------------------------------------------

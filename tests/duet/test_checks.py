@@ -489,3 +489,20 @@ def test_summaries_laundered_into_a_parameter_keep_their_own_checks(lab: Lab) ->
         lab.method(loss, "backward")
         lab.method(optimizer, "step")
     assert lab.status(parameter, elements=1) == "review"
+
+
+def test_a_models_record_set_grows_by_union_and_is_reused_when_nothing_is_new() -> None:
+    """Training adds each batch's records to the model's set: the union must be exact
+    (equal to numpy's union1d, also for unsorted or repeated inputs), and a batch already
+    learned leaves the very same set (no copy of every row per step)."""
+    from duet.provenance import _sorted_union
+
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        a = rng.integers(0, 100, rng.integers(0, 30))
+        b = rng.integers(0, 100, rng.integers(0, 30))
+        assert np.array_equal(_sorted_union(a, b), np.union1d(a, b))
+    learned = np.arange(0, 60_000)
+    assert _sorted_union(learned, np.arange(128, 256)) is learned
+    grown = _sorted_union(np.arange(0, 60_000, 2), np.arange(1, 257, 2))
+    assert grown.size == 30_000 + 128 and np.all(np.diff(grown) > 0)
