@@ -18,7 +18,7 @@ from duet.checks import Check, CheckSettings, History
 from duet.executor import Executor
 from duet.policy import Allowlist
 from duet.protocol import DTypeRef, Op, PointerRef, StoreRef
-from duet.provenance import Aggregated, Rows, Unknown
+from duet.provenance import Aggregated, Rows, Unknown, _sorted_union
 
 N = 200
 rng = np.random.default_rng(7)
@@ -495,8 +495,6 @@ def test_a_models_record_set_grows_by_union_and_is_reused_when_nothing_is_new() 
     """Training adds each batch's records to the model's set: the union must be exact
     (equal to numpy's union1d, also for unsorted or repeated inputs), and a batch already
     learned leaves the very same set (no copy of every row per step)."""
-    from duet.provenance import _sorted_union
-
     rng = np.random.default_rng(7)
     for _ in range(500):
         a = rng.integers(0, 100, rng.integers(0, 30))
