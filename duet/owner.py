@@ -424,9 +424,9 @@ class OwnerSession(Session):
             self._dp_settle(snapshot.request_id, False)
             self._answer_error(snapshot.request_id, str(exc))
         finally:
-            row = self._request_rows.pop(request.id, None)
-            if row is not None:  # not decided at once: held like finished work's rows
-                with self._rows_lock:
+            with self._rows_lock:  # atomic with a decision taking the held rows
+                row = self._request_rows.pop(request.id, None)
+                if row is not None:  # not decided at once: held like finished work's rows
                     self._held_rows.append(row)
 
     def _privacy_of(self, snapshot: Snapshot) -> DPInfo | None:
@@ -474,14 +474,12 @@ class OwnerSession(Session):
         self._send_value(request, (header, buffers))
 
     def worker_quiet(self) -> None:
-        rows = self._take_held_rows()
-        if rows:
-            self._audit.record_many(rows, sync=False)
-
-    def _take_held_rows(self) -> list[tuple[str, dict[str, Any]]]:
+        # Taken and written under the lock: a decision taking the rows after us then writes
+        # after us, so a request's row never lands behind its own decision.
         with self._rows_lock:
             rows, self._held_rows = self._held_rows, []
-        return rows
+            if rows:
+                self._audit.record_many(rows, sync=False)
 
     def worker_reported_usage(self, usage: Usage) -> None:
         self._last_usage = usage
@@ -681,13 +679,15 @@ class OwnerSession(Session):
             raise RequestError(f"the researcher has left; nothing was sent for {request.id}")
         self._settle_privacy(request, snapshot_failed=bool(request.failed))
         snapshot, encoded = self._snapshots.pop(request.id, (None, None))
-        row = self._request_rows.pop(request.id, None)
+        with self._rows_lock:  # the request's row, wherever it is now, goes before
+            row = self._request_rows.pop(request.id, None)
+            held, self._held_rows = self._held_rows, []
         decision: dict[str, Any] = {
             "request_id": request.id, "status": request.status, "by": request.decided_by,
             "reason": request.decision_reason, "check_status": request.check_status}
         if request.decided_by.startswith("rule:"):  # an automatic decision: on what grounds
             decision["checks"] = [c.to_dict() for c in request.checks]
-        decided = [*self._take_held_rows(), *([row] if row is not None else []),
+        decided = [*held, *([row] if row is not None else []),
                    ("decision", decision)]
         if request.status != "approved" or snapshot is None:
             self._audit.record_many(decided)

@@ -194,3 +194,33 @@ def test_method_prechecks_follow_the_allowlist_when_it_changes() -> None:
     copy.precheck(method("trace"))
     with pytest.raises(PolicyViolation):  # the original is unchanged
         allowlist.precheck(method("trace"))
+
+
+def test_a_requests_row_is_written_before_its_decision_when_decided_by_hand(
+        pair: Pair) -> None:
+    """The owner decides by hand while the worker's pipe goes quiet (which writes held rows):
+    for every request, its ``request`` row precedes its ``decision`` row in the log."""
+    owner, researcher = pair
+    owner.share(np.arange(10.0), name="x")
+    x = researcher.store.wait_for("x", 5)
+    decided: list[str] = []
+
+    def decide_by_hand() -> None:
+        while len(decided) < 40:
+            request = owner.requests.wait(30)
+            assert request is not None
+            request.approve()
+            decided.append(request.id)
+
+    hand = threading.Thread(target=decide_by_hand)
+    hand.start()
+    handles = [(x + i).sum().request(f"sum {i}") for i in range(40)]
+    assert [h.result(60) for h in handles] == [45.0 + 10 * i for i in range(40)]
+    hand.join(30)
+    owner.worker_quiet()  # whatever is still held is written now
+    order: dict[str, list[str]] = {}
+    for event in owner.audit.events():
+        if event.event in ("request", "decision") and event.request_id is not None:
+            order.setdefault(event.request_id, []).append(event.event)
+    assert sorted(order) == sorted(decided)
+    assert all(kinds == ["request", "decision"] for kinds in order.values()), order
