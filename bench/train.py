@@ -22,16 +22,22 @@ Local and remote epochs alternate, so load on the machine hits both alike. Then,
 memory check, five more remote epochs of ``mlp_b128``: the owner's kernel and worker RSS
 after each (the researcher's dropped pointers must be freed on the owner; RSS stays flat).
 
-Usage: ``.venv/bin/python bench/train.py [--quick] [--reps 2] [--rows 60000]``
+With ``--dp``, the report also carries ``bench/dp_train.py --remote``: DP-SGD (``r.dp.train``)
+against ordinary remote training of the same model on scikit-learn's digits, time and
+accuracy, next to the published Opacus reference point (issue 17).
+
+Usage: ``.venv/bin/python bench/train.py [--quick] [--reps 2] [--rows 60000] [--dp]``
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -209,6 +215,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="timed runs each of local, remote")
     parser.add_argument("--rows", type=int, default=60_000, help="rows of X and y")
     parser.add_argument("--memory-epochs", type=int, default=5)
+    parser.add_argument("--dp", action="store_true",
+                        help="also DP-SGD vs non-DP remote training (bench/dp_train.py)")
     args = parser.parse_args()
 
     def steps(batch: int, quick_steps: int) -> int:
@@ -266,6 +274,13 @@ def main() -> None:
         "owner_kernel_rss_flat": result["memory"]["kernel_rss_growth_mib_epoch1_to_last"] < 2,
         "owner_worker_rss_flat": result["memory"]["worker_rss_growth_mib_epoch1_to_last"] < 2,
     }
+    if args.dp:
+        log("DP-SGD vs non-DP training: bench/dp_train.py --remote")
+        dp_run = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("dp_train.py")), "--remote",
+             "--reps", "1" if args.quick else "3"],
+            check=True, stdout=subprocess.PIPE, text=True)
+        result["dp_vs_non_dp"] = json.loads(dp_run.stdout)
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     emit(result)
