@@ -10,6 +10,7 @@ from .approvals import Request, RequestQueue, Rule
 from .audit import AuditEvent, AuditLog
 from .config import SessionConfig
 from .dp import DP
+from .dp_train import TrainSettings
 from .errors import (
     BudgetExceeded,
     ConnectionLost,
@@ -69,6 +70,7 @@ __all__ = [
     "Rule",
     "SessionConfig",
     "Store",
+    "TrainSettings",
     "WorkerRestarted",
     "embedded_server_url",
     "join",

@@ -100,12 +100,12 @@ class DP:
     contributions: int | None = None
     categories: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     # DP-SGD (``r.dp.train``, duet.dp_train): the owner's clipping norm, epoch bound, delta
-    # per run, accountant; ``None``: ``duet.dp_train.TrainSettings()``'s defaults
+    # per run, accountant; ``None``: ``duet.TrainSettings()``'s defaults
     training: TrainSettings | None = None
 
     def __post_init__(self) -> None:
         if self.training is not None and not isinstance(self.training, TrainSettings):
-            raise ValueError("DP training takes a duet.dp_train.TrainSettings(...)")
+            raise ValueError("DP training takes a duet.TrainSettings(...)")
         if not _positive_number(self.epsilon, allow_zero=True):
             raise ValueError(f"DP epsilon must be a finite number >= 0, got {self.epsilon!r}")
         if not (_number(self.delta) and 0 <= self.delta < 1):

@@ -13,6 +13,7 @@ EXPORTED = PROMISED | {
     "embedded_server_url", "Allowlist", "AuditEvent", "AuditLog", "BudgetExceeded",
     "DuetTimeout", "PairingTimeout", "ProtocolError", "RemoteModule", "RequestError",
     "RequestHandle", "Rule", "SessionConfig", "Store", "WorkerRestarted", "local_invitation",
+    "TrainSettings",  # the owner's DP-SGD settings: duet.DP(..., training=TrainSettings(...))
 }
 
 
