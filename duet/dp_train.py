@@ -414,6 +414,7 @@ def _check_classes(model: Any, settings: TrainSettings) -> None:
 def _fixed_copy(model: Any) -> tuple[Any, list[str]]:
     """A deep copy that Opacus accepts: ``ModuleValidator.fix`` (BatchNorm to GroupNorm and
     the like), then ``validate``; what cannot be fixed is refused with Opacus' reasons."""
+    import torch
     from opacus.validators import ModuleValidator
 
     before = {name: type(m).__name__ for name, m in model.named_modules()}
@@ -428,6 +429,14 @@ def _fixed_copy(model: Any) -> tuple[Any, list[str]]:
     if errors:
         reasons = "; ".join(sorted({str(e).splitlines()[0][:160] for e in errors}))
         raise TrainingRefused(f"Opacus cannot train this model privately: {reasons}")
+    for name, module in copied.named_modules():
+        if getattr(module, "max_norm", None) is not None and isinstance(
+                module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            # forward renormalizes the rows it looks up, in place: which rows changed (the
+            # codes present in the data) would leave outside DP-SGD's clipping and noise
+            raise TrainingRefused(f"{name or 'model'}: an embedding with max_norm rewrites the "
+                                  "rows it looks up in its forward pass, outside DP-SGD's "
+                                  "clipping and noise; use one without max_norm")
     fixes = [f"{name or 'model'}: {before[name]} -> {type(m).__name__}"
              for name, m in copied.named_modules()
              if name in before and before[name] != type(m).__name__]
@@ -449,6 +458,7 @@ def _check_rows_independent(model: Any, x: Any) -> tuple[int, ...]:
     else:
         probe = torch.randint(0, 2, shape, generator=generator)
     was_training = model.training
+    versions = [(t, t._version) for t in model.parameters()]  # buffers never leave
     model.eval()  # dropout off; the fixed copy has no batch statistics
     try:
         with torch.no_grad():
@@ -460,6 +470,11 @@ def _check_rows_independent(model: Any, x: Any) -> tuple[int, ...]:
             f"({type(exc).__name__}); the batch must be the first dimension") from None
     finally:
         model.train(was_training)
+    if any(t._version != version for t, version in versions):
+        # only the DP optimizer's noisy step may change parameters: a change made by the
+        # forward pass itself depends on the rows seen and is neither clipped nor noised
+        raise TrainingRefused("a layer changes its own parameters in its forward pass; "
+                              "DP-SGD bounds only what the optimizer's step changes")
     if not isinstance(together, torch.Tensor) or together.dim() == 0 or (
             together.shape[0] != _PROBE_ROWS):
         raise TrainingRefused("the model must return one output row per input row")

@@ -205,6 +205,37 @@ def test_models_that_mix_rows_or_cannot_run_per_row_are_refused(
             loss="cross_entropy", epochs=1, batch_size=256, lr=0.5, epsilon=1.0))
 
 
+class _RenormsInForward(torch.nn.Module):
+    """A layer that rewrites its own weight in forward, depending on the rows it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.linear.weight[:, 0] = x[:, 0].mean()
+        return self.linear(x)
+
+
+def test_layers_that_change_their_parameters_in_forward_are_refused(
+    digits: tuple[np.ndarray, ...],
+) -> None:
+    """Found by the red team: an Embedding with max_norm renormalizes exactly the rows of the
+    codes present in the data, in place, outside DP-SGD's clipping and noise; the returned
+    weights then show which codes occur (one person's rare code included)."""
+    x_train, _, y_train, _ = digits
+    request = TrainRequest(loss="cross_entropy", epochs=1, batch_size=256, lr=0.5, epsilon=1.0)
+    codes = np.clip(x_train[:, :1], 0, 15).astype(np.int64)
+    embedding = torch.nn.Sequential(torch.nn.Embedding(16, 4, max_norm=1.0),
+                                    torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    with pytest.raises(TrainingRefused, match="max_norm"):
+        prepare(embedding, codes, y_train, request)
+    with pytest.raises(TrainingRefused, match="changes its own parameters"):
+        prepare(_RenormsInForward(), x_train, y_train, request,
+                TrainSettings(allow_custom_modules=True))
+
+
 def test_opacus_refusals_are_reported_with_the_reason(digits: tuple[np.ndarray, ...]) -> None:
     x_train, _, y_train, _ = digits
     frozen = torch.nn.Linear(64, 10).requires_grad_(False)
