@@ -412,6 +412,8 @@ def _ext_value(code: int, data: bytes) -> Any:
             raise ProtocolError("array shape too large")
         return ArrayRef(kind, dtype, tuple(shape), index)
     if code == _EXT_FRAME:
+        # counted like arrays: a frame without buffers (empty, a RangeIndex) is built too
+        _nesting.arrays = getattr(_nesting, "arrays", 0) + 1
         return frames.FrameRef(_unpack(data))
     raise ProtocolError(f"unknown extension type {code}")
 
