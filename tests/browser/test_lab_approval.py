@@ -100,7 +100,7 @@ def shot(page: Page, name: str, focus: str | None = None) -> None:
         page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
 
 
-def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str) -> None:
+def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str, tmp_path: Path) -> None:
     base, token = lab.split("|")
     chromium = shutil.which("chromium")
     assert chromium, "chromium is missing: make test installs Debian's chromium"
@@ -119,7 +119,11 @@ def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str) -> None:
         # must show it anyway (clicks wait for the kernel, as any widget's do)
         owner.keyboard.press("b")
         owner.keyboard.press("Enter")
-        owner.keyboard.type("import time; time.sleep(90); print('owner cell done')")
+        # busy until the test releases it (a file in the kernel's directory), however long a
+        # loaded machine takes for the researcher's side: a fixed sleep could end too early
+        owner.keyboard.type("import os, time; t = time.time(); [time.sleep(0.2) for _ in "
+                            "iter(lambda: os.path.exists('release-owner') or "
+                            "time.time() - t > 900, True)]; print('owner cell done')")
         owner.keyboard.press("Shift+Enter")
         owner.get_by_text("Kernel status: Busy").first.wait_for(state="attached")
 
@@ -136,6 +140,7 @@ def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str) -> None:
         card = pending.last.inner_text()
         assert "y_train.float().mean()" in card and "sources" in card.lower()
         shot(owner, "2-owner-pending-request", focus="duet approval panel")
+        (tmp_path / "release-owner").touch()
 
         expect(owner.locator(".jp-OutputArea-output", has_text="owner cell done").first
                ).to_be_visible(timeout=120_000)  # idle again: clicks reach the kernel now
