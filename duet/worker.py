@@ -152,12 +152,7 @@ class Worker:
             array = np.empty(shape, dtype)
             array.flags.writeable = False
         else:
-            fd = os.open(message["path"], os.O_RDONLY)
-            try:
-                mapping = mmap.mmap(fd, message["nbytes"], prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-            self._mappings[name] = mapping
+            mapping = self._map_sealed(name, message)
             array = np.frombuffer(mapping, dtype=dtype).reshape(shape)
         if message["kind"] == "numpy":
             return array
@@ -169,17 +164,22 @@ class Worker:
         torch_dtype = message.get("torch_dtype")
         return tensor.view(getattr(torch, torch_dtype)) if torch_dtype else tensor
 
+    def _map_sealed(self, name: str, message: dict[str, Any]) -> mmap.mmap:
+        """The kernel's sealed memory behind share ``name``, mapped read-only and kept."""
+        fd = os.open(message["path"], os.O_RDONLY)
+        try:
+            mapping = mmap.mmap(fd, message["nbytes"], prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self._mappings[name] = mapping
+        return mapping
+
     def _map_table(self, name: str, message: dict[str, Any], parts: dict[str, Any]) -> Any:
         """A table whose numeric columns lie in the kernel's sealed memory, mapped read-only."""
         numeric: dict[int, np.ndarray] = {}
         mapping = None
         if message["nbytes"]:
-            fd = os.open(message["path"], os.O_RDONLY)
-            try:
-                mapping = mmap.mmap(fd, message["nbytes"], prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-            self._mappings[name] = mapping
+            mapping = self._map_sealed(name, message)
         for column in message["columns"]:
             dtype = np.dtype(column["dtype"])
             if mapping is None or column["length"] == 0:
