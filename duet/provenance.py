@@ -98,8 +98,8 @@ class Rows:
 
 @dataclass(frozen=True, eq=False)
 class Part:
-    """One summary of records: ``n`` distinct records contributed (``rows``, ``None`` for
-    all ``total``). ``kind`` says which checks apply:
+    """One summary of records: ``n`` distinct records contributed (``rows``, sorted and
+    distinct, ``None`` for all ``total``). ``kind`` says which checks apply:
 
     - ``magnitude``: sums, means, variances; ``cells`` holds per output cell ``n`` (records
       that are not NaN), ``top1``/``top2``/``total`` (largest absolute contributions and
@@ -961,13 +961,13 @@ def modified(existing: Provenance, by: Provenance, *, trained: bool) -> Provenan
                 learned = [p for p in state.parts if p.kind == "model"
                            or (p.kind == "statistic" and p.note in _LOSS_NOTES)]
                 carried = tuple(p for p in state.parts if all(p is not q for q in learned))
-            new = _trained_part(state, learned)
             old = result.get(name)
             if isinstance(old, (Rows, Unknown)):
                 result[name] = Unknown("trained after an unmodelled change") if isinstance(
                     old, Rows) else old
                 continue
             parts = (*(old.parts if isinstance(old, Aggregated) else ()), *carried)
+            new = _trained_part(state, learned, _model_of(parts))
             if new is not None:
                 parts = _union_models(_dedupe(parts), new)
             result[name] = Aggregated(_dedupe(parts)) if parts else (old or DECLARED)
@@ -983,7 +983,15 @@ _LOSS_NOTES = frozenset("""loss mse_loss cross_entropy nll_loss binary_cross_ent
     binary_cross_entropy_with_logits l1_loss smooth_l1_loss kl_div""".split())
 
 
-def _trained_part(state: Rows | Aggregated, learned: list[Part] | None) -> Part | None:
+def _model_of(parts: tuple[Part, ...]) -> Part | None:
+    return next((p for p in parts if p.kind == "model"), None)
+
+
+def _trained_part(state: Rows | Aggregated, learned: list[Part] | None,
+                  known: Part | None) -> Part | None:
+    """What training on ``state`` teaches a model that already knows ``known``: ``None``
+    when nothing new. The model's own set, coming back through its forward output (the
+    loss of the step), is left out of the union: it is the very object ``known`` holds."""
     if isinstance(state, Rows):
         records = state.records()
         total = state.total
@@ -991,7 +999,11 @@ def _trained_part(state: Rows | Aggregated, learned: list[Part] | None) -> Part 
         if not learned:
             return None
         total = max(p.total for p in learned)
-        sets = [p.rows for p in learned]
+        if known is not None and known.rows is None:
+            return None  # it has learned from every record already
+        sets = [p.rows for p in learned if known is None or p.rows is not known.rows]
+        if not sets:
+            return None
         if any(s is None for s in sets):
             records = None
         else:
@@ -1016,21 +1028,38 @@ def _union_models(parts: tuple[Part, ...], new: Part) -> tuple[Part, ...]:
     return (*others, Part("model", rows, old.total, n, {}, "training"))
 
 
+# The last unions and their inputs, by identity. One training step reaches the model and
+# its optimizer, which learn the same batch (of each shared source): with this, they share
+# one set, so their next unions find it by identity instead of comparing two equal copies
+# of every record. The inputs are kept alive with the result, so their ids stay theirs.
+_recent_unions: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+_RECENT_UNIONS = 16
+
+
 def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The sorted distinct union of two record sets, returning the larger one itself when
-    the smaller adds nothing. A training step adds a batch (~100 records) to a model's set
-    (up to every row): a binary search per batch record and one insert, not a sort of all
-    rows, which made each step of a 60,000-row training loop cost milliseconds."""
+    """The sorted distinct union of two record sets, each sorted and distinct already (as
+    every ``Part.rows`` is), returning the larger one itself when the smaller adds nothing.
+
+    A training step adds a batch (~100 records) to a model's set (up to every row): a
+    binary search per batch record and at most one insert, never a pass over every row
+    beyond that copy. (A check or a ``unique`` of the larger set per mutating op, and
+    unions of two equal copies, cost milliseconds a step for the 60,000 rows of a training
+    loop.)"""
+    if a is b:
+        return a
+    key = (id(a), id(b))
+    recent = _recent_unions.get(key)
+    if recent is not None:
+        return recent[2]
     big, small = (a, b) if a.size >= b.size else (b, a)
-    if big.size > 1 and not bool(np.all(big[1:] > big[:-1])):
-        big = np.unique(big)
-    small = np.unique(small)
     at = np.searchsorted(big, small)
     present = at < big.size
     present[present] = big[at[present]] == small[present]
-    if present.all():
-        return big
-    return np.insert(big, at[~present], small[~present])
+    union = big if present.all() else np.insert(big, at[~present], small[~present])
+    if len(_recent_unions) >= _RECENT_UNIONS:
+        del _recent_unions[next(iter(_recent_unions))]
+    _recent_unions[key] = (a, b, union)
+    return union
 
 
 # -- pandas and scikit-learn ------------------------------------------------------------------

@@ -276,6 +276,30 @@ def test_a_small_model_on_many_records_passes(lab: Lab) -> None:
     assert found["degrees_of_freedom"].evidence["models"][0]["records"] == N
 
 
+def test_a_model_trained_on_shuffled_repeated_batches_learns_a_sorted_distinct_set() -> None:
+    """The union of a model's records trusts every ``Part.rows`` to be sorted and distinct
+    (no pass over all rows per step): batches picked in random order, with repeats, must
+    leave exactly the records seen, sorted and distinct."""
+    lab = Lab()
+    order = np.random.default_rng(3).permutation(N)
+    batches = [np.r_[order[i:i + 16], order[i:i + 4]] for i in range(0, 96, 16)]
+    torch.manual_seed(0)
+    model = lab.fn("torch.nn.Linear", 3, 1)
+    optimizer = lab.fn("torch.optim.SGD", lab.method(model, "parameters"), lr=0.1)
+    for batch in [*batches, batches[0]]:
+        data = lab.fn("operator.getitem", StoreRef("Xt"), batch.tolist())
+        target = lab.fn("operator.getitem", StoreRef("y"), batch.tolist())
+        lab.method(optimizer, "zero_grad")
+        loss = lab.fn("torch.nn.functional.mse_loss",
+                      lab.method(lab.op("call", "forward", model, data), "squeeze", 1), target)
+        lab.method(loss, "backward")
+        lab.method(optimizer, "step")
+    (part,) = [p for p in lab.executor.lookup(model).provenance["Xt"].parts
+               if p.kind == "model"]
+    assert np.array_equal(part.rows, np.unique(order[:96]))
+    assert part.n == 96
+
+
 def test_a_model_with_too_many_parameters_fails(lab: Lab) -> None:
     weights = lab.method(train(lab, 40), "state_dict")
     found = lab.checks(weights, elements=160)  # 160 parameters > 0.33 * 200
@@ -493,14 +517,16 @@ def test_summaries_laundered_into_a_parameter_keep_their_own_checks(lab: Lab) ->
 
 def test_a_models_record_set_grows_by_union_and_is_reused_when_nothing_is_new() -> None:
     """Training adds each batch's records to the model's set: the union must be exact
-    (equal to numpy's union1d, also for unsorted or repeated inputs), and a batch already
-    learned leaves the very same set (no copy of every row per step)."""
+    (equal to numpy's union1d for any two sorted distinct sets, which every ``Part.rows``
+    is), and a batch already learned leaves the very same set (no copy of every row per
+    step)."""
     rng = np.random.default_rng(7)
     for _ in range(500):
-        a = rng.integers(0, 100, rng.integers(0, 30))
-        b = rng.integers(0, 100, rng.integers(0, 30))
+        a = np.unique(rng.integers(0, 100, rng.integers(0, 30)))
+        b = np.unique(rng.integers(0, 100, rng.integers(0, 30)))
         assert np.array_equal(_sorted_union(a, b), np.union1d(a, b))
     learned = np.arange(0, 60_000)
     assert _sorted_union(learned, np.arange(128, 256)) is learned
+    assert _sorted_union(learned, learned) is learned
     grown = _sorted_union(np.arange(0, 60_000, 2), np.arange(1, 257, 2))
     assert grown.size == 30_000 + 128 and np.all(np.diff(grown) > 0)
