@@ -27,6 +27,7 @@ from . import lineage, provenance
 from .errors import PolicyViolation, RequestError
 from .lineage import MAX_LINEAGE
 from .memory import (
+    Footprints,
     Intervals,
     MemoryBudget,
     OverBudget,
@@ -138,7 +139,7 @@ class Executor:
         self._intervals = Intervals({})
         self._budget = MemoryBudget(memory_budget)
         # entry id -> memory intervals, to find the entries an in-place change reaches
-        self._footprints: dict[int, list[tuple[int, int]]] = {}
+        self._footprints = Footprints()
         # torch bumps a tensor's version counter on every in-place change: shared tensors
         # (parameters of a shared model, say) must keep theirs
         self._shared_versions: dict[str, list[tuple[Any, int]]] = {}
@@ -200,7 +201,7 @@ class Executor:
         self._entries[op.result] = Entry(value, call.text, nbytes,
                                          sources=frozenset(call.sources),
                                          provenance=derived)
-        self._footprints[op.result] = held.footprint
+        self._footprints.record(op.result, held.footprint)
         self._events.executed(call.operation, call.text, op.result)
         return None
 
@@ -233,7 +234,7 @@ class Executor:
         for entry_id in ids:
             if self._entries.pop(entry_id, None) is not None:
                 self._budget.release(entry_id)
-                self._footprints.pop(entry_id, None)
+                self._footprints.drop(entry_id)
 
     def lookup(self, ref: PointerRef | StoreRef) -> Entry:
         """The entry behind a reference, for requests; a failed entry is returned as is."""
@@ -446,19 +447,19 @@ class Executor:
         """Note the in-place change in the lineage of every entry it reached (a trained
         model's lineage names the training steps and their data), and recount their memory."""
         note = f"{operation} using {', '.join(sorted(sources))}" if sources else operation
-        touched_index = Intervals({"": Shared(None, touched)})
-        for entry_id, entry in self._entries.items():
-            reached = (isinstance(ref, PointerRef) and ref.id == entry_id) or any(
-                touched_index.find(start, size) is not None
-                for start, size in self._footprints.get(entry_id, ())
-            )
-            if reached:
-                entry.note_modification(note, frozenset(sources), by)
-                held = inventory(entry.value)
-                self._budget.release(entry_id)
-                entry.nbytes = self._budget.account(entry_id, entry.value, self._intervals,
-                                                    enforce=False, sizes=held.sizes)
-                self._footprints[entry_id] = held.footprint
+        reached = self._footprints.reached_by(touched)
+        if isinstance(ref, PointerRef):
+            reached.add(ref.id)
+        for entry_id in sorted(reached):
+            entry = self._entries.get(entry_id)
+            if entry is None:
+                continue
+            entry.note_modification(note, frozenset(sources), by)
+            held = inventory(entry.value)
+            self._budget.release(entry_id)
+            entry.nbytes = self._budget.account(entry_id, entry.value, self._intervals,
+                                                enforce=False, sizes=held.sizes)
+            self._footprints.record(entry_id, held.footprint)
 
     def _account(self, entry_id: int, value: Any, extra: list[np.ndarray] | None = None,
                  sizes: dict[int, int] | None = None) -> int:

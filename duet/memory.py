@@ -25,6 +25,7 @@ except ImportError:  # numpy < 2
     from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
 
 __all__ = [
+    "Footprints",
     "Intervals",
     "Inventory",
     "MemoryBudget",
@@ -72,6 +73,75 @@ class Intervals:
                 return self._spans[i][2]
             i -= 1
         return None
+
+
+class Footprints:
+    """Each entry's footprint, answering "which entries does a write to these blocks reach?"
+    for every in-place change (three per training step).
+
+    A pipelined training loop keeps hundreds of entries alive in the worker (the researcher's
+    frees follow each batch of ops), and a walk over every entry's blocks per change cost
+    more than the step's arithmetic. Here all blocks sit in one table of (row number, entry,
+    start, end) rows, appended to as entries are recorded, in row-number order; the rows of
+    a dropped or re-recorded entry are emptied in place (found by a binary search on the
+    row number) and compacted away once they are the majority."""
+
+    _DEAD = np.iinfo(np.int64).min  # the end of an emptied row: it overlaps nothing
+
+    def __init__(self) -> None:
+        self._table = np.empty((0, 4), dtype=np.int64)
+        self._pending: list[tuple[int, int, int, int]] = []  # rows not yet in the table
+        self._rows: dict[int, tuple[int, int]] = {}  # live entry -> (first row number, count)
+        self._next_row = 0
+        self._live_rows = 0
+
+    def record(self, entry_id: int, footprint: list[tuple[int, int]]) -> None:
+        """``entry_id`` holds ``footprint`` now ((start, size) blocks), whatever it held."""
+        self.drop(entry_id)
+        first = self._next_row
+        self._next_row += len(footprint)
+        self._rows[entry_id] = (first, len(footprint))
+        self._live_rows += len(footprint)
+        self._pending.extend((first + i, entry_id, start, start + size)
+                             for i, (start, size) in enumerate(footprint))
+
+    def drop(self, entry_id: int) -> None:
+        first, count = self._rows.pop(entry_id, (0, 0))
+        if not count:
+            return
+        self._live_rows -= count
+        pending_first = self._next_row - len(self._pending)
+        if first >= pending_first:
+            for row in range(first, first + count):  # row numbers stay in order
+                self._pending[row - pending_first] = (row, entry_id, 0, self._DEAD)
+        else:
+            at = int(np.searchsorted(self._table[:, 0], first))
+            self._table[at:at + count, 3] = self._DEAD
+
+    def reached_by(self, touched: list[tuple[int, int]]) -> set[int]:
+        """Live entries with a block overlapping any of ``touched`` ((start, size) each)."""
+        table = self._current_table()
+        if not touched or not table.size:
+            return set()
+        written = np.array(touched, dtype=np.int64).reshape(-1, 2)
+        order = np.argsort(written[:, 0], kind="stable")
+        written_starts = written[order, 0]
+        # the furthest end among the written blocks starting at or before each one
+        furthest = np.maximum.accumulate(written_starts + written[order, 1])
+        # for each block, the last written block starting before the block ends
+        last = np.searchsorted(written_starts, table[:, 3], side="left") - 1
+        hit = last >= 0
+        hit[hit] = furthest[last[hit]] > table[hit, 2]
+        return set(np.unique(table[hit, 1]).tolist())
+
+    def _current_table(self) -> np.ndarray:
+        if self._pending:
+            added = np.array(self._pending, dtype=np.int64).reshape(-1, 4)
+            self._pending = []
+            self._table = np.concatenate([self._table, added])
+        if len(self._table) > 2 * self._live_rows + 64:  # mostly emptied rows: compact
+            self._table = self._table[self._table[:, 3] != self._DEAD]
+        return self._table
 
 
 class OverBudget(Exception):
