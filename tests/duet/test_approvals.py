@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from duet.approvals import Request, RequestQueue, ValueInfo, safe_text
-from duet.snapshot import freeze, summarize
+from duet.snapshot import freeze, preview_of, summarize
 
 
 @pytest.mark.parametrize("hostile", [
@@ -53,6 +53,26 @@ def test_a_frozen_value_is_a_private_copy() -> None:
 def test_previews_of_huge_containers_are_bounded() -> None:
     frozen = freeze("ab" * 8, list(range(500_000)))
     assert len(frozen.preview) <= 400 and "more" in frozen.preview
+
+
+def test_previews_of_arrays_and_tensors_show_their_numbers_and_dtype() -> None:
+    """Short arrays and tensors are formatted number by number (torch's formatter cost ~1 ms
+    per request); the text still says what the value is, its dtype and its gradient."""
+    import torch
+
+    assert preview_of(torch.arange(4.0)) == "tensor([0., 1., 2., 3.])"
+    assert preview_of(torch.tensor([0.25, -1e-7, float("nan")], dtype=torch.float64)) == (
+        "tensor([0.25, -1.0000e-07, nan], dtype=torch.float64)")
+    assert preview_of(torch.tensor(3.5)) == "tensor(3.5)"
+    assert preview_of(torch.ones(2, requires_grad=True)) == (
+        "tensor([1., 1.], requires_grad=True)")
+    assert preview_of(torch.tensor([1, 2], dtype=torch.bfloat16)) == (
+        "tensor([1., 2.], dtype=torch.bfloat16)")
+    assert preview_of(np.array([1, 2], dtype=np.int32)) == "array([1, 2], dtype=int32)"
+    assert preview_of(np.array([True, False])) == "array([True, False])"
+    corners = preview_of(torch.arange(1000).reshape(100, 10))
+    assert corners.startswith("tensor([[  0,   1,   2, ...,   7,   8,   9],")
+    assert "999]])" in corners and "500" not in corners
 
 
 def test_values_the_researcher_could_not_receive_are_refused_when_frozen() -> None:
