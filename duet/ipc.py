@@ -42,8 +42,11 @@ __all__ = [
     "ValueSummary",
     "WorkerMessage",
     "parse_worker_message",
+    "frame_parts",
     "recv_frame",
     "send_frame",
+    "send_parts",
+    "send_without_waiting",
 ]
 
 MAX_BUFFERS = 4096
@@ -55,12 +58,49 @@ _LENGTH = struct.Struct("<Q")
 Buffer = bytes | bytearray | memoryview
 
 
+def frame_parts(header: bytes, buffers: Sequence[Buffer] = ()) -> list[memoryview]:
+    """One frame as the byte strings to write, in order."""
+    views = [_bytes_view(b) for b in buffers]
+    lengths = b"".join(_LENGTH.pack(view.nbytes) for view in views)
+    return [memoryview(_COUNT.pack(len(views), len(header)) + lengths + header), *views]
+
+
 def send_frame(sock: socket.socket, header: bytes, buffers: Sequence[Buffer] = ()) -> None:
     """Write one frame; blocks until the socket took all of it."""
-    lengths = b"".join(_LENGTH.pack(memoryview(b).nbytes) for b in buffers)
-    sock.sendall(_COUNT.pack(len(buffers), len(header)) + lengths + header)
-    for buffer in buffers:
-        sock.sendall(buffer)
+    send_parts(sock, frame_parts(header, buffers))
+
+
+def send_parts(sock: socket.socket, parts: Sequence[memoryview]) -> None:
+    for part in parts:
+        sock.sendall(part)
+
+
+def send_without_waiting(sock: socket.socket, parts: list[memoryview]) -> list[memoryview]:
+    """Write what the socket takes at once, never blocking; returns the rest (empty when
+    all of it went). A full socket or a broken one leaves everything to a blocking writer,
+    which reports the error."""
+    if len(parts) > _GATHER:
+        return parts
+    try:
+        sent = sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
+    except OSError:
+        return parts
+    rest = []
+    for part in parts:
+        if sent >= part.nbytes:
+            sent -= part.nbytes
+            continue
+        rest.append(part[sent:])
+        sent = 0
+    return rest
+
+
+_GATHER = 64  # buffers written in one call at most (the system allows ~1,024)
+
+
+def _bytes_view(buffer: Buffer) -> memoryview:
+    view = memoryview(buffer)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def recv_frame(sock: socket.socket, max_bytes: int) -> tuple[bytes, list[memoryview]] | None:

@@ -160,7 +160,9 @@ class WorkerProcess:
             [sys.executable, "-m", "duet.worker", str(child.fileno()), json.dumps(config)],
             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         child.close()
-        self._outbox: queue.SimpleQueue[tuple[bytes, list[Any]] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[list[memoryview] | None] = queue.SimpleQueue()
+        self._writing = threading.Lock()  # held while deciding who writes the next frame
+        self._queued = 0  # frames handed to the writer thread and not yet written
         self._lock = threading.Lock()
         self._outstanding = 0  # units of work sent and not yet answered
         self._progress = time.monotonic()
@@ -178,23 +180,36 @@ class WorkerProcess:
     # -- sending (any thread) -------------------------------------------------------------------
     def submit(self, message_type: str, buffers: list[Any] | None = None, /, *,
                answered: bool = True, **fields: Any) -> None:
-        """Queue a message; ``answered``: the worker replies with one done/snapshot message."""
+        """Send a message: written at once when nothing is queued and the socket takes it,
+        else by the writer thread, in order. ``answered``: the worker replies with one
+        done/snapshot message."""
         if answered:
             with self._lock:
                 if self._outstanding == 0:
                     self._progress = time.monotonic()
                 self._outstanding += 1
-        self._outbox.put((ipc.pack(message_type, **fields), buffers or []))
+        parts = ipc.frame_parts(ipc.pack(message_type, **fields), buffers or [])
+        with self._writing:
+            if self._queued == 0:  # nothing ahead of it: write what the socket takes now,
+                parts = ipc.send_without_waiting(self._sock, parts)  # never blocking
+                if not parts:
+                    return
+            self._queued += 1  # the writer thread writes the rest, in order
+            self._outbox.put(parts)
 
     def _write(self) -> None:
+        """Writes what ``submit`` could not write at once (a full socket, a large frame),
+        so that no caller, the session's loop least of all, ever waits for the worker."""
         while True:
-            item = self._outbox.get()
-            if item is None:
+            parts = self._outbox.get()
+            if parts is None:
                 return
             try:
-                ipc.send_frame(self._sock, *item)
+                ipc.send_parts(self._sock, parts)
             except OSError:
                 return  # the worker is gone; the reader reports why
+            with self._writing:
+                self._queued -= 1
 
     # -- receiving (reader thread) -------------------------------------------------------------
     def _read(self) -> None:
