@@ -408,10 +408,14 @@ class Inventory:
 
 
 def inventory(value: Any) -> Inventory:
+    classes = _torch_classes()
+    if classes is not None and type(value) is classes[0] and (
+            not value.is_leaf or value.grad is None):  # most results: one plain tensor
+        block = _storage_block(value)
+        return Inventory([block], {block[0]: block[1]}, []) if block else Inventory([], {}, [])
     footprint: list[tuple[int, int]] = []
     sizes: dict[int, int] = {}
     arrays: list[np.ndarray] = []
-    classes = _torch_classes()
     tensor = classes[0] if classes is not None else _Never
     for item in contents(value):
         if isinstance(item, tensor):

@@ -470,13 +470,13 @@ def _check_alignment(provenance: Provenance, value: Any) -> Provenance:
 
 
 def _length_of(value: Any) -> int | None:
-    pd = _pandas()
-    if pd is not None and isinstance(value, (pd.DataFrame, pd.Series, pd.Index)):
-        return int(len(value))
-    if isinstance(value, np.ndarray) or _is_tensor(value):
+    if isinstance(value, np.ndarray) or _is_tensor(value):  # the common case first
         return int(value.shape[0]) if value.ndim else None
     if isinstance(value, list):
         return len(value)
+    pd = _pandas()
+    if pd is not None and isinstance(value, (pd.DataFrame, pd.Series, pd.Index)):
+        return int(len(value))
     return None
 
 
