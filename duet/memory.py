@@ -409,8 +409,8 @@ class Inventory:
 
 def inventory(value: Any) -> Inventory:
     classes = _torch_classes()
-    if classes is not None and type(value) is classes[0] and (
-            not value.is_leaf or value.grad is None):  # most results: one plain tensor
+    plain_tensor = classes is not None and type(value) is classes[0]
+    if plain_tensor and (not value.is_leaf or value.grad is None):  # most results
         block = _storage_block(value)
         return Inventory([block], {block[0]: block[1]}, []) if block else Inventory([], {}, [])
     footprint: list[tuple[int, int]] = []
