@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,25 +253,51 @@ def protected(value: Any, depth: int) -> Any:
 def contents(value: Any) -> Iterator[Any]:
     """Arrays, tensors (with their grads), modules, optimizers and schedulers inside
     ``value``, bounded in depth and item count. (This runs several times per operation of a
-    training step: the checks are ordered by how often each kind turns up.)"""
+    training step: the checks are ordered by how often each kind turns up, and the tensors
+    of a module or an optimizer are taken at once, not pushed and popped one by one.)"""
     classes: Any = _torch_classes() or (_Never, _Never, _Never, _Never)
     tensor, module, optimizer, scheduler = classes
     stack: list[tuple[Any, int]] = [(value, 0)]
     seen: set[int] = set()
     budget = _WALK_LIMIT
+
+    def tensors(found: Iterable[Any]) -> Iterator[Any]:
+        nonlocal budget
+        for item in found:
+            if item is None or id(item) in seen:
+                continue
+            seen.add(id(item))
+            budget -= 1
+            yield item
+            if item.is_leaf:
+                grad = item.grad
+                if grad is not None:
+                    yield grad
+
     while stack and budget > 0:
         item, depth = stack.pop()
         budget -= 1
         key = id(item)
         if key in seen or depth > MAX_VALUE_DEPTH:
             continue
-        seen.add(key)
         if isinstance(item, tensor):
+            yield from tensors((item,))
+            continue
+        seen.add(key)
+        if isinstance(item, module):
+            # what modules(), parameters() and buffers() yield, read from the module tree
+            # directly (torch's generators cost several times more); submodules at the same
+            # depth, as modules() knows no depth limit
             yield item
-            if item.is_leaf:
-                grad = item.grad
-                if grad is not None:
-                    yield grad
+            stack.extend((m, depth) for m in item._modules.values() if m is not None)
+            yield from tensors(item._parameters.values())
+            yield from tensors(item._buffers.values())
+        elif isinstance(item, optimizer):
+            yield item
+            for group in item.param_groups:
+                yield from tensors(group["params"])
+            for state in item.state.values():
+                stack.extend((v, depth + 1) for v in state.values())
         elif isinstance(item, np.ndarray):
             yield item
         elif isinstance(item, (list, tuple)):
@@ -285,20 +311,6 @@ def contents(value: Any) -> Iterator[Any]:
             # the estimators it holds (a pipeline's steps are the same objects)
             yield item
             stack.extend((v, depth + 1) for v in item.get_params(deep=False).values())
-        elif isinstance(item, module):
-            # what modules(), parameters() and buffers() yield, read from the module tree
-            # directly (torch's generators cost several times more); submodules at the same
-            # depth, as modules() knows no depth limit
-            yield item
-            stack.extend((m, depth) for m in item._modules.values() if m is not None)
-            stack.extend((t, depth + 1) for t in item._parameters.values() if t is not None)
-            stack.extend((t, depth + 1) for t in item._buffers.values() if t is not None)
-        elif isinstance(item, optimizer):
-            yield item
-            for group in item.param_groups:
-                stack.extend((p, depth + 1) for p in group["params"])
-            for state in item.state.values():
-                stack.extend((v, depth + 1) for v in state.values())
         elif isinstance(item, scheduler):
             yield item
             stack.append((item.optimizer, depth + 1))
