@@ -405,6 +405,17 @@ def _dedupe(parts: tuple[Part, ...]) -> tuple[Part, ...]:
     return tuple(seen.values())
 
 
+def _data_and_rest(call: Call, provenance_of: ProvenanceOf) -> tuple[Provenance, Provenance]:
+    """A summarizing call's first argument (the data it summarizes) and everything else it
+    read (weights, bins, keys): the rest is carried along, merged, not summarized."""
+    return (_provenance(call.args[0], provenance_of),
+            _merge(_collect(call.args[1:], call.kwargs, provenance_of)))
+
+
+def _with_rest(result: Provenance, rest: Provenance) -> Provenance:
+    return _merge([result, rest]) if rest else result
+
+
 def merge_all(inputs: list[Provenance]) -> Provenance:
     """Several inputs combined element-wise (``merge_states`` per source)."""
     return _merge(inputs)
@@ -671,8 +682,7 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
     if not call.args:
         return EMPTY
     data = call.args[0]
-    provenance = _provenance(data, provenance_of)
-    other = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
+    provenance, other = _data_and_rest(call, provenance_of)
     ndim = int(getattr(data, "ndim", 0) or 0)
     unknown = sorted(set(call.kwargs) - _REDUCTION_KEYWORDS)
     positional = 3 if name in _QUANTILES else 2
@@ -709,7 +719,7 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
             # a loss over weighed values is no training signal; a sum of them no total
             note = f"{name} of values weighed, combined or modelled per record"
         result[source] = Aggregated((_part(part_kind, state, cells or {}, note),))
-    return _merge([result, other]) if other else result
+    return _with_rest(result, other)
 
 
 def _part(kind: str, state: Rows, cells: Mapping[str, np.ndarray], name: str) -> Part:
@@ -820,8 +830,7 @@ def _table(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> Pr
     if not call.args:
         return EMPTY
     data = call.args[0]
-    provenance = _provenance(data, provenance_of)
-    other = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
+    provenance, other = _data_and_rest(call, provenance_of)
     table_keywords = {"unique": {"return_counts", "sorted"}, "bincount": {"minlength"},
                       "histogram": {"bins", "range"}, "histc": {"bins", "min", "max"}}[name]
     positional = {"unique": 1, "bincount": 1, "histogram": 3, "histc": 4}[name]
@@ -852,7 +861,7 @@ def _table(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> Pr
             parts.append(Part("order", records, state.total, n, {},
                               f"{name} bin edges placed at the smallest and largest value"))
         result[source] = Aggregated(tuple(parts))
-    return _merge([result, other]) if other else result
+    return _with_rest(result, other)
 
 
 def _table_counts(name: str, data: Any, value: Any) -> np.ndarray:
@@ -1013,11 +1022,10 @@ def _trained_part(state: Rows | Aggregated, learned: list[Part] | None,
 
 
 def _union_models(parts: tuple[Part, ...], new: Part) -> tuple[Part, ...]:
-    models = [p for p in parts if p.kind == "model"]
+    old = _model_of(parts)
+    if old is None:
+        return (*parts, new)
     others = tuple(p for p in parts if p.kind != "model")
-    if not models:
-        return (*others, new)
-    old = models[0]
     if old.rows is None or new.rows is None:
         rows = None
     else:
@@ -1207,7 +1215,7 @@ def _grouped(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> 
                                           cells if part_kind == kind else {},
                                           f"{name} per group"),))
     other = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
-    return _merge([result, other]) if other else result
+    return _with_rest(result, other)
 
 
 def _group_cells(group: Any, kind: str, name: str, value: Any) -> dict[str, np.ndarray]:

@@ -213,12 +213,11 @@ def _array_text(values: np.ndarray, name: str, suffix: str) -> str:
 
 
 def _number(value: bool | int | float) -> str:
-    if isinstance(value, float) and value == value and abs(value) not in (0.0, float("inf")) \
-            and not 1e-4 <= abs(value) < 1e8:
+    if not isinstance(value, float) or value != value or abs(value) == float("inf"):
+        return str(value)  # integers, booleans, nan, inf
+    if value != 0 and not 1e-4 <= abs(value) < 1e8:
         return f"{value:.4e}"
-    if isinstance(value, float) and value == value and abs(value) != float("inf"):
-        return f"{value:.4f}".rstrip("0")  # 1. and 0.25, as numpy shows them
-    return str(value)
+    return f"{value:.4f}".rstrip("0")  # 1. and 0.25, as numpy shows them
 
 
 def _table_bytes(value: Any) -> int:
