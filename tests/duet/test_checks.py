@@ -6,7 +6,6 @@ except the process boundary (tests/duet/test_checks_session.py crosses it)."""
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -17,8 +16,9 @@ from duet import checks
 from duet.checks import Check, CheckSettings, History
 from duet.executor import Executor
 from duet.policy import Allowlist
-from duet.protocol import DTypeRef, Op, PointerRef, StoreRef
+from duet.protocol import DTypeRef, PointerRef, StoreRef
 from duet.provenance import Aggregated, Rows, Unknown, _sorted_union
+from tests.helpers.executor import Driver
 
 N = 200
 rng = np.random.default_rng(7)
@@ -32,38 +32,24 @@ WARD[-1] = 7  # ... and one patient alone in ward 7
 X = rng.normal(size=(N, 3))
 
 
-class Lab:
-    """The worker's executor with shared data, and the checks it would attach."""
+class Lab(Driver):
+    """The worker's executor with shared data, and the checks it would attach; every op
+    must run."""
 
     def __init__(self, **settings: CheckSettings) -> None:
-        self.executor = Executor(Allowlist.default())
+        super().__init__(Executor(Allowlist.default()))
         for name, value in (("ages", AGES), ("ids", IDS), ("income", INCOME), ("ward", WARD),
                             ("X", X), ("Xt", torch.tensor(X, dtype=torch.float32)),
                             ("y", torch.tensor(X @ [1.0, -2.0, 0.5], dtype=torch.float32))):
             self.executor.share(name, value)
         self.settings = settings
         self.history = History()
-        self.ids = itertools.count(1)
 
     def op(self, kind: str, name: str, target: Any = None, *args: Any,
            **kwargs: Any) -> PointerRef:
-        result = next(self.ids)
-        failure = self.executor.execute(Op(result=result, kind=kind, name=name, target=target,
-                                           args=list(args), kwargs=kwargs))
-        assert failure is None, failure
-        return PointerRef(result)
-
-    def fn(self, name: str, *args: Any, **kwargs: Any) -> PointerRef:
-        return self.op("function", name, None, *args, **kwargs)
-
-    def method(self, target: Any, name: str, *args: Any, **kwargs: Any) -> PointerRef:
-        return self.op("method", name, target, *args, **kwargs)
-
-    def attr(self, target: Any, name: str) -> PointerRef:
-        return self.op("getattr", name, target)
-
-    def value(self, ref: PointerRef) -> Any:
-        return self.executor.lookup(ref).value
+        ref = super().op(kind, name, target, *args, **kwargs)
+        assert self.last_failure is None, self.last_failure
+        return ref
 
     def checks(self, ref: PointerRef | StoreRef, elements: int = 1) -> dict[str, Check]:
         entry = self.executor.lookup(ref)

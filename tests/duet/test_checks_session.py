@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 
 import duet
-from duet import OwnerSession, ResearcherSession
+from duet import OwnerSession
 from duet import protocol as p
 from duet.approvals import Request
 from duet.audit import AuditLog
 from kernel_ext.display import request_html
 from tests.helpers.rawwire import new_id, op, send_header, send_raw
-from tests.helpers.sessions import eventually, session_pair
+from tests.helpers.sessions import Pair, eventually, session_pair
 
-Pair = tuple[OwnerSession, ResearcherSession]
 N = 120
 AGES = np.r_[[91.0, 92.0, 93.0, 94.0, 95.0], np.linspace(20.0, 80.0, N - 5)]
 IDS = np.arange(N, dtype=np.int64)

@@ -416,11 +416,16 @@ def remote_mlp(r: Any) -> Any:
 TRAIN = dict(loss="cross_entropy", epochs=5, batch_size=128, lr=1.0, epsilon=2.0)
 
 
+def train_digits(r: Any) -> Any:
+    """The researcher's DP training job over the shared digits, with ``TRAIN``."""
+    digits = r.store["digits"]
+    return r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
+
+
 def test_a_researcher_trains_privately_and_gets_parameters_only(pair: tuple[Any, Any]) -> None:
     owner, r = pair
     owner.requests.add_rule("approve", dp_within_budget=True)
-    digits = r.store["digits"]
-    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
+    job = train_digits(r)
     result = job.get("a private digit classifier", timeout=120)
 
     assert set(result["parameters"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
@@ -446,8 +451,7 @@ def test_a_researcher_trains_privately_and_gets_parameters_only(pair: tuple[Any,
 
 def test_the_owner_sees_the_cost_before_anything_trains(pair: tuple[Any, Any]) -> None:
     owner, r = pair
-    digits = r.store["digits"]
-    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
+    job = train_digits(r)
     handle = job.pointer.request("start, please")
     start = owner.requests.wait(60)
     assert start is not None and start.dp is not None and start.dp.kind == "dp"
@@ -464,8 +468,7 @@ def test_the_owner_sees_the_cost_before_anything_trains(pair: tuple[Any, Any]) -
 
 def test_a_start_approved_by_hand_releases_the_parameters(pair: tuple[Any, Any]) -> None:
     owner, r = pair
-    digits = r.store["digits"]
-    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
+    job = train_digits(r)
     handle = job.pointer.request("start")
     start = owner.requests.wait(60)
     assert start is not None
@@ -606,8 +609,7 @@ def test_the_result_cannot_be_asked_for_before_the_start_is_approved(
     pair: tuple[Any, Any],
 ) -> None:
     owner, r = pair
-    digits = r.store["digits"]
-    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
+    job = train_digits(r)
     job.pointer.request("start")
     with pytest.raises(duet.RequestError, match="still waiting for the owner"):
         job.pointer.get("result now", timeout=30)
@@ -621,8 +623,7 @@ def test_an_alias_of_the_job_is_not_the_job(pair: tuple[Any, Any]) -> None:
     owner, r = pair
     owner.requests.add_rule("approve", dp_within_budget=True)
     owner.requests.add_rule("approve")  # an owner who approves everything else too
-    digits = r.store["digits"]
-    job = r.dp.train(remote_mlp(r), data=digits[PIXELS], labels=digits["target"], **TRAIN)
+    job = train_digits(r)
     alias = r.np.asarray([job.pointer])[0]
     alias.request("the job by another name")
     failed = owner.requests.wait(60)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -12,49 +11,10 @@ import pytest
 import torch
 
 from duet.errors import RequestError
-from duet.executor import MAX_LINEAGE, Entry, Executor, ExecutorEvents
+from duet.executor import MAX_LINEAGE, Executor, ExecutorEvents
 from duet.policy import Allowlist
-from duet.protocol import DTypeRef, Op, OpFailed, PointerRef, StoreRef
-
-
-class Driver:
-    """Builds ops the way a researcher's pointers would, with fresh result ids."""
-
-    def __init__(self, executor: Executor) -> None:
-        self.executor = executor
-        self.ids = itertools.count(1)
-        self.last_failure: OpFailed | None = None
-
-    def op(self, kind: str, name: str, target: Any = None, *args: Any, **kwargs: Any) -> PointerRef:
-        result = next(self.ids)
-        op = Op(result=result, kind=kind, name=name, target=target, args=list(args),
-                kwargs=kwargs)
-        self.last_failure = self.executor.execute(op)
-        return PointerRef(result)
-
-    def fn(self, name: str, *args: Any, **kwargs: Any) -> PointerRef:
-        return self.op("function", name, None, *args, **kwargs)
-
-    def method(self, target: Any, name: str, *args: Any, **kwargs: Any) -> PointerRef:
-        return self.op("method", name, target, *args, **kwargs)
-
-    def attr(self, target: Any, name: str) -> PointerRef:
-        return self.op("getattr", name, target)
-
-    def call(self, target: Any, *args: Any, **kwargs: Any) -> PointerRef:
-        return self.op("call", "forward", target, *args, **kwargs)
-
-    def entry(self, ref: PointerRef) -> Entry:
-        entry = self.executor.lookup(ref)
-        assert entry.failure is None, (entry.failure, entry.error)
-        return entry
-
-    def value(self, ref: PointerRef) -> Any:
-        return self.entry(ref).value
-
-    def lineage(self, ref: PointerRef) -> str:
-        return self.entry(ref).lineage
-
+from duet.protocol import DTypeRef, Op, PointerRef, StoreRef
+from tests.helpers.executor import Driver
 
 AGES = np.array([25.0, 31.0, 47.0, 19.0, 38.0, 52.0])
 

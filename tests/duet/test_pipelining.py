@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +19,12 @@ import pytest
 import torch
 
 import duet
-from duet import OwnerSession, ResearcherSession
 from duet import protocol as p
 from duet.audit import AuditLog
 from duet.errors import PolicyViolation
 from duet.policy import Allowlist, check_name
 from tests.helpers import rawwire
-from tests.helpers.sessions import eventually, session_pair
-
-Pair = tuple[OwnerSession, ResearcherSession]
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    with session_pair(tmp_path / "audit.db") as sessions:
-        yield sessions
+from tests.helpers.sessions import Pair, eventually
 
 
 def test_a_pipelined_chain_frees_every_intermediate_on_the_owner(pair: Pair) -> None:

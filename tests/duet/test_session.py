@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +11,9 @@ import pytest
 import torch
 
 import duet
-from duet import OwnerSession, ResearcherSession
+from duet import OwnerSession
 from duet import protocol as p
-from tests.helpers.sessions import eventually, session_pair
-
-Pair = tuple[OwnerSession, ResearcherSession]
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    with session_pair(tmp_path / "audit.db") as sessions:
-        yield sessions
+from tests.helpers.sessions import Pair, eventually, session_pair
 
 
 def test_store_lists_declared_metadata_and_updates_live(pair: Pair) -> None:

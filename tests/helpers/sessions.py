@@ -13,6 +13,8 @@ from duet.owner import OwnerSession
 from duet.researcher import ResearcherSession
 from duet.transport import InMemoryTransport
 
+Pair = tuple[OwnerSession, ResearcherSession]
+
 
 @contextlib.contextmanager
 def session_pair(audit_path: Path, *, frame_size: int = 64 * 1024,
