@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.duet.hostile.peerkit import script
 from tests.helpers.peers import owner_and_researcher
 
@@ -167,6 +169,7 @@ flag("stop")
 ''')
 
 
+@pytest.mark.timeout(900)   # floods of 10,000 requests and ops: about 140 s alone, more under load
 def test_the_owner_survives(signaling_url: str, tmp_path: Path) -> None:
     owner, researcher = owner_and_researcher(OWNER, RESEARCHER, server=signaling_url,
                                              tmp=tmp_path)
