@@ -64,21 +64,38 @@ class Entry:
     modified_by: list[str] = field(default_factory=list)
     # which records of each source the value depends on, and how (duet.provenance)
     provenance: Provenance = field(default_factory=dict)
+    # the memory blocks found at the last count, and their sizes as counted against the
+    # budget: an in-place change that leaves both alike needs no recount
+    footprint: list[tuple[int, int]] = field(default_factory=list)
+    counted: dict[int, int] = field(default_factory=dict)
     origin: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.origin = self.lineage
 
-    def note_modification(self, note: str, sources: frozenset[str],
-                          by: Provenance = EMPTY) -> None:
+    def note_modification(self, note: str, sources: frozenset[str], by: Provenance = EMPTY,
+                          seen: dict[tuple[int, bool], tuple[Provenance, Provenance]]
+                          | None = None) -> None:
         """Record an in-place change, so that a model trained by ``opt.step()`` says so, and
         on which shared data, in its lineage. The operations are kept in ``modified_by``; the
         lineage stays short enough to read in an approval table. A model, its parameters or
         an optimizer learn from the records ``by`` names; anything else changed in place
-        loses its row alignment (``provenance.modified``)."""
+        loses its row alignment (``provenance.modified``).
+
+        ``seen``: the provenances already worked out for this same change, by the identity
+        of the one they replaced. A step reaches the model, its layers, its parameter list
+        and its optimizer, which share one provenance object after their first step: it is
+        worked out once, and they keep sharing it."""
         if by:
-            self.provenance = provenance.modified(self.provenance, by,
-                                                  trained=_learns(self.value))
+            trained = _learns(self.value)
+            key = (id(self.provenance), trained)
+            known = seen.get(key) if seen is not None else None
+            if known is None:
+                known = (self.provenance, provenance.modified(self.provenance, by,
+                                                              trained=trained))
+                if seen is not None:
+                    seen[key] = known  # the old one is kept alive with it: its id stays its own
+            self.provenance = known[1]
         if note in self.modified_by and sources <= self.sources:
             return  # every training step says the same: the lineage would not change
         self.sources |= sources
@@ -189,7 +206,8 @@ class Executor:
             derived = call.derive(value)
             # the record numbers provenance keeps count too (a mean over a selection holds
             # them after the selection is freed)
-            nbytes = self._account(op.result, value, provenance.arrays(derived), held.sizes)
+            counted = _with_arrays(held.sizes, provenance.arrays(derived))
+            nbytes = self._account(op.result, value, counted)
         except PolicyViolation as exc:
             return self._report(op, call, _Failure("PolicyViolation", str(exc)), policy=True)
         except _Failure as failure:
@@ -200,7 +218,8 @@ class Executor:
             return self._report(op, call, raised)
         self._entries[op.result] = Entry(value, call.text, nbytes,
                                          sources=frozenset(call.sources),
-                                         provenance=derived)
+                                         provenance=derived, footprint=held.footprint,
+                                         counted=counted)
         self._footprints.record(op.result, held.footprint)
         self._events.executed(call.operation, call.text, op.result)
         return None
@@ -305,7 +324,9 @@ class Executor:
         if mutating:
             shown = ", ".join(arguments)
             note = f"{call.operation}({shown if len(shown) <= 40 else '…'})"
-            self._note_modified(op.target, touched, note, call.sources, call.provenance())
+            # ``backward`` writes the grads of the graph's leaves, never the loss itself
+            self._note_modified(op.target, touched, note, call.sources, call.provenance(),
+                                target_changed=op.name != "backward")
         return value
 
     def _run_call(self, op: Op, call: _Call, target: Any, target_text: str,
@@ -442,31 +463,36 @@ class Executor:
 
     def _note_modified(
         self, ref: PointerRef | StoreRef, touched: list[tuple[int, int]], operation: str,
-        sources: set[str], by: Provenance = EMPTY,
+        sources: set[str], by: Provenance = EMPTY, *, target_changed: bool = True,
     ) -> None:
         """Note the in-place change in the lineage of every entry it reached (a trained
-        model's lineage names the training steps and their data), and recount their memory."""
+        model's lineage names the training steps and their data), and recount their memory.
+        ``ref`` (the target) is among them when ``target_changed``, whatever its memory."""
         note = f"{operation} using {', '.join(sorted(sources))}" if sources else operation
         reached = self._footprints.reached_by(touched)
-        if isinstance(ref, PointerRef):
+        if target_changed and isinstance(ref, PointerRef):
             reached.add(ref.id)
+        seen: dict[tuple[int, bool], tuple[Provenance, Provenance]] = {}
+        changed_sources = frozenset(sources)
         for entry_id in sorted(reached):
             entry = self._entries.get(entry_id)
             if entry is None:
                 continue
-            entry.note_modification(note, frozenset(sources), by)
+            entry.note_modification(note, changed_sources, by, seen)
             held = inventory(entry.value)
+            counted = _with_arrays(held.sizes, provenance.arrays(entry.provenance))
+            if held.footprint == entry.footprint and counted == entry.counted:
+                continue  # the same blocks (``opt.step()`` of SGD): nothing to recount
             self._budget.release(entry_id)
             entry.nbytes = self._budget.account(entry_id, entry.value, self._intervals,
-                                                enforce=False, sizes=held.sizes)
+                                                enforce=False, sizes=counted)
+            entry.footprint, entry.counted = held.footprint, counted
             self._footprints.record(entry_id, held.footprint)
 
-    def _account(self, entry_id: int, value: Any, extra: list[np.ndarray] | None = None,
-                 sizes: dict[int, int] | None = None) -> int:
-        """``sizes``: the value's own ``buffer_sizes`` when known (used without ``extra``)."""
+    def _account(self, entry_id: int, value: Any, sizes: dict[int, int] | None = None) -> int:
+        """``sizes``: what to count for ``value`` when known (its ``buffer_sizes`` with its
+        provenance's arrays), so the value is not walked twice."""
         try:
-            if extra:
-                return self._budget.account(entry_id, (value, *extra), self._intervals)
             return self._budget.account(entry_id, value, self._intervals, sizes=sizes)
         except OverBudget as exc:
             raise _Failure(
@@ -551,6 +577,20 @@ def _learns(value: Any) -> bool:
             isinstance(item, (torch.nn.Module, torch.optim.Optimizer))
             or (isinstance(item, torch.Tensor) and item.requires_grad)))
         for item in items)
+
+
+def _with_arrays(sizes: dict[int, int], arrays: list[np.ndarray]) -> dict[int, int]:
+    """A value's blocks (``sizes``) with the arrays kept alongside it: the record numbers
+    its provenance holds count against the budget too (a mean over a selection keeps
+    them after the selection is freed; a model keeps the set of records it learned)."""
+    if not arrays:
+        return sizes
+    combined = dict(sizes)
+    for array in arrays:
+        block = allocation(array)
+        if block is not None:
+            combined[block[0]] = max(block[1], combined.get(block[0], 0))
+    return combined
 
 
 def _materialized(value: Any) -> Any:

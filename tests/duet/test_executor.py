@@ -423,6 +423,45 @@ def test_twenty_step_training_loop_reduces_the_loss(executor: Executor) -> None:
     assert torch.is_grad_enabled()
 
 
+def test_training_counts_grads_and_learned_records_and_leaves_the_loss_unmodified() -> None:
+    """After each in-place step the budget holds exactly the model's weights, its grads while
+    they exist, and the record numbers it learned (which grow by the batch); ``backward``
+    writes grads, never the loss, so the loss keeps its lineage."""
+    executor = Executor(Allowlist.default())
+    executor.share("X", torch.randn(1000, 4))
+    executor.share("y", torch.randn(1000, 1))
+    r = Driver(executor)
+    layer = r.fn("torch.nn.Linear", 4, 1)
+    optimizer = r.fn("torch.optim.SGD", r.method(layer, "parameters"), lr=0.1)
+    r.executor.free([optimizer.id - 1])  # the parameters() list, as the researcher drops it
+    weights = (4 + 1) * 4
+
+    def learned() -> int:
+        (part,) = [p for p in executor.lookup(layer).provenance["X"].parts if p.kind == "model"]
+        return part.rows.nbytes
+
+    for batch in range(3):
+        rows = slice(100 * batch, 100 * batch + 100)
+        r.method(optimizer, "zero_grad")
+        prediction = r.call(layer, r.fn("operator.getitem", StoreRef("X"), rows))
+        loss = r.fn("torch.nn.functional.mse_loss", prediction,
+                    r.fn("operator.getitem", StoreRef("y"), rows))
+        before = r.lineage(loss)
+        r.method(loss, "backward")
+        assert r.lineage(loss) == before and r.entry(loss).modified_by == []
+        r.executor.free(list(range(prediction.id - 1, loss.id + 1)))  # the batch, the loss
+        # the layer and the optimizer both hold the weights, the grads and the learned set
+        # (the blocks are counted once): X's and y's record numbers, 100 more each step
+        assert learned() == 8 * 100 * (batch + 1)
+        assert executor.used_bytes() == 2 * weights + 2 * learned()
+        r.method(optimizer, "step")  # same blocks: nothing recounted, nothing lost
+        assert executor.used_bytes() == 2 * weights + 2 * learned()
+    r.method(optimizer, "zero_grad")  # the grads are gone
+    assert executor.used_bytes() == weights + 2 * learned()
+    r.executor.free([layer.id, optimizer.id])
+    assert executor.used_bytes() == 0
+
+
 def test_module_helpers_are_usable_twice(r: Driver) -> None:
     net = r.fn("torch.nn.Sequential", r.fn("torch.nn.Linear", 2, 2))
     params = r.method(net, "parameters")
