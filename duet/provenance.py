@@ -1040,8 +1040,21 @@ def _union_models(parts: tuple[Part, ...], new: Part) -> tuple[Part, ...]:
 # its optimizer, which learn the same batch (of each shared source): with this, they share
 # one set, so their next unions find it by identity instead of comparing two equal copies
 # of every record. The inputs are kept alive with the result, so their ids stay theirs.
+# Features and labels (``X[i:j]``, ``y[i:j]``) are two sources with equal record numbers:
+# a union whose inputs equal a recent one's is that one's result (the batches compared
+# first, 128 numbers; the large sets by identity once they are shared), so both sources
+# share one set and each step copies it once, not once per source.
 _recent_unions: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 _RECENT_UNIONS = 16
+
+
+def _recent_equal_union(big: np.ndarray, small: np.ndarray) -> np.ndarray | None:
+    for a, b, union in reversed(_recent_unions.values()):
+        old, new = (a, b) if a.size >= b.size else (b, a)
+        if (new.size == small.size and old.size == big.size and np.array_equal(new, small)
+                and (old is big or np.array_equal(old, big))):
+            return union
+    return None
 
 
 def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -1063,7 +1076,12 @@ def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     at = np.searchsorted(big, small)
     present = at < big.size
     present[present] = big[at[present]] == small[present]
-    union = big if present.all() else np.insert(big, at[~present], small[~present])
+    if present.all():
+        union = big
+    else:
+        union = _recent_equal_union(big, small)
+        if union is None:
+            union = np.insert(big, at[~present], small[~present])
     if len(_recent_unions) >= _RECENT_UNIONS:
         del _recent_unions[next(iter(_recent_unions))]
     _recent_unions[key] = (a, b, union)

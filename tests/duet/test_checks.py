@@ -280,10 +280,12 @@ def test_a_model_trained_on_shuffled_repeated_batches_learns_a_sorted_distinct_s
                       lab.method(lab.op("call", "forward", model, data), "squeeze", 1), target)
         lab.method(loss, "backward")
         lab.method(optimizer, "step")
-    (part,) = [p for p in lab.executor.lookup(model).provenance["Xt"].parts
-               if p.kind == "model"]
+    learned = lab.executor.lookup(model).provenance
+    (part,) = [p for p in learned["Xt"].parts if p.kind == "model"]
     assert np.array_equal(part.rows, np.unique(order[:96]))
     assert part.n == 96
+    (labels,) = [p for p in learned["y"].parts if p.kind == "model"]
+    assert labels.rows is part.rows  # the same records of two sources: one set, not two
 
 
 def test_a_model_with_too_many_parameters_fails(lab: Lab) -> None:
@@ -516,3 +518,7 @@ def test_a_models_record_set_grows_by_union_and_is_reused_when_nothing_is_new() 
     assert _sorted_union(learned, learned) is learned
     grown = _sorted_union(np.arange(0, 60_000, 2), np.arange(1, 257, 2))
     assert grown.size == 30_000 + 128 and np.all(np.diff(grown) > 0)
+    # features and labels: equal record numbers in two arrays give the one union already made
+    assert _sorted_union(np.arange(0, 60_000, 2), np.arange(1, 257, 2)) is grown
+    assert not np.shares_memory(_sorted_union(np.arange(0, 60_000, 2), np.arange(1, 259, 2)),
+                                grown)
