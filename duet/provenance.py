@@ -1079,9 +1079,9 @@ def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if present.all():
         union = big
     else:
-        union = _recent_equal_union(big, small)
-        if union is None:
-            union = np.insert(big, at[~present], small[~present])
+        recent_equal = _recent_equal_union(big, small)
+        union = recent_equal if recent_equal is not None else np.insert(
+            big, at[~present], small[~present])
     if len(_recent_unions) >= _RECENT_UNIONS:
         del _recent_unions[next(iter(_recent_unions))]
     _recent_unions[key] = (a, b, union)
