@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -22,7 +23,11 @@ T = TypeVar("T")
 
 
 class LoopThread:
-    def __init__(self, name: str = "duet-loop") -> None:
+    def __init__(self, name: str = "duet-loop", *, switch_interval: float | None = None) -> None:
+        """``switch_interval``: lower the process's GIL switch interval to this many seconds
+        (never raise it), so the loop is not kept waiting by another thread's slice."""
+        if switch_interval is not None and sys.getswitchinterval() > switch_interval:
+            sys.setswitchinterval(switch_interval)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()

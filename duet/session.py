@@ -50,7 +50,8 @@ class Session:
     def __init__(self, config: SessionConfig | None = None) -> None:
         self.config = config or SessionConfig()
         self.session_id = secrets.token_hex(8)
-        self._loop = LoopThread(name=f"duet-{self.role}-{self.session_id[:6]}")
+        self._loop = LoopThread(name=f"duet-{self.role}-{self.session_id[:6]}",
+                                switch_interval=self.config.switch_interval)
         self._transport: Transport | None = None
         self._ready = threading.Event()  # hello exchanged
         self._lost = threading.Event()  # transport gone (or never came)

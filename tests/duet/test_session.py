@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import traceback
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 import duet
 from duet import OwnerSession
 from duet import protocol as p
+from duet.config import SessionConfig
 from tests.helpers.sessions import Pair, eventually, session_pair
 
 
@@ -369,3 +371,22 @@ def test_researcher_and_owner_read_the_same_lineage(pair: Pair) -> None:
         request = owner.requests.wait(10)
         assert request is not None and request.lineage == handle.lineage == pointer.lineage
         request.deny()
+
+
+def test_a_session_lowers_the_gil_switch_interval_and_never_raises_it(tmp_path: Path) -> None:
+    """The loop shares the GIL with the kernel's other threads: a session asks for short
+    slices (``SessionConfig.switch_interval``), leaves a shorter setting alone, and with
+    ``None`` does not touch the interpreter."""
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        OwnerSession(audit_path=tmp_path / "a.db").close()
+        assert sys.getswitchinterval() == pytest.approx(SessionConfig().switch_interval)
+        sys.setswitchinterval(0.0001)
+        OwnerSession(audit_path=tmp_path / "b.db").close()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+        sys.setswitchinterval(0.005)
+        OwnerSession(SessionConfig(switch_interval=None), audit_path=tmp_path / "c.db").close()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        sys.setswitchinterval(before)
