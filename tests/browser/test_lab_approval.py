@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jupyter_core.paths import jupyter_data_dir
 from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.helpers.signaling import free_port
@@ -39,6 +40,11 @@ def lab(tmp_path: Path) -> Iterator[str]:
     port, token = free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k not in ("DUET_DEMO_CODE_FILE",
                                                             "DUET_SIGNALING_URL")}
+    # The same-machine invitation lives in the user's data directory: a duet launched
+    # elsewhere on this machine meanwhile (another run, a benchmark) would hand the
+    # researcher its code. This lab's kernels get their own; Jupyter keeps its own.
+    env["JUPYTER_DATA_DIR"] = jupyter_data_dir()
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("jupyter")), "lab", "--no-browser",
          "--ip", "127.0.0.1", "--port", str(port), "--ServerApp.port_retries=0",
