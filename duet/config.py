@@ -51,7 +51,8 @@ class SessionConfig:
     # process when a session starts, never raised. The session's loop shares the GIL with
     # the process's other threads (the owner's reader of its worker, the notebook's own
     # code); with CPython's default of 5 ms, a message ready to leave can wait out a busy
-    # thread's slice (measured: ~1.5 ms of a 7 ms `get`). None leaves the interpreter alone.
+    # thread's slice (measured: pipelined ops 1.24x faster, pandas ops 2x, with 0.5 ms).
+    # None leaves the interpreter alone.
     switch_interval: float | None = 0.0005
 
     def worker_memory_limit(self) -> int:
