@@ -1039,18 +1039,17 @@ def _union_models(parts: tuple[Part, ...], new: Part) -> tuple[Part, ...]:
 # The last unions and their inputs, by identity. One training step reaches the model and
 # its optimizer, which learn the same batch (of each shared source): with this, they share
 # one set, so their next unions find it by identity instead of comparing two equal copies
-# of every record. The inputs are kept alive with the result, so their ids stay theirs.
-# Features and labels (``X[i:j]``, ``y[i:j]``) are two sources with equal record numbers:
-# a union whose inputs equal a recent one's is that one's result (the batches compared
-# first, 128 numbers; the large sets by identity once they are shared), so both sources
-# share one set and each step copies it once, not once per source.
+# of every record. The inputs (larger first) are kept alive with the result, so their ids
+# stay theirs. Features and labels (``X[i:j]``, ``y[i:j]``) are two sources with equal
+# record numbers: a union whose inputs equal a recent one's is that one's result (the
+# batches compared first, 128 numbers; the large sets by identity once they are shared),
+# so both sources share one set and each step copies it once, not once per source.
 _recent_unions: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 _RECENT_UNIONS = 16
 
 
 def _recent_equal_union(big: np.ndarray, small: np.ndarray) -> np.ndarray | None:
-    for a, b, union in reversed(_recent_unions.values()):
-        old, new = (a, b) if a.size >= b.size else (b, a)
+    for old, new, union in reversed(_recent_unions.values()):
         if (new.size == small.size and old.size == big.size and np.array_equal(new, small)
                 and (old is big or np.array_equal(old, big))):
             return union
@@ -1084,7 +1083,7 @@ def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             big, at[~present], small[~present])
     if len(_recent_unions) >= _RECENT_UNIONS:
         del _recent_unions[next(iter(_recent_unions))]
-    _recent_unions[key] = (a, b, union)
+    _recent_unions[key] = (big, small, union)
     return union
 
 
