@@ -206,7 +206,7 @@ class Executor:
             derived = call.derive(value)
             # the record numbers provenance keeps count too (a mean over a selection holds
             # them after the selection is freed)
-            counted = _with_arrays(held.sizes, provenance.arrays(derived))
+            counted = _with_blocks(held.sizes, _array_blocks(provenance.arrays(derived)))
             nbytes = self._account(op.result, value, counted)
         except PolicyViolation as exc:
             return self._report(op, call, _Failure("PolicyViolation", str(exc)), policy=True)
@@ -473,6 +473,7 @@ class Executor:
         if target_changed and isinstance(ref, PointerRef):
             reached.add(ref.id)
         seen: dict[tuple[int, bool], tuple[Provenance, Provenance]] = {}
+        kept: dict[int, dict[int, int]] = {}  # array blocks by provenance, shared ones once
         changed_sources = frozenset(sources)
         for entry_id in sorted(reached):
             entry = self._entries.get(entry_id)
@@ -480,7 +481,11 @@ class Executor:
                 continue
             entry.note_modification(note, changed_sources, by, seen)
             held = inventory(entry.value)
-            counted = _with_arrays(held.sizes, provenance.arrays(entry.provenance))
+            blocks = kept.get(id(entry.provenance))
+            if blocks is None:
+                blocks = kept[id(entry.provenance)] = _array_blocks(
+                    provenance.arrays(entry.provenance))
+            counted = _with_blocks(held.sizes, blocks)
             if held.footprint == entry.footprint and counted == entry.counted:
                 continue  # the same blocks (``opt.step()`` of SGD): nothing to recount
             self._budget.release(entry_id)
@@ -579,17 +584,25 @@ def _learns(value: Any) -> bool:
         for item in items)
 
 
-def _with_arrays(sizes: dict[int, int], arrays: list[np.ndarray]) -> dict[int, int]:
-    """A value's blocks (``sizes``) with the arrays kept alongside it: the record numbers
-    its provenance holds count against the budget too (a mean over a selection keeps
-    them after the selection is freed; a model keeps the set of records it learned)."""
-    if not arrays:
-        return sizes
-    combined = dict(sizes)
+def _array_blocks(arrays: list[np.ndarray]) -> dict[int, int]:
+    """The memory blocks of the arrays a provenance keeps (record numbers, per-cell evidence):
+    they count against the budget too (a mean over a selection keeps them after the selection
+    is freed; a model keeps the set of records it learned)."""
+    blocks: dict[int, int] = {}
     for array in arrays:
         block = allocation(array)
         if block is not None:
-            combined[block[0]] = max(block[1], combined.get(block[0], 0))
+            blocks[block[0]] = max(block[1], blocks.get(block[0], 0))
+    return blocks
+
+
+def _with_blocks(sizes: dict[int, int], blocks: dict[int, int]) -> dict[int, int]:
+    """A value's blocks (``sizes``) with ``blocks`` kept alongside it, each counted once."""
+    if not blocks:
+        return sizes
+    combined = dict(sizes)
+    for start, size in blocks.items():
+        combined[start] = max(size, combined.get(start, 0))
     return combined
 
 

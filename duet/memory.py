@@ -10,6 +10,7 @@ checks give clear refusals; the mapping is what makes a write impossible.
 from __future__ import annotations
 
 import bisect
+import itertools
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -89,7 +90,8 @@ class Footprints:
     _DEAD = np.iinfo(np.int64).min  # the end of an emptied row: it overlaps nothing
 
     def __init__(self) -> None:
-        self._table = np.empty((0, 4), dtype=np.int64)
+        # the table by columns (row number, entry, start, end), so each is contiguous
+        self._table = np.empty((4, 0), dtype=np.int64)
         self._pending: list[tuple[int, int, int, int]] = []  # rows not yet in the table
         self._rows: dict[int, tuple[int, int]] = {}  # live entry -> (first row number, count)
         self._next_row = 0
@@ -115,32 +117,34 @@ class Footprints:
             for row in range(first, first + count):  # row numbers stay in order
                 self._pending[row - pending_first] = (row, entry_id, 0, self._DEAD)
         else:
-            at = int(np.searchsorted(self._table[:, 0], first))
-            self._table[at:at + count, 3] = self._DEAD
+            at = int(np.searchsorted(self._table[0], first))
+            self._table[3, at:at + count] = self._DEAD
 
     def reached_by(self, touched: list[tuple[int, int]]) -> set[int]:
-        """Live entries with a block overlapping any of ``touched`` ((start, size) each)."""
-        table = self._current_table()
-        if not touched or not table.size:
+        """Live entries with a block overlapping any of ``touched`` ((start, size) each).
+
+        The written blocks are few (a model's parameters and grads) and sorted in Python;
+        the table's rows are many and compared at once: a row is reached when the furthest
+        end among the written blocks starting before the row ends lies past its start."""
+        _, entries, starts, ends = self._current_table()
+        if not touched or not len(entries):
             return set()
-        written = np.array(touched, dtype=np.int64).reshape(-1, 2)
-        order = np.argsort(written[:, 0], kind="stable")
-        written_starts = written[order, 0]
-        # the furthest end among the written blocks starting at or before each one
-        furthest = np.maximum.accumulate(written_starts + written[order, 1])
-        # for each block, the last written block starting before the block ends
-        last = np.searchsorted(written_starts, table[:, 3], side="left") - 1
+        written = sorted(touched)
+        written_starts = np.array([start for start, _ in written], dtype=np.int64)
+        furthest = np.array(list(itertools.accumulate((start + size for start, size in written),
+                                                      max)), dtype=np.int64)
+        last = np.searchsorted(written_starts, ends, side="left") - 1
         hit = last >= 0
-        hit[hit] = furthest[last[hit]] > table[hit, 2]
-        return set(np.unique(table[hit, 1]).tolist())
+        hit[hit] = furthest[last[hit]] > starts[hit]
+        return set(entries[hit].tolist())
 
     def _current_table(self) -> np.ndarray:
         if self._pending:
-            added = np.array(self._pending, dtype=np.int64).reshape(-1, 4)
+            added = np.array(self._pending, dtype=np.int64).reshape(-1, 4).T
             self._pending = []
-            self._table = np.concatenate([self._table, added])
-        if len(self._table) > 2 * self._live_rows + 64:  # mostly emptied rows: compact
-            self._table = self._table[self._table[:, 3] != self._DEAD]
+            self._table = np.concatenate([self._table, added], axis=1)
+        if self._table.shape[1] > 2 * self._live_rows + 64:  # mostly emptied rows: compact
+            self._table = self._table[:, self._table[3] != self._DEAD]
         return self._table
 
 

@@ -68,4 +68,4 @@ def test_entries_recorded_and_dropped_many_times_stay_exact() -> None:
             expected = {e for e, blocks in entries.items()
                         if any(_overlaps(b, w) for b in blocks for w in written)}
             assert footprints.reached_by(written) == expected
-    assert len(footprints._current_table()) <= 2 * sum(map(len, entries.values())) + 64
+    assert footprints._current_table().shape[1] <= 2 * sum(map(len, entries.values())) + 64
