@@ -108,6 +108,8 @@ def launch(server: str | None = None, *, ice_servers: Sequence[IceServerSpec] | 
     async def connect() -> Any:
         await session._signaling.wait_peer_joined()
         session.audit.record("paired", session=session.session_id)
+        if loopback:
+            _withdraw_invitation(session.code)
         transport = await connect_as_owner(session._signaling, code, config, loopback)
         await session._signaling.close()
         return transport
@@ -138,10 +140,26 @@ def _write_invitation(code: str, server: str) -> None:
         log.info("could not leave the invitation for a local researcher: %s", exc)
 
 
+def _withdraw_invitation(code: str) -> None:
+    """A room pairs one researcher: once one has joined, the invitation is spent, and a
+    researcher notebook opened later must not be handed it ("this join code was already
+    used"). A newer duet's invitation is left alone."""
+    path = _invitation_path()
+    try:
+        invite = json.loads(path.read_text())
+        if isinstance(invite, dict) and invite.get("code") == code:
+            path.unlink()
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        log.info("could not withdraw the spent invitation for a local researcher: %s", exc)
+
+
 def local_invitation(max_age: float = 3600.0) -> tuple[str, str] | None:
     """``(code, server)`` of the newest duet this user launched on this machine (through a
-    loopback signaling server) within ``max_age`` seconds, or None: two notebooks side by side
-    in one JupyterLab need no copy and paste. ``duet.join(*duet.local_invitation())``."""
+    loopback signaling server) within ``max_age`` seconds that no researcher has joined yet,
+    or None: two notebooks side by side in one JupyterLab need no copy and paste.
+    ``duet.join(*duet.local_invitation())``."""
     try:
         invite = json.loads(_invitation_path().read_text())
     except (OSError, ValueError):

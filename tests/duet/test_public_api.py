@@ -1,5 +1,9 @@
 """The public names DESIGN.md promises: outside users and tests depend on them."""
 
+from pathlib import Path
+
+import pytest
+
 import duet
 
 PROMISED = {
@@ -53,13 +57,16 @@ def test_signaling_server_does_not_import_duet() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_a_same_machine_launch_leaves_its_invitation_for_this_user(tmp_path: object) -> None:
+def test_a_same_machine_launch_leaves_its_invitation_for_this_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import os
     import stat
     import time
 
     from duet.api import _invitation_path
 
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # no other duet's invitation
     owner = duet.launch(ice_servers=[], show=False, audit_path=f"{tmp_path}/audit.db")
     try:
         assert duet.local_invitation() == (owner.code, owner.server_url)
@@ -69,6 +76,27 @@ def test_a_same_machine_launch_leaves_its_invitation_for_this_user(tmp_path: obj
         assert duet.local_invitation(max_age=0) is None  # stale invitations are ignored
     finally:
         owner.close()
+
+
+def test_a_joined_duet_withdraws_its_spent_invitation_and_leaves_a_newer_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A room pairs one researcher: a notebook opened after the join must not be handed the
+    spent code ("already used"), while a duet launched since keeps its own invitation."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # no other duet's invitation
+    first = duet.launch(ice_servers=[], show=False, audit_path=f"{tmp_path}/first.db")
+    second = duet.launch(ice_servers=[], show=False, audit_path=f"{tmp_path}/second.db")
+    researchers = []
+    try:
+        assert duet.local_invitation() == (second.code, second.server_url)  # the newest
+        researchers.append(duet.join(first.code, first.server_url, ice_servers=[]))
+        assert duet.local_invitation() == (second.code, second.server_url)  # not first's
+        researchers.append(duet.join(*duet.local_invitation() or ("", ""), ice_servers=[]))
+        assert second.wait_for_peer(timeout=10)
+        assert duet.local_invitation() is None  # spent: nothing to hand a later notebook
+    finally:
+        for session in (*researchers, first, second):
+            session.close()
 
 
 def test_a_same_machine_duet_uses_no_public_stun_server(tmp_path: object) -> None:
