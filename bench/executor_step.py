@@ -9,7 +9,15 @@ close remote training can come to local speed: the worker is the bottleneck of a
 epoch (``docs/benchmarks.md``). Steps alternate remote and local, one intra-op thread each;
 medians over the steps after a warm-up, so load on the machine hits both alike.
 
-Usage: ``.venv/bin/python bench/executor_step.py [--steps 600] [--batch 128] [--rows 60000]``
+``--without`` is an experiment that measures what each layer of the bookkeeping costs by
+switching it off in this process (duet itself never runs without them): ``in-place`` (what an
+in-place change reaches: lineage notes, what a model learned, recounts), ``provenance`` (the
+records behind each result), ``memory`` (the budget, footprints, protection of results).
+Listed together they are taken away together; what is left is policy, lineage text and
+dispatch, the floor under any remote op.
+
+Usage: ``.venv/bin/python bench/executor_step.py [--steps 600] [--batch 128] [--rows 60000]
+[--without in-place provenance memory]``
 """
 
 from __future__ import annotations
@@ -29,6 +37,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, log, machine  # noqa: E402
 
 OPS = ("X[i:j]", "y[i:j]", "zero_grad", "forward", "cross_entropy", "backward", "step")
+LAYERS = ("in-place", "provenance", "memory")
+
+
+def switch_off(layers: list[str]) -> None:
+    """Replace the executor's hooks for ``layers`` with ones that do nothing (an experiment:
+    the names are the executor's private ones, checked so a rename cannot go unnoticed)."""
+    from duet import executor, memory
+
+    def replace(owner: Any, name: str, stub: Any) -> None:
+        if not hasattr(owner, name):
+            raise SystemExit(f"--without: {owner.__name__}.{name} is gone; update this bench")
+        setattr(owner, name, stub)
+
+    if "in-place" in layers:
+        replace(executor.Executor, "_note_modified", lambda self, *args, **kwargs: None)
+    if "provenance" in layers:
+        replace(executor._Call, "derive", lambda self, value: {})
+        replace(executor._Call, "note_provenance", lambda self, value, found: None)
+        replace(executor._Call, "provenance", lambda self: {})
+    if "memory" in layers:
+        replace(executor, "inventory", lambda value: memory.Inventory([], {}, []))
+        replace(executor.Executor, "_account", lambda self, *args, **kwargs: 0)
+        replace(executor.Executor, "_protect_result", lambda self, arrays: None)
+        replace(memory.Footprints, "record", lambda self, *args: None)
+        replace(memory.Footprints, "drop", lambda self, *args: None)
 
 
 def main() -> None:
@@ -36,7 +69,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rows", type=int, default=60_000)
+    parser.add_argument("--without", nargs="*", default=[], choices=LAYERS,
+                        help="bookkeeping to switch off, to measure what it costs")
     args = parser.parse_args()
+    switch_off(args.without)
 
     import torch
 
