@@ -979,13 +979,22 @@ def modified(existing: Provenance, by: Provenance, *, trained: bool) -> Provenan
             new = _trained_part(state, learned, _model_of(parts))
             if new is not None:
                 parts = _union_models(_dedupe(parts), new)
-            result[name] = Aggregated(_dedupe(parts)) if parts else (old or DECLARED)
+            parts = _dedupe(parts)
+            if isinstance(old, Aggregated) and _same_parts(parts, old.parts):
+                continue  # nothing new (an optimizer's own state read by its step): keep it
+            result[name] = Aggregated(parts) if parts else (old or DECLARED)
         elif trained and isinstance(state, Declared):
             result.setdefault(name, DECLARED)
         else:
             result[name] = Unknown(state.why if isinstance(state, Unknown)
                                    else "changed in place")
+    if all(state is existing.get(name) for name, state in result.items()):
+        return existing  # the same object: what shares it keeps sharing it
     return result
+
+
+def _same_parts(parts: tuple[Part, ...], old: tuple[Part, ...]) -> bool:
+    return len(parts) == len(old) and all(p is q for p, q in zip(parts, old, strict=True))
 
 
 _LOSS_NOTES = frozenset("""loss mse_loss cross_entropy nll_loss binary_cross_entropy
