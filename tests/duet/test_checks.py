@@ -286,6 +286,12 @@ def test_a_model_trained_on_shuffled_repeated_batches_learns_a_sorted_distinct_s
     assert part.n == 96
     (labels,) = [p for p in learned["y"].parts if p.kind == "model"]
     assert labels.rows is part.rows  # the same records of two sources: one set, not two
+    # an optimizer's zero_grad and step read only its own state: nothing new is learned, so
+    # the model keeps the very same provenance (no new object per op)
+    lab.method(optimizer, "zero_grad")
+    lab.method(optimizer, "step")
+    assert lab.executor.lookup(model).provenance is learned
+    assert lab.executor.lookup(optimizer).provenance is learned
 
 
 def test_a_model_with_too_many_parameters_fails(lab: Lab) -> None:
