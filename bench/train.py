@@ -18,7 +18,9 @@ Workloads (``--quick`` runs fewer steps and extrapolates the epoch from the per-
 * ``cnn_b128``: a small CNN on ``X[i:i+128].reshape(-1, 1, 28, 28)`` (two 3x3 convolutions
   with max pooling, then a linear layer).
 
-Local and remote epochs alternate, so load on the machine hits both alike. Then, for the
+Local and remote epochs alternate, so load on the machine hits both alike. Each workload
+also reports the CPU time per remote step of the researcher, the owner's kernel and its
+worker: a worker busy for nearly the whole step is the bottleneck. Then, for the
 memory check, five more remote epochs of ``mlp_b128``: the owner's kernel and worker RSS
 after each (the researcher's dropped pointers must be freed on the owner; RSS stays flat).
 
@@ -100,6 +102,9 @@ class TrainOwner(DuetOwner):
         self.session.share(torch.randn(rows, FEATURES), "X")
         self.session.share(torch.randint(0, CLASSES, (rows,)), "y")
 
+    def worker_pid(self) -> int:
+        return int(self.session.worker_pid)
+
     def memory(self) -> dict[str, Any]:
         """RSS of the kernel and the worker, and what the worker holds for the researcher
         (``worker_usage`` waits behind the work already queued, frees included)."""
@@ -172,15 +177,30 @@ class TrainResearcher(DuetResearcher):
         self.settle()
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User and system CPU seconds each process has used so far (all its threads)."""
+    import psutil
+
+    return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}
+
+
 def measure(owner: Any, researcher: Any, name: str, model: str, batch: int, rows: int,
             steps: int, reps: int) -> dict[str, Any]:
     log(f"{name}: {steps} steps x {reps} reps, remote and local alternating")
     prepared = researcher.call("prepare", rows, model, batch, timeout=300)
     local: list[dict[str, float]] = []
     remote: list[dict[str, float]] = []
+    # CPU of each process during the remote runs: the worker's against the wall time says
+    # whether it is the bottleneck (busy throughout) or waits for the others
+    pids = {"researcher": researcher.pid, "owner_kernel": owner.pid,
+            "owner_worker": owner.call("worker_pid")}
+    cpu = dict.fromkeys(pids, 0.0)
     for _ in range(reps):
         local.append(researcher.call("run", "local", steps, timeout=900))
+        before = cpu_seconds(pids)
         remote.append(researcher.call("run", "remote", steps, timeout=900))
+        for name, seconds in cpu_seconds(pids).items():
+            cpu[name] += seconds - before[name]
     researcher.call("drop")
     per_epoch = math.ceil(rows / batch)
     local_s = statistics.median(run["seconds"] for run in local)
@@ -199,6 +219,8 @@ def measure(owner: Any, researcher: Any, name: str, model: str, batch: int, rows
         "remote_step_ms": round(remote_s / steps * 1e3, 3),
         "remote_runs_s": [round(run["seconds"], 3) for run in remote],
         "local_runs_s": [round(run["seconds"], 3) for run in local],
+        "remote_cpu_ms_per_step": {name: round(seconds / (reps * steps) * 1e3, 3)
+                                   for name, seconds in cpu.items()},
         "loss_remote_last": round(remote[-1]["loss"], 4),
         "loss_local_last": round(local[-1]["loss"], 4),
         **prepared,
