@@ -186,7 +186,12 @@ class Session:
         if not self._lanes or self._lost.is_set():
             raise self._connection_error()
         encoded = message if isinstance(message, tuple) else p.encode(message)
-        self._loop.call_soon(self._lanes[urgent].put_nowait, (encoded, None))
+        if urgent and self._loop.in_loop_thread:
+            # the loop's own pongs and pings: straight into their lane, no wake-up of the
+            # loop through its self-pipe (urgent messages have no order against the main lane)
+            self._lanes[True].put_nowait((encoded, None))
+        else:
+            self._loop.call_soon(self._lanes[urgent].put_nowait, (encoded, None))
 
     async def _send_and_wait(self, message: BaseModel) -> None:
         """Loop thread: send on the urgent lane and wait until the transport took it."""
