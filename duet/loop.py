@@ -72,7 +72,14 @@ class LoopThread:
             raise
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
-        if not self.loop.is_closed():
+        """Run ``callback`` on the loop, after everything already scheduled, from any thread.
+        From the loop's own thread the loop is awake: no write to its self-pipe (a system
+        call, and a wake-up to read it back, per message sent)."""
+        if self.loop.is_closed():
+            return
+        if self.in_loop_thread:
+            self.loop.call_soon(callback, *args)
+        else:
             self.loop.call_soon_threadsafe(callback, *args)
 
     def stop(self, timeout: float = 5.0) -> None:
