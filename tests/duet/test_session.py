@@ -390,3 +390,20 @@ def test_a_session_lowers_the_gil_switch_interval_and_never_raises_it(tmp_path: 
         assert sys.getswitchinterval() == pytest.approx(0.005)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_a_stall_of_this_loop_is_not_the_peers_silence() -> None:
+    """A loop held up past the liveness timeout (a flood of huge op batches decoded on a busy
+    machine) has the peer's frames still unread behind it: the peer gets the whole timeout
+    again from the end of the stall, and a peer that stays silent is then still found."""
+    from duet.session import Liveness
+
+    liveness = Liveness(interval=1.0, timeout=10.0, now=0.0)
+    assert [liveness.silence(float(t), last_heard=0.0) for t in range(1, 11)] == [None] * 10
+    assert liveness.silence(11.0, last_heard=0.0) == 11.0  # silent for longer than 10 s
+    liveness = Liveness(interval=1.0, timeout=10.0, now=0.0)
+    assert liveness.silence(1.0, last_heard=1.0) is None
+    assert liveness.silence(30.0, last_heard=1.0) is None  # this loop stalled for 29 s
+    assert [liveness.silence(float(t), last_heard=1.0) for t in range(31, 41)] == [None] * 10
+    assert liveness.silence(41.0, last_heard=1.0) == 11.0  # silent 11 s since the stall
+    assert liveness.silence(42.0, last_heard=41.5) is None  # heard again
