@@ -36,7 +36,8 @@ class SessionConfig:
     # Flow control: stop handing chunks to the channel above this many buffered bytes.
     buffer_high_water: int = 256 * 1024
     heartbeat_interval: float = 1.0
-    # The peer is declared gone after this long without any frame from it.
+    # The peer is declared gone after this long without any frame from it (counted again
+    # from the end of a stall of this side's own loop: its frames wait unread behind it).
     liveness_timeout: float = 10.0
     # tqdm bars for transfers of at least this many bytes; None: on for the researcher.
     progress: bool | None = None
