@@ -3,7 +3,12 @@
 ``WorkerProcess`` starts ``python -m duet.worker`` (a fresh interpreter: never a fork of a
 kernel that has threads, and no re-import of the owner's ``__main__``), writes work to it from
 a writer thread and reads its answers on a reader thread, so the session's network loop never
-waits on the worker. A watchdog kills it when work is outstanding and nothing came back for
+waits on the worker. Two sockets lead there: work (operations, requests, shares), read by the
+worker's main thread itself, so a request wakes one thread, not a reader and then the main
+thread; and control (release or drop a frozen value), read by a thread of its own, so an
+approved value leaves while a long operation runs. The worker answers on the work socket. Its
+settings are the first frame on it (a command line caps one argument at 128 KiB, which a
+long allowlist would pass). A watchdog kills it when work is outstanding and nothing came back for
 ``op_timeout`` seconds. However the process ends (crash, kill, timeout), ``WorkerHooks``
 hears about it once, with the reason.
 
@@ -14,7 +19,6 @@ shrink seals): the worker maps them read-only, and no process can write to them 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import pickle
@@ -39,6 +43,7 @@ __all__ = ["SealedArray", "SealedColumns", "WorkerHooks", "WorkerProcess", "Work
 
 log = logging.getLogger(__name__)
 _MAX_FROM_WORKER = 1 << 36  # 64 GiB: a frozen value larger than this is refused
+_CONTROL = frozenset({"release", "drop"})  # served by the worker even while it computes
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,16 @@ def prepare_share(
     return {"form": "pickle"}, [pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)], None
 
 
+class _Pipe:
+    """One socket to the worker and what is still queued for it, so frames keep their order
+    on it whether ``submit`` or the writer thread writes them."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()  # held while deciding who writes the next frame
+        self.queued = 0  # frames handed to the writer thread and not yet written
+
+
 class WorkerProcess:
     """One worker process; create a new one to restart."""
 
@@ -153,22 +168,27 @@ class WorkerProcess:
         self.settings = settings
         self._hooks = hooks
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock = parent
-        config = {"memory": settings.memory, "memory_budget": settings.memory_budget,
-                  "allowlist": settings.allowlist, "torch": settings.torch}
+        self._pipes = {"work": _Pipe(parent), "control": _Pipe(control)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "duet.worker", str(child.fileno()), json.dumps(config)],
-            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+            [sys.executable, "-m", "duet.worker", str(child.fileno()),
+             str(control_child.fileno())],
+            pass_fds=(child.fileno(), control_child.fileno()), stdin=subprocess.DEVNULL,
+            close_fds=True)
         child.close()
-        self._outbox: queue.SimpleQueue[list[memoryview] | None] = queue.SimpleQueue()
-        self._writing = threading.Lock()  # held while deciding who writes the next frame
-        self._queued = 0  # frames handed to the writer thread and not yet written
+        control_child.close()
+        self._outbox: queue.SimpleQueue[tuple[_Pipe, list[memoryview]] | None] = (
+            queue.SimpleQueue())
         self._lock = threading.Lock()
         self._outstanding = 0  # units of work sent and not yet answered
         self._progress = time.monotonic()
         self._ready = False
         self._kill_reason: tuple[str, bool] | None = None
         self._exited = threading.Event()
+        self.submit("settings", answered=False, memory=settings.memory,
+                    memory_budget=settings.memory_budget, allowlist=settings.allowlist,
+                    torch=settings.torch)
         for target, name in ((self._write, "writer"), (self._read, "reader"),
                              (self._watch, "watchdog")):
             threading.Thread(target=target, name=f"duet-worker-{name}", daemon=True).start()
@@ -180,36 +200,38 @@ class WorkerProcess:
     # -- sending (any thread) -------------------------------------------------------------------
     def submit(self, message_type: str, buffers: list[Any] | None = None, /, *,
                answered: bool = True, **fields: Any) -> None:
-        """Send a message: written at once when nothing is queued and the socket takes it,
-        else by the writer thread, in order. ``answered``: the worker replies with one
-        done/snapshot message."""
+        """Send a message: written at once when nothing is queued on its socket and the
+        socket takes it, else by the writer thread, in order. ``answered``: the worker
+        replies with one done/snapshot message."""
         if answered:
             with self._lock:
                 if self._outstanding == 0:
                     self._progress = time.monotonic()
                 self._outstanding += 1
+        pipe = self._pipes["control" if message_type in _CONTROL else "work"]
         parts = ipc.frame_parts(ipc.pack(message_type, **fields), buffers or [])
-        with self._writing:
-            if self._queued == 0:  # nothing ahead of it: write what the socket takes now,
-                parts = ipc.send_without_waiting(self._sock, parts)  # never blocking
+        with pipe.lock:
+            if pipe.queued == 0:  # nothing ahead of it: write what the socket takes now,
+                parts = ipc.send_without_waiting(pipe.sock, parts)  # never blocking
                 if not parts:
                     return
-            self._queued += 1  # the writer thread writes the rest, in order
-            self._outbox.put(parts)
+            pipe.queued += 1  # the writer thread writes the rest, in order
+            self._outbox.put((pipe, parts))
 
     def _write(self) -> None:
         """Writes what ``submit`` could not write at once (a full socket, a large frame),
         so that no caller, the session's loop least of all, ever waits for the worker."""
         while True:
-            parts = self._outbox.get()
-            if parts is None:
+            item = self._outbox.get()
+            if item is None:
                 return
+            pipe, parts = item
             try:
-                ipc.send_parts(self._sock, parts)
+                ipc.send_parts(pipe.sock, parts)
             except OSError:
                 return  # the worker is gone; the reader reports why
-            with self._writing:
-                self._queued -= 1
+            with pipe.lock:
+                pipe.queued -= 1
 
     # -- receiving (reader thread) -------------------------------------------------------------
     def _read(self) -> None:
@@ -263,7 +285,8 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        self._sock.close()
+        for pipe in self._pipes.values():
+            pipe.sock.close()
         if self._kill_reason is not None:
             reason, crashed = self._kill_reason
         elif code < 0:

@@ -1,14 +1,16 @@
 """The worker process: where the researcher's operations run, away from the owner's kernel.
 
 The owner's session starts one worker (``python -m duet.worker``, a fresh interpreter, never a
-fork of a kernel with threads) and talks to it over a socket pair (``duet.ipc``). The worker
+fork of a kernel with threads) and talks to it over two socket pairs (``duet.ipc``). The worker
 holds the executor and everything it computed; shared arrays and tensors are mapped from
 sealed, read-only memory the kernel filled, so no write from here can reach the owner's data.
 A crash, an out-of-memory kill or a cancel ends only this process; the kernel restarts it.
 
-Two threads: the main thread executes work in arrival order; a reader thread takes frames off
-the socket, answers ``release``/``drop`` of frozen request values at once (so an approval is
-never stuck behind a long computation) and exits the process when the kernel goes away.
+Two threads: the main thread reads work off the work socket itself and executes it in arrival
+order (one thread woken per request, not a reader and then the main thread); a control thread
+reads the control socket, answers ``release``/``drop`` of frozen request values at once (so an
+approval is never stuck behind a long computation) and exits the process when the kernel goes
+away. The settings (allowlist, limits) are the first frame on the work socket.
 
 Limits, applied before any researcher operation runs: address space (``RLIMIT_AS``), no file
 can grow (``RLIMIT_FSIZE`` 0, so nothing is written to disk), no core dumps, the first choice
@@ -17,11 +19,9 @@ of the kernel's out-of-memory killer, working directory ``/``.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import pickle
-import queue
 import resource
 import signal
 import socket
@@ -49,6 +49,7 @@ __all__ = ["INLINE_BYTES", "main"]
 # then needs no second round trip to the worker.
 INLINE_BYTES = 256 * 1024
 _MAX_FROM_KERNEL = 1 << 40
+_MAX_CONTROL = 1 << 16  # release and drop name a request, nothing more
 _TEXT = 10_000  # characters of a failure's text shown to the owner (ipc.Text allows 20,000)
 
 
@@ -70,8 +71,6 @@ class Worker:
     def __init__(self, sock: socket.socket, settings: dict[str, Any]) -> None:
         self._sock = sock
         self._send_lock = threading.Lock()
-        self._work: queue.SimpleQueue[tuple[dict[str, Any], list[memoryview]] | None] = (
-            queue.SimpleQueue())
         self._frozen: dict[str, Frozen] = {}
         self._frozen_lock = threading.Lock()
         self._frozen_bytes = 0  # held for undecided requests: counted against the budget
@@ -92,36 +91,28 @@ class Worker:
         with self._send_lock:
             ipc.send_frame(self._sock, header, buffers)
 
-    def read_forever(self) -> None:
-        """Reader thread: queue work in order; serve frozen values at once."""
+    def serve_control(self, control: socket.socket) -> None:
+        """Control thread: serve frozen values at once, even inside a long operation."""
         try:
-            while True:
-                frame = ipc.recv_frame(self._sock, _MAX_FROM_KERNEL)
-                if frame is None:
-                    break
-                header, buffers = frame
-                message = ipc.unpack(header)
-                kind = message["type"]
-                if kind == "release":
+            while (frame := ipc.recv_frame(control, _MAX_CONTROL)) is not None:
+                message = ipc.unpack(frame[0])
+                if message["type"] == "release":
                     self._release(message["request_id"])
-                elif kind == "drop":
-                    self._take_frozen(message["request_id"])
                 else:
-                    self._work.put((message, buffers))
+                    self._take_frozen(message["request_id"])
         finally:
             os._exit(0)  # the kernel is gone: stop at once, even inside a long operation
 
     def run(self) -> None:
+        """Main thread: read work and do it, in order, until the kernel goes away."""
         handlers: dict[str, Callable[[dict[str, Any], list[memoryview]], None]] = {
             "peer": self._peer, "share": self._share, "unshare": self._unshare,
             "allowlist": self._allowlist, "usage": self._usage,
         }
         self.send(ipc.pack("ready", pid=os.getpid()))
-        while True:
-            item = self._work.get()
-            if item is None:
-                return
-            message, buffers = item
+        while (frame := ipc.recv_frame(self._sock, _MAX_FROM_KERNEL)) is not None:
+            header, buffers = frame
+            message = ipc.unpack(header)
             handlers[message["type"]](message, buffers)
 
     def _done(self, shared_modified: str = "") -> None:
@@ -478,7 +469,11 @@ def _limit(memory: int | None) -> None:
 
 def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[1]))
-    settings = json.loads(argv[2])
+    control = socket.socket(fileno=int(argv[2]))
+    first = ipc.recv_frame(sock, _MAX_FROM_KERNEL)
+    if first is None:  # the kernel went away before it said what to run
+        os._exit(0)
+    settings = ipc.unpack(first[0])
     tempfile.gettempdir()  # found (and cached) while files may still be written: torch asks
     if settings.get("torch"):
         import torch  # noqa: F401  (imported before the limits: it maps a lot of memory)
@@ -486,11 +481,13 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", message=".*joblib will operate in serial mode")
     _limit(settings.get("memory"))
     worker = Worker(sock, settings)
-    threading.Thread(target=worker.read_forever, name="duet-worker-reader", daemon=True).start()
+    threading.Thread(target=worker.serve_control, args=(control,), name="duet-worker-control",
+                     daemon=True).start()
     try:
         worker.run()
     except OSError:  # the kernel went away mid-answer: nobody is left to tell
-        os._exit(0)
+        pass
+    os._exit(0)  # the kernel is gone: nothing here outlives it
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import array
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -13,6 +15,8 @@ import torch
 
 import duet
 from duet.config import SessionConfig
+from duet.policy import Allowlist
+from duet.supervisor import WorkerProcess, WorkerSettings
 from tests.helpers.sessions import eventually, session_pair
 
 
@@ -194,3 +198,42 @@ def test_frozen_copies_and_python_objects_count_against_the_budget(tmp_path: Pat
         with pytest.raises(duet.RemoteError, match="BudgetExceeded"):
             listed.get("as a list", timeout=30)
         assert owner.worker_usage().used_bytes == 0
+
+
+class _Hooks:
+    """Records what a bare ``WorkerProcess`` says (no session around it)."""
+
+    def __init__(self) -> None:
+        self.usage: list[Any] = []
+        self.exited: list[str] = []
+
+    def worker_done(self, done: Any) -> None: ...
+    def worker_snapshot(self, snapshot: Any, encoded: Any) -> None: ...
+    def worker_request_failed(self, failed: Any) -> None: ...
+    def worker_released(self, request_id: str, header: bytes, buffers: Any) -> None: ...
+    def worker_quiet(self) -> None: ...
+
+    def worker_reported_usage(self, usage: Any) -> None:
+        self.usage.append(usage)
+
+    def worker_exited(self, reason: str, crashed: bool) -> None:
+        self.exited.append(reason)
+
+
+def test_an_allowlist_longer_than_a_command_line_argument_reaches_the_worker() -> None:
+    """Linux caps one argument at 128 KiB; the settings travel on the socket instead."""
+    spec = Allowlist.default().spec()
+    spec["attributes"] = [*spec["attributes"],
+                          *(f"nothing.attribute_{i:06d}" for i in range(20_000))]
+    assert len(json.dumps(spec)) > 4 * 128 * 1024
+    hooks = _Hooks()
+    worker = WorkerProcess(WorkerSettings(memory=None, op_timeout=None, memory_budget=None,
+                                          allowlist=spec, torch=False), hooks)
+    try:
+        worker.submit("usage")
+        eventually(lambda: bool(hooks.usage), timeout=30)
+        assert hooks.usage[0].objects == 0
+        assert worker.alive and not hooks.exited
+    finally:
+        worker.kill("the test is over", crashed=False)
+        assert worker.wait_exited(10)
