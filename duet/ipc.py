@@ -34,6 +34,7 @@ __all__ = [
     "CheckResult",
     "DPQuote",
     "Done",
+    "FrameReader",
     "Ready",
     "Released",
     "RequestFailed",
@@ -71,8 +72,12 @@ def send_frame(sock: socket.socket, header: bytes, buffers: Sequence[Buffer] = (
 
 
 def send_parts(sock: socket.socket, parts: Sequence[memoryview]) -> None:
-    for part in parts:
-        sock.sendall(part)
+    """Write the parts in order, blocking until the socket took all of them: gathered into
+    as few system calls as the socket allows, so a small frame arrives in one piece and
+    wakes its reader once (written part by part, it woke the reader for each part)."""
+    rest = list(parts)
+    while rest:
+        rest = _unsent(rest[:_GATHER], sock.sendmsg(rest[:_GATHER])) + rest[_GATHER:]
 
 
 def send_without_waiting(sock: socket.socket, parts: list[memoryview]) -> list[memoryview]:
@@ -85,6 +90,11 @@ def send_without_waiting(sock: socket.socket, parts: list[memoryview]) -> list[m
         sent = sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
     except OSError:
         return parts
+    return _unsent(parts, sent)
+
+
+def _unsent(parts: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of ``parts`` once their first ``sent`` bytes were written."""
     rest = []
     for part in parts:
         if sent >= part.nbytes:
@@ -94,7 +104,6 @@ def send_without_waiting(sock: socket.socket, parts: list[memoryview]) -> list[m
         sent = 0
     return rest
 
-
 _GATHER = 64  # buffers written in one call at most (the system allows ~1,024)
 
 
@@ -103,42 +112,83 @@ def _bytes_view(buffer: Buffer) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+class FrameReader:
+    """Reads frames off one socket with as few system calls as their sizes allow: one
+    ``recv`` usually brings a whole small frame (a request, a snapshot) and whatever follows
+    it, where reading each part on its own took four or five. Large parts are read straight
+    into their own memory. Every buffer returned is a fresh, writable copy, its own."""
+
+    def __init__(self, sock: socket.socket, max_bytes: int, chunk: int = 1 << 16) -> None:
+        """``chunk``: bytes asked of the socket at a time; 0 never reads past a frame."""
+        self._sock = sock
+        self._max_bytes = max_bytes
+        self._chunk = chunk
+        self._ahead = bytearray()  # bytes received and not yet taken
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of a next frame were already received (the socket may be empty)."""
+        return bool(self._ahead)
+
+    def read(self) -> tuple[bytes, list[memoryview]] | None:
+        """The next frame, or None at end of stream; sizes are checked before allocating."""
+        prefix = self._take(_COUNT.size)
+        if prefix is None:
+            return None
+        count, header_length = _COUNT.unpack(prefix)
+        if count > MAX_BUFFERS or header_length > MAX_HEADER:
+            raise ProtocolError(f"frame with {count} buffers and a {header_length}-byte header")
+        lengths_raw = self._take(_LENGTH.size * count) if count else bytearray()
+        if lengths_raw is None:
+            return None
+        lengths = [_LENGTH.unpack_from(lengths_raw, i * _LENGTH.size)[0] for i in range(count)]
+        if header_length + sum(lengths) > self._max_bytes:
+            raise ProtocolError(
+                f"frame of {header_length + sum(lengths)} bytes exceeds the limit")
+        header = self._take(header_length)
+        if header is None:
+            return None
+        buffers = []
+        for length in lengths:
+            data = self._take(length)
+            if data is None:
+                return None
+            buffers.append(memoryview(data))
+        return bytes(header), buffers
+
+    def _take(self, size: int) -> bytearray | None:
+        """Exactly ``size`` bytes, or None when the stream ends first."""
+        if len(self._ahead) >= size:
+            taken = self._ahead[:size]
+            del self._ahead[:size]
+            return taken
+        taken = bytearray(size)
+        have = len(self._ahead)
+        taken[:have] = self._ahead
+        self._ahead.clear()
+        view = memoryview(taken)
+        while have < size:
+            missing = size - have
+            if missing >= self._chunk:  # large: straight into place, no second copy
+                n = self._sock.recv_into(view[have:], missing)
+                if n == 0:
+                    return None
+                have += n
+                continue
+            data = self._sock.recv(self._chunk)
+            if not data:
+                return None
+            used = min(missing, len(data))
+            view[have:have + used] = data[:used]
+            have += used
+            self._ahead += data[used:]  # the start of the next frame, if any
+        return taken
+
+
 def recv_frame(sock: socket.socket, max_bytes: int) -> tuple[bytes, list[memoryview]] | None:
-    """Read one frame, or None at end of stream; sizes are checked before allocating."""
-    prefix = _recv_exact(sock, _COUNT.size)
-    if prefix is None:
-        return None
-    count, header_length = _COUNT.unpack(prefix)
-    if count > MAX_BUFFERS or header_length > MAX_HEADER:
-        raise ProtocolError(f"frame with {count} buffers and a {header_length}-byte header")
-    lengths_raw = _recv_exact(sock, _LENGTH.size * count) if count else b""
-    if lengths_raw is None:
-        return None
-    lengths = [_LENGTH.unpack_from(lengths_raw, i * _LENGTH.size)[0] for i in range(count)]
-    if header_length + sum(lengths) > max_bytes:
-        raise ProtocolError(f"frame of {header_length + sum(lengths)} bytes exceeds the limit")
-    header = _recv_exact(sock, header_length)
-    if header is None:
-        return None
-    buffers = []
-    for length in lengths:
-        data = _recv_exact(sock, length)
-        if data is None:
-            return None
-        buffers.append(memoryview(data))
-    return bytes(header), buffers
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytearray | None:
-    data = bytearray(size)
-    view = memoryview(data)
-    received = 0
-    while received < size:
-        n = sock.recv_into(view[received:], size - received)
-        if n == 0:
-            return None
-        received += n
-    return data
+    """Read one frame and nothing past its end (for a socket whose next frames another
+    reader takes); a reader of many frames keeps a ``FrameReader``."""
+    return FrameReader(sock, max_bytes, chunk=0).read()
 
 
 def pack(message_type: str, /, **fields: Any) -> bytes:

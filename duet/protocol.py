@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgpack
 import numpy as np
@@ -281,6 +281,8 @@ Message = Annotated[
     Field(discriminator="type"),
 ]
 _message_adapter: TypeAdapter[Message] = TypeAdapter(Message)
+_MESSAGE_TYPES: dict[str, type[BaseModel]] = {
+    kind.model_fields["type"].default: kind for kind in get_args(get_args(Message)[0])}
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -464,9 +466,10 @@ def decode(header: bytes, buffers: Sequence[memoryview | bytes | bytearray] = ()
            validated: bool = False) -> Message:
     """Decode and validate a message; any defect raises ``ProtocolError``.
 
-    ``validated=True`` is for bytes this process's side already decoded with validation (the
-    owner's worker receives the researcher's operations exactly as the owner's kernel
-    validated them): the models are built without checking again.
+    ``validated=True`` is for bytes this process's side already decoded with validation, or
+    encoded itself (the owner's worker receives the researcher's messages exactly as the
+    owner's kernel validated them, and reads back the value it froze): the models are built
+    without checking again.
     """
     if len(header) > MAX_HEADER_BYTES:
         raise ProtocolError(f"message header of {len(header)} bytes exceeds the limit")
@@ -480,9 +483,12 @@ def decode(header: bytes, buffers: Sequence[memoryview | bytes | bytearray] = ()
     if not isinstance(raw, dict):
         raise ProtocolError("a message must be a map")
     arrays = _nesting.arrays
-    if validated and raw.get("type") == "ops":
+    trusted = _MESSAGE_TYPES.get(raw.get("type")) if validated else None  # type: ignore[arg-type]
+    if trusted is Ops:
         message: Message = Ops.model_construct(
             ops=[Op.model_construct(**op) for op in raw["ops"]])
+    elif trusted is not None:
+        message = trusted.model_construct(**raw)  # type: ignore[assignment]
     else:
         try:
             message = _message_adapter.validate_python(raw)

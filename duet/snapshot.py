@@ -55,7 +55,7 @@ def freeze(request_id: str, value: Any, room: int | None = None) -> Frozen:
         raise MemoryError(f"the frozen copy needs {size} bytes; {max(room, 0)} are left in the "
                           "owner's memory budget")
     buffers = [memoryview(bytearray(view)) for view in views]  # the private copy
-    copy = p.decode(header, buffers)
+    copy = p.decode(header, buffers, validated=True)  # our own encoding, read back
     assert isinstance(copy, p.Decision)
     return Frozen(header, buffers, sha256_of([header, *buffers]), summarize(copy.value),
                   preview_of(copy.value))

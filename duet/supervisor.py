@@ -237,13 +237,11 @@ class WorkerProcess:
     def _read(self) -> None:
         why = "the worker closed its end"
         try:
-            while True:
-                frame = ipc.recv_frame(self._sock, _MAX_FROM_WORKER)
-                if frame is None:
-                    break
+            reader = ipc.FrameReader(self._sock, _MAX_FROM_WORKER)
+            while (frame := reader.read()) is not None:
                 header, buffers = frame
                 self._dispatch(ipc.parse_worker_message(header), buffers)
-                if not select.select([self._sock], [], [], 0)[0]:
+                if not reader.pending and not select.select([self._sock], [], [], 0)[0]:
                     self._hooks.worker_quiet()
         except ProtocolError as exc:
             why = f"the worker sent a malformed message: {exc}"

@@ -94,7 +94,8 @@ class Worker:
     def serve_control(self, control: socket.socket) -> None:
         """Control thread: serve frozen values at once, even inside a long operation."""
         try:
-            while (frame := ipc.recv_frame(control, _MAX_CONTROL)) is not None:
+            reader = ipc.FrameReader(control, _MAX_CONTROL)
+            while (frame := reader.read()) is not None:
                 message = ipc.unpack(frame[0])
                 if message["type"] == "release":
                     self._release(message["request_id"])
@@ -110,7 +111,8 @@ class Worker:
             "allowlist": self._allowlist, "usage": self._usage,
         }
         self.send(ipc.pack("ready", pid=os.getpid()))
-        while (frame := ipc.recv_frame(self._sock, _MAX_FROM_KERNEL)) is not None:
+        reader = ipc.FrameReader(self._sock, _MAX_FROM_KERNEL)
+        while (frame := reader.read()) is not None:
             header, buffers = frame
             message = ipc.unpack(header)
             handlers[message["type"]](message, buffers)

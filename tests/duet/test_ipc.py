@@ -19,10 +19,17 @@ def test_a_frame_the_socket_cannot_take_at_once_is_finished_in_order_by_a_blocki
     rest = ipc.send_without_waiting(kernel, ipc.frame_parts(b"first", [big, b"tail"]))
     assert rest and sum(part.nbytes for part in rest) < big.nbytes + 100
     received: list[tuple[bytes, list[memoryview]] | None] = []
-    reader = threading.Thread(target=lambda: received.extend(
-        ipc.recv_frame(worker, 1 << 30) for _ in range(2)))
+    first_read = threading.Event()
+
+    def read_two() -> None:
+        received.append(ipc.recv_frame(worker, 1 << 30))
+        first_read.set()
+        received.append(ipc.recv_frame(worker, 1 << 30))
+
+    reader = threading.Thread(target=read_two)
     reader.start()
     ipc.send_parts(kernel, rest)
+    assert first_read.wait(30)
     assert ipc.send_without_waiting(kernel, small) == []  # an empty socket takes it whole
     reader.join(30)
     (header, buffers), second = received
@@ -39,3 +46,54 @@ def test_a_broken_socket_leaves_the_frame_to_the_writer_that_reports_it() -> Non
     parts = ipc.frame_parts(b"lost", [b"1234"])
     assert ipc.send_without_waiting(kernel, parts) == parts
     kernel.close()
+
+
+def test_a_frame_reader_takes_frames_that_arrive_together_or_byte_by_byte() -> None:
+    """One read can bring several frames, or a piece of one: each comes out whole, in order,
+    and what was read ahead is reported as pending."""
+    kernel, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    big = np.arange(100_000, dtype=np.float64)  # larger than a read: read straight into place
+    frames = [(b"first", [b"ab", b""]), (b"", []), (b"third", [big])]
+    wire = b"".join(bytes(part) for header, buffers in frames
+                    for part in ipc.frame_parts(header, buffers))
+    reader = ipc.FrameReader(worker, 1 << 30, chunk=4096)
+    kernel.sendall(wire[:40])  # all of the first frame and the start of the second
+    header, buffers = reader.read() or (b"", [])
+    assert header == b"first" and [bytes(b) for b in buffers] == [b"ab", b""]
+    assert reader.pending
+    writer = threading.Thread(target=lambda: [kernel.sendall(wire[i:i + 1])
+                                              for i in range(40, 200)] + [kernel.sendall(wire[200:])])
+    writer.start()
+    assert reader.read() == (b"", [])
+    header, buffers = reader.read() or (b"", [])
+    writer.join(30)
+    assert header == b"third" and np.array_equal(np.frombuffer(buffers[0]), big)
+    assert not reader.pending
+    kernel.close()
+    assert reader.read() is None  # the end of the stream
+
+
+def test_frame_buffers_are_writable_copies_of_their_own() -> None:
+    """Arrays the worker builds over received buffers must not share memory with each other
+    or with the next frame (one read brought them all)."""
+    kernel, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for header in (b"one", b"two"):
+        ipc.send_frame(kernel, header, [b"\x00" * 8, b"\x01" * 8])
+    reader = ipc.FrameReader(worker, 1 << 20)
+    _, first = reader.read() or (b"", [])
+    first[0][:] = b"\xff" * 8
+    _, second = reader.read() or (b"", [])
+    assert bytes(first[1]) == b"\x01" * 8
+    assert [bytes(b) for b in second] == [b"\x00" * 8, b"\x01" * 8]
+    assert not first[0].readonly
+    kernel.close()
+    worker.close()
+
+
+def test_a_frame_cut_short_by_the_end_of_the_stream_is_no_frame() -> None:
+    kernel, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    wire = b"".join(bytes(part) for part in ipc.frame_parts(b"header", [b"12345678"]))
+    kernel.sendall(wire[:-3])
+    kernel.close()
+    assert ipc.FrameReader(worker, 1 << 20).read() is None
+    worker.close()
