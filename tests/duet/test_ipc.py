@@ -61,8 +61,13 @@ def test_a_frame_reader_takes_frames_that_arrive_together_or_byte_by_byte() -> N
     header, buffers = reader.read() or (b"", [])
     assert header == b"first" and [bytes(b) for b in buffers] == [b"ab", b""]
     assert reader.pending
-    writer = threading.Thread(target=lambda: [kernel.sendall(wire[i:i + 1])
-                                              for i in range(40, 200)] + [kernel.sendall(wire[200:])])
+
+    def trickle() -> None:
+        for i in range(40, 200):
+            kernel.sendall(wire[i:i + 1])
+        kernel.sendall(wire[200:])
+
+    writer = threading.Thread(target=trickle)
     writer.start()
     assert reader.read() == (b"", [])
     header, buffers = reader.read() or (b"", [])
