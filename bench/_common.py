@@ -45,6 +45,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User and system CPU seconds each process has used so far (all its threads)."""
+    return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}
+
+
 def summary_ms(samples_s: Sequence[float]) -> dict[str, float]:
     """Median / p99 / mean / min / max of durations given in seconds, reported in ms."""
     values = sorted(samples_s)
@@ -653,6 +658,9 @@ class DuetOwner:
 
         threading.Thread(target=wait, daemon=True).start()
         return str(self.session.code)
+
+    def worker_pid(self) -> int:
+        return int(self.session.worker_pid)
 
     def setup_seconds(self) -> float:
         self._ready.wait(90)

@@ -7,7 +7,8 @@ processes gives the reference round trip, measured in the same run:
 * **pipelined**: 10,000 ``x = x + 1`` on a small tensor, then one ``x.get()``; ops/s for
   the whole (enqueue + execute + the final round trip) and for enqueueing alone;
 * **op + round trip**: ``(x + 1).get()`` repeated; median/p99, against ``r.ping()`` and
-  the bare channel's ping round trip;
+  the bare channel's ping round trip; with the CPU each process (researcher, owner's
+  kernel, owner's worker) spends per round trip (``round_trip_cpu_ms``);
 * **training**: one step of a 20-64-2 MLP on a batch of 256 (zero_grad, forward,
   cross-entropy, backward, SGD step) remote vs the same step locally; synchronous steps
   (each ends with ``loss.get()``) and pipelined steps (many steps, then one ``get``).
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     DuetResearcher,
     bare_rtc_pair,
+    cpu_seconds,
     duet_pair,
     emit,
     log,
@@ -318,13 +320,30 @@ def main() -> None:
         pings: list[float] = []
         bare: list[float] = []
         blocks = 5
+        # CPU of each process during the round trips: on two cores a round trip is mostly
+        # CPU spent one process after another, so this says where its time goes
+        pids = {"researcher": researcher.pid, "owner_kernel": owner.pid,
+                "owner_worker": owner.call("worker_pid")}
+        cpu = {kind: dict.fromkeys(pids, 0.0) for kind in ("op_plus_get", "get")}
+
+        def timed(kind: str, method: str, *method_args: int) -> list[float]:
+            before = cpu_seconds(pids)
+            samples: list[float] = researcher.call(method, *method_args)
+            for name, seconds in cpu_seconds(pids).items():
+                cpu[kind][name] += seconds - before[name]
+            return samples
+
         for _ in range(blocks):  # alternate, so load on the machine hits all alike
-            op_rt += researcher.call("op_roundtrip", args.reps // blocks, 2)
-            get_rt += researcher.call("get_roundtrip", args.reps // blocks)
+            op_rt += timed("op_plus_get", "op_roundtrip", args.reps // blocks, 2)
+            get_rt += timed("get", "get_roundtrip", args.reps // blocks)
             pings += researcher.call("ping", args.reps // blocks, 0)
             bare += receiver.call("ping", args.reps // blocks)
         result["op_plus_round_trip"] = summary_ms(op_rt)
         result["get_shared_round_trip"] = summary_ms(get_rt)
+        counts = {"op_plus_get": (args.reps // blocks + 2) * blocks, "get": len(get_rt)}
+        result["round_trip_cpu_ms"] = {kind: {name: round(seconds / counts[kind] * 1e3, 3)
+                                              for name, seconds in used.items()}
+                                       for kind, used in cpu.items()}
         result["duet_ping"] = summary_ms(pings)
         result["bare_aiortc_ping"] = summary_ms(bare)
         op_median = result["op_plus_round_trip"]["median_ms"]

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     DuetOwner,
     DuetResearcher,
+    cpu_seconds,
     duet_pair,
     emit,
     log,
@@ -101,9 +102,6 @@ class TrainOwner(DuetOwner):
         torch.manual_seed(0)
         self.session.share(torch.randn(rows, FEATURES), "X")
         self.session.share(torch.randint(0, CLASSES, (rows,)), "y")
-
-    def worker_pid(self) -> int:
-        return int(self.session.worker_pid)
 
     def memory(self) -> dict[str, Any]:
         """RSS of the kernel and the worker, and what the worker holds for the researcher
@@ -175,13 +173,6 @@ class TrainResearcher(DuetResearcher):
         for name in ("remote", "remote_opt"):
             setattr(self, name, None)
         self.settle()
-
-
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """User and system CPU seconds each process has used so far (all its threads)."""
-    import psutil
-
-    return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}
 
 
 def measure(owner: Any, researcher: Any, name: str, model: str, batch: int, rows: int,
