@@ -77,7 +77,8 @@ def send_parts(sock: socket.socket, parts: Sequence[memoryview]) -> None:
     wakes its reader once (written part by part, it woke the reader for each part)."""
     rest = list(parts)
     while rest:
-        rest = _unsent(rest[:_GATHER], sock.sendmsg(rest[:_GATHER])) + rest[_GATHER:]
+        batch, rest = rest[:_GATHER], rest[_GATHER:]
+        rest = _unsent(batch, sock.sendmsg(batch)) + rest
 
 
 def send_without_waiting(sock: socket.socket, parts: list[memoryview]) -> list[memoryview]:
@@ -103,6 +104,7 @@ def _unsent(parts: list[memoryview], sent: int) -> list[memoryview]:
         rest.append(part[sent:])
         sent = 0
     return rest
+
 
 _GATHER = 64  # buffers written in one call at most (the system allows ~1,024)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, cast, get_args
 
 import msgpack
 import numpy as np
@@ -483,17 +483,17 @@ def decode(header: bytes, buffers: Sequence[memoryview | bytes | bytearray] = ()
     if not isinstance(raw, dict):
         raise ProtocolError("a message must be a map")
     arrays = _nesting.arrays
-    trusted = _MESSAGE_TYPES.get(raw.get("type")) if validated else None  # type: ignore[arg-type]
+    kind = raw.get("type")
+    trusted = _MESSAGE_TYPES.get(kind) if validated and isinstance(kind, str) else None
     if trusted is Ops:
         message: Message = Ops.model_construct(
             ops=[Op.model_construct(**op) for op in raw["ops"]])
     elif trusted is not None:
-        message = trusted.model_construct(**raw)  # type: ignore[assignment]
+        message = cast(Message, trusted.model_construct(**raw))
     else:
         try:
             message = _message_adapter.validate_python(raw)
         except ValidationError as exc:
-            kind = raw.get("type")
             errors = "; ".join(
                 f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3]
             )

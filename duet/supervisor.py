@@ -8,8 +8,8 @@ worker's main thread itself, so a request wakes one thread, not a reader and the
 thread; and control (release or drop a frozen value), read by a thread of its own, so an
 approved value leaves while a long operation runs. The worker answers on the work socket. Its
 settings are the first frame on it (a command line caps one argument at 128 KiB, which a
-long allowlist would pass). A watchdog kills it when work is outstanding and nothing came back for
-``op_timeout`` seconds. However the process ends (crash, kill, timeout), ``WorkerHooks``
+long allowlist would pass). A watchdog kills it when work is outstanding and nothing came
+back for ``op_timeout`` seconds. However the process ends (crash, kill, timeout), ``WorkerHooks``
 hears about it once, with the reason.
 
 Shared arrays and tensors are copied once into sealed memory (``memfd`` with write, grow and

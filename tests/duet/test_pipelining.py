@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,6 +151,24 @@ def test_the_worker_decodes_validated_ops_to_the_same_operations() -> None:
             b.result, b.kind, b.name, b.target, b.kwargs)
         assert repr(a.args) == repr(b.args)
     assert (trusted.ops[1].args[0] == array).all()
+
+
+@pytest.mark.parametrize("message", [
+    p.RequestValue(request_id="0123456789abcdef", target=p.PointerRef(7), reason="a mean"),
+    p.RequestValue(request_id="0123456789abcdef", target=p.StoreRef("x")),
+    p.Free(ids=[1, 2, 3]),
+    p.Withdraw(request_id="0123456789abcdef"),
+    p.Decision(request_id="r1", status="approved",
+               value={"w": torch.arange(4.0), "n": (1, 2.5, None)}),
+], ids=lambda m: m.type)
+def test_the_worker_decodes_other_validated_messages_to_the_same_message(message: Any) -> None:
+    """The worker rebuilds the kernel's validated messages (and reads back the value it froze)
+    without validating them again: the result must be what a validating decode gives."""
+    header, buffers = p.encode(message)
+    checked = p.decode(header, buffers)
+    trusted = p.decode(header, buffers, validated=True)
+    assert type(trusted) is type(checked)
+    assert repr(trusted) == repr(checked)
 
 
 def test_name_checks_are_remembered_only_for_names_that_pass() -> None:
