@@ -107,6 +107,8 @@ def _unsent(parts: list[memoryview], sent: int) -> list[memoryview]:
 
 
 _GATHER = 64  # buffers written in one call at most (the system allows ~1,024)
+_GROWTH = 1 << 26  # bytes a part being read may reserve beyond what has arrived
+_ZEROS = memoryview(bytes(_GROWTH))  # untouched until read: the system's shared zero page
 
 
 def _bytes_view(buffer: Buffer) -> memoryview:
@@ -159,29 +161,34 @@ class FrameReader:
         return bytes(header), buffers
 
     def _take(self, size: int) -> bytearray | None:
-        """Exactly ``size`` bytes, or None when the stream ends first."""
+        """Exactly ``size`` bytes, or None when the stream ends first.
+
+        Memory follows what arrives, not what a header claims: a sender announcing a 60 GiB
+        buffer and sending ten bytes costs ten bytes (and at most ``_GROWTH`` reserved)."""
         if len(self._ahead) >= size:
             taken = self._ahead[:size]
             del self._ahead[:size]
             return taken
-        taken = bytearray(size)
         have = len(self._ahead)
+        taken = bytearray(min(size, max(have, _GROWTH)))
         taken[:have] = self._ahead
         self._ahead.clear()
-        view = memoryview(taken)
         while have < size:
+            if have == len(taken):  # grown in place as the bytes come (no view is held)
+                taken += _ZEROS[:min(size - have, _GROWTH)]
             missing = size - have
-            if missing >= self._chunk:  # large: straight into place, no second copy
-                n = self._sock.recv_into(view[have:], missing)
-                if n == 0:
+            with memoryview(taken) as view:
+                if missing >= self._chunk:  # large: straight into place, no second copy
+                    n = self._sock.recv_into(view[have:], len(taken) - have)
+                    if n == 0:
+                        return None
+                    have += n
+                    continue
+                data = self._sock.recv(self._chunk)
+                if not data:
                     return None
-                have += n
-                continue
-            data = self._sock.recv(self._chunk)
-            if not data:
-                return None
-            used = min(missing, len(data))
-            view[have:have + used] = data[:used]
+                used = min(missing, len(data))
+                view[have:have + used] = data[:used]
             have += used
             self._ahead += data[used:]  # the start of the next frame, if any
         return taken

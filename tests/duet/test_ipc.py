@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 
 import numpy as np
+import psutil
 
 from duet import ipc
 
@@ -101,4 +103,30 @@ def test_a_frame_cut_short_by_the_end_of_the_stream_is_no_frame() -> None:
     kernel.sendall(wire[:-3])
     kernel.close()
     assert ipc.FrameReader(worker, 1 << 20).read() is None
+    worker.close()
+
+
+def test_a_header_claiming_a_huge_buffer_costs_only_what_arrives() -> None:
+    """The worker is untrusted: a frame announcing 60 GiB and sending ten bytes must not make
+    the kernel's reader allocate 60 GiB (it zero-filled the whole claim up front)."""
+    kernel, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    claim = 60 << 30
+    worker.sendall(struct.pack("<IQQ", 1, 2, claim) + b"{}" + b"0123456789")
+    worker.close()
+    before = psutil.Process().memory_info().rss
+    assert ipc.FrameReader(kernel, 1 << 40).read() is None
+    assert psutil.Process().memory_info().rss - before < 200 << 20
+    kernel.close()
+
+
+def test_a_buffer_larger_than_one_step_of_growth_arrives_whole() -> None:
+    kernel, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    big = np.random.default_rng(0).integers(0, 255, (70 << 20), dtype=np.uint8)
+    writer = threading.Thread(target=ipc.send_frame, args=(worker, b"big", [big, b"tail"]))
+    writer.start()
+    header, buffers = ipc.FrameReader(kernel, 1 << 40).read() or (b"", [])
+    writer.join(30)
+    assert header == b"big" and bytes(buffers[1]) == b"tail"
+    assert np.array_equal(np.frombuffer(buffers[0], dtype=np.uint8), big)
+    kernel.close()
     worker.close()
