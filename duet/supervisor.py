@@ -248,6 +248,11 @@ class WorkerProcess:
             self.kill(why, crashed=True)
         except OSError as exc:
             why = f"the pipe to the worker broke: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a reader that stops would leave the session
+            # waiting for answers forever: the worker goes instead, and the owner hears why
+            log.exception("handling the worker's answer failed")
+            why = f"handling the worker's answer failed ({type(exc).__name__}: {exc})"
+            self.kill(why, crashed=True)
         self._finish(why)
 
     def _dispatch(self, message: ipc.WorkerMessage, buffers: list[memoryview]) -> None:

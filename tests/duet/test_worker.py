@@ -237,3 +237,21 @@ def test_an_allowlist_longer_than_a_command_line_argument_reaches_the_worker() -
     finally:
         worker.kill("the test is over", crashed=False)
         assert worker.wait_exited(10)
+
+
+class _FailingHooks(_Hooks):
+    def worker_reported_usage(self, usage: Any) -> None:
+        raise RuntimeError("a bug in the session's handling")
+
+
+def test_a_failure_handling_the_workers_answer_restarts_it_instead_of_hanging() -> None:
+    """The reader thread is the only one that hears the worker: if it stopped on an
+    unexpected error, every later request would wait forever."""
+    hooks = _FailingHooks()
+    worker = WorkerProcess(WorkerSettings(memory=None, op_timeout=None, memory_budget=None,
+                                          allowlist=Allowlist.default().spec(), torch=False),
+                           hooks)
+    worker.submit("usage")
+    assert worker.wait_exited(30)
+    assert hooks.exited == ["handling the worker's answer failed "
+                            "(RuntimeError: a bug in the session's handling)"]
