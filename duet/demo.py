@@ -99,8 +99,9 @@ async def _execute(notebook: Any, directory: Path, env: dict[str, str], timeout:
         # nbclient shuts down only kernels it created itself: stop ours, so the kernel does
         # not outlive us and log "Parent appears to have exited" on its own.
         if await manager.is_alive():
-            await manager.shutdown_kernel(now=False)
-        manager.cleanup_resources()
+            await manager.shutdown_kernel(now=False)  # cleans up its files too
+        else:  # (an async manager's cleanup is a coroutine: never awaited, it did nothing)
+            await manager.cleanup_resources()
 
 
 async def _run_both(notebooks: list[Any], directory: Path, env: dict[str, str],

@@ -132,5 +132,6 @@ def test_demo_fails_loudly_and_stops_the_other_notebook(tmp_path: Path) -> None:
     assert "FAILED" in done.stdout and "the owner notebook broke" in done.stdout
     assert "researcher.ipynb: stopped because the other notebook failed" in done.stdout
     assert "Parent appears to have exited" not in done.stdout + done.stderr
+    assert "was never awaited" not in done.stderr  # each kernel's cleanup really ran
     saved = nbformat.read(tmp_path / "build" / "owner.ipynb", as_version=4)
     assert "the owner notebook broke" in json.dumps(saved.cells[0].outputs)
