@@ -169,7 +169,6 @@ class WorkerProcess:
         self._hooks = hooks
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock = parent
         self._pipes = {"work": _Pipe(parent), "control": _Pipe(control)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "duet.worker", str(child.fileno()),
@@ -237,11 +236,12 @@ class WorkerProcess:
     def _read(self) -> None:
         why = "the worker closed its end"
         try:
-            reader = ipc.FrameReader(self._sock, _MAX_FROM_WORKER)
+            sock = self._pipes["work"].sock  # the worker answers on its work socket
+            reader = ipc.FrameReader(sock, _MAX_FROM_WORKER)
             while (frame := reader.read()) is not None:
                 header, buffers = frame
                 self._dispatch(ipc.parse_worker_message(header), buffers)
-                if not reader.pending and not select.select([self._sock], [], [], 0)[0]:
+                if not reader.pending and not select.select([sock], [], [], 0)[0]:
                     self._hooks.worker_quiet()
         except ProtocolError as exc:
             why = f"the worker sent a malformed message: {exc}"
