@@ -319,7 +319,7 @@ def main() -> None:
         get_rt: list[float] = []
         pings: list[float] = []
         bare: list[float] = []
-        blocks = 5
+        blocks, warmup = 5, 2
         # CPU of each process during the round trips: on two cores a round trip is mostly
         # CPU spent one process after another, so this says where its time goes
         pids = {"researcher": researcher.pid, "owner_kernel": owner.pid,
@@ -334,13 +334,13 @@ def main() -> None:
             return samples
 
         for _ in range(blocks):  # alternate, so load on the machine hits all alike
-            op_rt += timed("op_plus_get", "op_roundtrip", args.reps // blocks, 2)
+            op_rt += timed("op_plus_get", "op_roundtrip", args.reps // blocks, warmup)
             get_rt += timed("get", "get_roundtrip", args.reps // blocks)
             pings += researcher.call("ping", args.reps // blocks, 0)
             bare += receiver.call("ping", args.reps // blocks)
         result["op_plus_round_trip"] = summary_ms(op_rt)
         result["get_shared_round_trip"] = summary_ms(get_rt)
-        counts = {"op_plus_get": (args.reps // blocks + 2) * blocks, "get": len(get_rt)}
+        counts = {"op_plus_get": (args.reps // blocks + warmup) * blocks, "get": len(get_rt)}
         result["round_trip_cpu_ms"] = {kind: {name: round(seconds / counts[kind] * 1e3, 3)
                                               for name, seconds in used.items()}
                                        for kind, used in cpu.items()}
