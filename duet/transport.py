@@ -353,15 +353,17 @@ class InMemoryTransport(FramedTransport):
         return a, b
 
     async def start(self) -> InMemoryTransport:
-        self._loop = asyncio.get_running_loop()
-        self._inbox = asyncio.Queue()
+        inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._room = asyncio.Event()
         self._room.set()
+        # The peer's thread may send at any moment: it sees either no loop (and backlogs the
+        # frame) or the loop together with its inbox, never a loop without an inbox.
         with self._lock:
+            self._loop, self._inbox = asyncio.get_running_loop(), inbox
             backlog, self._backlog = self._backlog, []
             for frame in backlog:
                 self._queued += 1
-                self._inbox.put_nowait(frame)
+                inbox.put_nowait(frame)
         self._pump = asyncio.create_task(self._run())
         return self
 

@@ -140,3 +140,29 @@ async def test_bad_frame_is_reported_and_the_channel_stays_up() -> None:
         await asyncio.sleep(0.01)
     assert len(errors) == 1 and "unknown frame kind" in str(errors[0])
     assert got == [b"after"]
+
+
+async def test_a_frame_sent_while_the_endpoint_starts_is_delivered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer's thread can send at any moment of ``start()``. Here it sends the instant the
+    inbox is being made: the old ``start`` had already published its loop, so the frame found
+    a loop without an inbox and the sender died on an assertion (a CI run's pair never
+    connected). The frame must wait in the backlog and arrive."""
+    a, b = InMemoryTransport.pair()
+    make_queue = asyncio.Queue
+
+    def queue_while_the_peer_sends() -> asyncio.Queue[bytes | None]:
+        monkeypatch.setattr(asyncio, "Queue", make_queue)
+        a.inject_frame(bytes([WHOLE]) + b"early")
+        return make_queue()
+
+    got: list[bytes] = []
+    a.set_handlers(lambda header, buffers: got.append(header), lambda reason: None)
+    monkeypatch.setattr(asyncio, "Queue", queue_while_the_peer_sends)
+    await a.start()
+    await b.start()
+    for _ in range(100):
+        if got:
+            break
+        await asyncio.sleep(0.01)
+    assert got == [b"early"]
