@@ -104,7 +104,13 @@ _TORCH_ONLY_DTYPES = {"bfloat16": "int16"}
 
 # -- messages -----------------------------------------------------------------------------
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    """Strict: a message is valid only as sent, never coerced (``"5"`` is no object id, a map
+    no pointer). The owner's worker rebuilds the messages its kernel validated without
+    validating again (``decode(validated=True)``), so validation must not change what it
+    accepts, or the kernel would check one message and the worker run another."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True,
+                              strict=True)
 
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
@@ -374,7 +380,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
 def _ext_value(code: int, data: bytes) -> Any:
     if code == _EXT_POINTER:
         value = msgpack.unpackb(data)
-        if not isinstance(value, int) or value < 1:
+        if type(value) is not int or value < 1:  # True is an int to Python, but no id
             raise ProtocolError("malformed pointer reference")
         return PointerRef(value)
     if code == _EXT_STORE:
