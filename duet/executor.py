@@ -248,6 +248,16 @@ class Executor:
         return self._report(op, call, _Failure(error_type, detail),
                             policy=error_type == "PolicyViolation")
 
+    def refused_elsewhere(self, op: Op, detail: str) -> None:
+        """Hold the refusal of an op the owner's kernel refused (and answered, and audited):
+        it never runs, and what refers to it fails as it would here. An id in use keeps its
+        object (the kernel refused the op for reusing it)."""
+        if op.result not in self._entries:
+            message = OpFailed(result=op.result, operation=op.name,
+                               error_type="PolicyViolation", policy=True, detail=detail)
+            self._entries[op.result] = Entry(None, f"{op.name}(…)", 0, message,
+                                             f"PolicyViolation: {detail}")
+
     def free(self, ids: Iterable[int]) -> None:
         """Drop entries (unknown ids are ignored: the researcher may free a failed op twice)."""
         for entry_id in ids:

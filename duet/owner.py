@@ -93,7 +93,10 @@ class OwnerSession(Session):
         self._usage_waiters: list[threading.Event] = []
         self._last_usage: Usage | None = None
         self._reasons: dict[str, str] = {}  # request id -> reason, until its snapshot
+        self._request_ids: set[str] = set()  # every request id the researcher used
+        self._withdrawn: set[str] = set()  # withdrawn while their snapshots were on the way
         self._live_ids: set[int] = set()  # the researcher's objects (ids are never reused)
+        self._refused_ids: set[int] = set()  # of those, the ones refused here (see _on_ops)
         self._families: dict[str, str | None] = {}  # shared name -> its type family
         # request id -> its snapshot (and the frozen bytes when they came inline)
         self._snapshots: dict[str, tuple[Snapshot, Encoded | None]] = {}
@@ -385,6 +388,9 @@ class OwnerSession(Session):
                                     "the worker; it restarts from the owner's original")
 
     def worker_snapshot(self, snapshot: Snapshot, encoded: Encoded | None) -> None:
+        if snapshot.request_id in self._withdrawn:
+            self._discard_withdrawn(snapshot.request_id)
+            return
         summary = snapshot.summary
         info = ValueInfo(summary.type, None if summary.shape is None else tuple(summary.shape),
                          summary.dtype, summary.elements, summary.nbytes)
@@ -415,6 +421,9 @@ class OwnerSession(Session):
         self._snapshots[snapshot.request_id] = (snapshot, encoded)
         try:
             self.requests.add(request)
+            if request.id in self._withdrawn:  # withdrawn while it was being added
+                self._withdrawn.discard(request.id)
+                self.requests.withdraw(request.id)
             if (request.status == "pending" and request.dp is not None
                     and request.dp.kind == "dp"
                     and self._train_jobs.start_of(request.id) is not None):
@@ -458,7 +467,18 @@ class OwnerSession(Session):
             protected = tuple(sorted(set(snapshot.sources) & self._dp_names))
         return DPInfo("exact", protected) if protected else None
 
+    def _discard_withdrawn(self, request_id: str) -> None:
+        """A request withdrawn before its snapshot came is never shown to the owner, and
+        the value the worker froze for it is dropped."""
+        self._withdrawn.discard(request_id)
+        self._drop(request_id)
+        self._dp_settle(request_id, False)
+        self._audit.record("request", request_id=request_id,
+                           reason=self._reasons.pop(request_id, ""),
+                           refused="withdrawn by the researcher before its value was ready")
+
     def worker_request_failed(self, failed: RequestFailed) -> None:
+        self._withdrawn.discard(failed.request_id)
         self._dp_settle(failed.request_id, False)
         reason = self._reasons.pop(failed.request_id, "")
         request = self._awaiting_release.pop(failed.request_id, None)
@@ -510,6 +530,7 @@ class OwnerSession(Session):
             self._on_ops(message, raw)
         elif isinstance(message, p.Free):
             self._live_ids.difference_update(message.ids)
+            self._refused_ids.difference_update(message.ids)
             self._derivations.forget(message.ids)
             for object_id in message.ids:
                 self._dp_queries.pop(object_id, None)
@@ -519,6 +540,8 @@ class OwnerSession(Session):
         elif isinstance(message, p.RequestValue):
             self._on_request(message, raw)
         elif isinstance(message, p.Withdraw):
+            if message.request_id in self._reasons:  # its snapshot is on the way: it is
+                self._withdrawn.add(message.request_id)  # dropped when it comes, not shown
             self.requests.withdraw(message.request_id)
             try:
                 pending = self.requests.get(message.request_id).status == "withdrawn"
@@ -533,20 +556,31 @@ class OwnerSession(Session):
         else:
             super()._handle(message, raw)
 
-    def _forward(self, raw: Encoded) -> bool:
-        """Pass a researcher's message to the worker as it arrived; False when stopped."""
+    def _forward(self, raw: Encoded, refused: dict[int, p.OpFailed] | None = None) -> bool:
+        """Pass a researcher's message to the worker as it arrived; False when stopped.
+
+        ``refused``: the operations of an ``Ops`` message this kernel refused (and answered,
+        and audited), by their place in it. The worker holds them as refused and never runs
+        them, so it runs exactly what the kernel accepted."""
         header, buffers = raw
+        fields: dict[str, Any] = {"refused": [
+            [index, failed.detail] for index, failed in refused.items()]} if refused else {}
         with self._worker_lock:
             if self._worker is None:
                 return False
-            self._worker.submit("peer", [header, *buffers])
+            self._worker.submit("peer", [header, *buffers], **fields)
         return True
 
     def _on_ops(self, message: p.Ops, raw: Encoded) -> None:
         """Refuse at once what names alone refuse; everything else is the worker's."""
-        refusals = []
-        for op in message.ops:
-            try:
+        refusals: dict[int, p.OpFailed] = {}  # by the op's place in the message
+        for index, op in enumerate(message.ops):
+            if op.result in self._live_ids:  # the id keeps its object
+                refusals[index] = _refusal(op, f"object #{op.result} already exists; ids "
+                                               "are not reused")
+                continue
+            self._live_ids.add(op.result)  # live whether the op runs or the worker holds
+            try:  # its refusal
                 if is_dp_op(op):  # not on the allowlist: duet's own DP statistics
                     self._check_references(op)
                     self._dp_refused.add(op.result)
@@ -559,35 +593,37 @@ class OwnerSession(Session):
                 self.allowlist.precheck(op)
                 self._check_references(op)
                 self._check_no_dp_input(op)
-            except PolicyViolation as exc:
-                refusals.append(p.OpFailed(result=op.result, operation=op.name,
-                                           error_type="PolicyViolation", policy=True,
-                                           detail=str(exc)))
+            except Exception as exc:  # noqa: BLE001 - any check that cannot judge refuses
+                refusals[index] = _refusal(op, str(exc) if isinstance(exc, PolicyViolation)
+                                           else "its arguments could not be checked "
+                                                f"({type(exc).__name__})")
+                self._refused_ids.add(op.result)
                 continue
             self._derivations.observe(op)
-        if not self._forward(raw):
+        if not self._forward(raw, refusals):
             stopped = "the owner's worker is stopped; nothing runs until the owner restarts it"
-            refusals = [p.OpFailed(result=op.result, operation=op.name, error_type="Stopped",
-                                   policy=True, detail=stopped) for op in message.ops]
+            refusals = {index: p.OpFailed(result=op.result, operation=op.name,
+                                          error_type="Stopped", policy=True, detail=stopped)
+                        for index, op in enumerate(message.ops)}
         if refusals:
             self._audit.record_many([("op_refused", {
                 "operation": f.operation, "pointer_id": f.result,
-                "policy": f.detail}) for f in refusals])
-            for refusal in refusals:
+                "policy": f.detail}) for f in refusals.values()])
+            for refusal in refusals.values():
                 self._send(refusal)
 
     def _check_references(self, op: p.Op) -> None:
         """What the kernel knows without data: which ids the researcher created (and freed),
         what is shared under which name, and the declared kind of a shared target."""
-        if op.result in self._live_ids:
-            raise PolicyViolation(f"object #{op.result} already exists; ids are not reused")
-        self._live_ids.add(op.result)
         for ref in _references((op.target, *op.args, *op.kwargs.values()), 0):
             if isinstance(ref, p.StoreRef) and ref.name not in self._families:
                 raise PolicyViolation(f"nothing is shared under the name {ref.name!r}")
             if isinstance(ref, p.PointerRef) and ref.id not in self._live_ids:
                 raise PolicyViolation(f"object #{ref.id} does not exist (never created, "
                                       "already freed, or from another session)")
+            if isinstance(ref, p.PointerRef) and ref.id in self._refused_ids:
+                raise PolicyViolation(f"object #{ref.id} does not exist (its operation was "
+                                      "refused)")
         if isinstance(op.target, p.StoreRef):
             family = self._families[op.target.name]
             if op.kind == "call" and family != "Module":
@@ -601,13 +637,6 @@ class OwnerSession(Session):
                         f"{family}.{op.name} would modify shared object {op.target.name!r}; "
                         "the owner's data cannot change. Work on a copy")
 
-    def _request_known(self, request_id: str) -> bool:
-        try:
-            self.requests.get(request_id)
-        except RequestError:
-            return False
-        return True
-
     def _check_no_dp_input(self, op: p.Op) -> None:
         """A DP query is read only by a request (which charges it): never by an operation."""
         for ref in _references([op.target, *op.args, *op.kwargs.values()], 0):
@@ -618,8 +647,9 @@ class OwnerSession(Session):
                                       "ask for its value with .get(reason)")
 
     def _on_request(self, message: p.RequestValue, raw: Encoded) -> None:
-        if message.request_id in self._reasons or message.request_id in self._snapshots:
-            raise ProtocolError(f"request id {message.request_id!r} is already in use")
+        if message.request_id in self._request_ids:  # ever: a decided one's too
+            raise ProtocolError(f"request id {message.request_id!r} was already used")
+        self._request_ids.add(message.request_id)
         target = message.target
         if isinstance(target, p.PointerRef) and target.id in self._dp_refused:
             self._audit.record("request", request_id=message.request_id, reason=message.reason,
@@ -639,9 +669,6 @@ class OwnerSession(Session):
             if phase == "start":
                 query = self._train_jobs.spec(target.id)
         if query is not None:  # a DP statistic: its cost is reserved before it is computed
-            if message.request_id in self._dp_reserved or self._request_known(
-                    message.request_id):  # refused before anything is reserved or computed
-                raise ProtocolError(f"request id {message.request_id!r} was already used")
             epsilon, delta = query.cost
             try:
                 self._dp_reserve(message.request_id, query.source, epsilon, delta,
@@ -939,3 +966,8 @@ def _declare(obj: Any, name: str, description: str, tags: tuple[str, ...]) -> p.
     type_name = kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
     return p.StoreEntry(name=name, type=type_name, shape=shape, dtype=dtype,
                         description=description, tags=list(tags))
+
+
+def _refusal(op: p.Op, detail: str) -> p.OpFailed:
+    return p.OpFailed(result=op.result, operation=op.name, error_type="PolicyViolation",
+                      policy=True, detail=detail)

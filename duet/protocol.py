@@ -115,6 +115,7 @@ class _Message(BaseModel):
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 ObjectId = Annotated[int, Field(ge=1, lt=2**63)]
+RequestId = Annotated[str, Field(pattern=r"^[0-9a-f]{8,32}$")]
 
 
 class AllowlistSummary(_Message):
@@ -221,14 +222,14 @@ def failure_error(failure: OpFailed) -> DuetError:
 
 class RequestValue(_Message):
     type: Literal["request"] = "request"
-    request_id: Annotated[str, Field(pattern=r"^[0-9a-f]{8,32}$")]
+    request_id: RequestId
     target: PointerRef | StoreRef
     reason: str = Field(default="", max_length=MAX_REASON_CHARS)
 
 
 class Withdraw(_Message):
     type: Literal["withdraw"] = "withdraw"
-    request_id: str
+    request_id: RequestId
 
 
 class Decision(_Message):
@@ -457,14 +458,22 @@ def encode(message: BaseModel) -> tuple[bytes, list[memoryview]]:
     return encoder.pack(fields), encoder.buffers
 
 
-def _plain(value: Any) -> Any:
-    """Nested models (e.g. Op inside Ops) become dicts; everything else passes as is."""
+def _plain(value: Any, depth: int = 0) -> Any:
+    """Nested models (e.g. Op inside Ops) become dicts; everything else passes as is.
+
+    Nesting is bounded as ``decode`` bounds it: a value chained deeper op by op is refused
+    here with ``ProtocolError``, not by the interpreter's recursion limit."""
+    if depth > MAX_VALUE_DEPTH:
+        raise ProtocolError("value nested too deeply")
     if isinstance(value, BaseModel):
-        return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
+        return {name: _plain(getattr(value, name), depth + 1)
+                for name in type(value).model_fields}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v, depth + 1) for k, v in value.items()}
     return value
 
 

@@ -202,8 +202,11 @@ class Worker:
         it is not validated twice)."""
         decoded = p.decode(bytes(buffers[0]), buffers[1:], validated=True)
         if isinstance(decoded, p.Ops):
-            for op in decoded.ops:
-                if is_dp_op(op):
+            refused: dict[int, str] = dict(message.get("refused", ()))  # by the kernel
+            for index, op in enumerate(decoded.ops):
+                if index in refused:
+                    self._executor.refused_elsewhere(op, refused[index])
+                elif is_dp_op(op):
                     self._dp_op(op)
                 elif self._uses_dp_query(op):
                     self._executor.refuse(op, _DP_ONLY_GET)
@@ -391,7 +394,7 @@ class Worker:
                 budget - self._executor.used_bytes() - self._frozen_bytes)
         try:
             frozen = freeze(request.request_id, value, room)
-        except (ProtocolError, MemoryError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the worker outlives any value it holds
             # Whether a value can be sent can depend on the data (a list too long for a
             # message, say): like any failure, it is the owner's to release.
             module = type(value).__module__
@@ -408,6 +411,9 @@ class Worker:
         inline = frozen.nbytes <= INLINE_BYTES
         if not inline:
             with self._frozen_lock:
+                replaced = self._frozen.get(request.request_id)  # the kernel never reuses an
+                if replaced is not None:  # id; should it, the count must still be right
+                    self._frozen_bytes -= replaced.nbytes
                 self._frozen[request.request_id] = frozen
                 self._frozen_bytes += frozen.nbytes
         if quote is not None:  # noise, not output checking, protects a DP release
