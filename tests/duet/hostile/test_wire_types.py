@@ -5,7 +5,8 @@ which rebuilds it without validating again. A lax validation that coerces (``"5"
 object id 5, a map ``{"name": "x"}`` to the shared object ``x``, bytes to text) would let
 the kernel check one message while the worker runs another: the kernel's bookkeeping of
 objects, requests and privacy derivations would no longer describe what the worker holds.
-Whatever validation would have to change is refused instead."""
+Whatever validation would have to change is refused instead, like a withdrawal's id too
+long for the worker's control socket."""
 
 from __future__ import annotations
 
@@ -37,11 +38,14 @@ COERCIBLE: dict[str, dict[str, Any]] = {
     "request reason as bytes": {"type": "request", "request_id": "abcdef12",
                                 "target": {"name": "x"}, "reason": b"why"},
     "withdraw id as bytes": {"type": "withdraw", "request_id": b"abcdef12"},
+    # not a coercion, but as fatal: the kernel passes a withdrawal's id to the worker's
+    # control socket, whose frames are at most 64 KiB (this one ended the worker)
+    "withdraw id too long": {"type": "withdraw", "request_id": "a" * 70_000},
 }
 
 
 @pytest.mark.parametrize("raw", COERCIBLE.values(), ids=COERCIBLE.keys())
-def test_a_field_validation_would_have_to_coerce_is_refused(raw: dict[str, Any]) -> None:
+def test_a_field_not_exactly_as_defined_is_refused(raw: dict[str, Any]) -> None:
     header = msgpack.packb(raw, use_bin_type=True)
     with pytest.raises(ProtocolError, match="invalid"):
         p.decode(header)
