@@ -253,10 +253,8 @@ class Executor:
         it never runs, and what refers to it fails as it would here. An id in use keeps its
         object (the kernel refused the op for reusing it)."""
         if op.result not in self._entries:
-            message = OpFailed(result=op.result, operation=op.name,
-                               error_type="PolicyViolation", policy=True, detail=detail)
-            self._entries[op.result] = Entry(None, f"{op.name}(…)", 0, message,
-                                             f"PolicyViolation: {detail}")
+            self._report(op, _Call(op.name), _Failure("PolicyViolation", detail),
+                         policy=True, audited=False)
 
     def free(self, ids: Iterable[int]) -> None:
         """Drop entries (unknown ids are ignored: the researcher may free a failed op twice)."""
@@ -520,10 +518,11 @@ class Executor:
     # -- reporting ----------------------------------------------------------------------------
     def _report(
         self, op: Op, call: _Call, failure: _Failure, *, policy: bool = False,
-        store: bool = True,
+        store: bool = True, audited: bool = True,
     ) -> OpFailed:
         """Record a failed op. Its entry keeps every shared source the inputs had (a failure
-        is data derived from them) and a lineage naming the operation."""
+        is data derived from them) and a lineage naming the operation. ``audited=False``:
+        whoever refused it wrote the audit row already."""
         operation = call.operation
         message = OpFailed(
             result=op.result, operation=operation, error_type=failure.error_type,
@@ -534,9 +533,9 @@ class Executor:
                 f"{failure.error_type}: {failure.error}")
             self._entries[op.result] = Entry(None, call.text or f"{operation}(…)", 0, message,
                                              error, sources=frozenset(call.sources))
-        if policy:
+        if audited and policy:
             self._events.refused(operation, failure.detail, op.result)
-        else:
+        elif audited:
             self._events.failed(operation, failure.error_type, failure.error, op.result)
         return message
 
