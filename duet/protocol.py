@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from . import frames
 from .errors import DuetError, PolicyViolation, ProtocolError, RemoteError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: small messages with buffers travel in one PACKED frame
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 MAX_VALUE_DEPTH = 32
 MAX_NAME_CHARS = 200

@@ -8,12 +8,16 @@ so the layers above are tested fast. Both frame messages the same way (``Framer`
 Frames (the unit the data channel carries, at most ``frame_size`` bytes)::
 
     0x01 WHOLE  | header                                  a message with no buffers that fits
+    0x04 PACKED | header len u32 | count u16 | count x size u64 | header | buffers
+                                                          a message with buffers that fits
     0x02 BEGIN  | stream u32 | header len u32 | count u16 | count x size u64
     0x03 CHUNK  | stream u32 | bytes                      header then buffers, back to back
 
-Several streams may interleave, so a ping or an approval is not stuck behind a 256 MiB
-tensor. The sender awaits flow control between chunks, so memory stays bounded by the
-channel's buffer, not the payload.
+A message that fits in one frame travels in one (WHOLE or PACKED): a small array, the usual
+answer to a request, then costs the peers one data-channel message and one acknowledgement,
+not two of each. Larger messages are streamed: several streams may interleave, so a ping or
+an approval is not stuck behind a 256 MiB tensor, and the sender awaits flow control between
+chunks, so memory stays bounded by the channel's buffer, not the payload.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WHOLE, BEGIN, CHUNK = 0x01, 0x02, 0x03
+WHOLE, BEGIN, CHUNK, PACKED = 0x01, 0x02, 0x03, 0x04
 _BEGIN = struct.Struct("!BIIH")
+_PACKED = struct.Struct("!BIH")
 _CHUNK = struct.Struct("!BI")
 _SIZE = struct.Struct("!Q")
 MAX_BUFFERS = 4096
@@ -131,11 +136,20 @@ class Framer:
         self.frame_size = frame_size
         self._next_stream = 0
 
-    def is_whole(self, header: bytes, buffers: Sequence[memoryview]) -> bool:
-        return not buffers and len(header) + 1 <= self.frame_size
-
-    def whole(self, header: bytes) -> bytes:
-        return bytes((WHOLE,)) + header
+    def single(self, header: bytes, buffers: Sequence[memoryview]) -> bytes | None:
+        """The message as one frame (WHOLE, or PACKED with its buffers), or None if it
+        does not fit in one."""
+        if not buffers:
+            return bytes((WHOLE,)) + header if len(header) + 1 <= self.frame_size else None
+        if len(buffers) > MAX_BUFFERS:
+            return None  # begin() says why
+        size = (_PACKED.size + len(buffers) * _SIZE.size + len(header)
+                + sum(b.nbytes for b in buffers))
+        if size > self.frame_size:
+            return None
+        return b"".join((_PACKED.pack(PACKED, len(header), len(buffers)),
+                         *(_SIZE.pack(b.nbytes) for b in buffers), header,
+                         *(memoryview(b).cast("B") for b in buffers)))
 
     def begin(self, header: bytes, buffers: Sequence[memoryview]) -> tuple[int, bytes]:
         if len(buffers) > MAX_BUFFERS:
@@ -191,12 +205,35 @@ class Reassembler:
         kind = frame[0]
         if kind == WHOLE:
             return frame[1:], []
+        if kind == PACKED:
+            return self._packed(frame)
         if kind == BEGIN:
             self._begin(frame)
             return None
         if kind == CHUNK:
             return self._chunk(frame)
         raise ProtocolError(f"unknown frame kind {kind:#04x}")
+
+    def _packed(self, frame: bytes) -> tuple[bytes, list[memoryview]]:
+        if len(frame) < _PACKED.size:
+            raise ProtocolError("truncated PACKED frame")
+        _, header_len, count = _PACKED.unpack_from(frame)
+        start = _PACKED.size + count * _SIZE.size
+        if count > MAX_BUFFERS:
+            raise ProtocolError(f"a message may carry at most {MAX_BUFFERS} buffers")
+        if len(frame) < start:
+            raise ProtocolError("truncated PACKED frame")
+        if header_len > MAX_HEADER_BYTES:
+            raise ProtocolError(f"message header of {header_len} bytes exceeds the limit")
+        sizes = [_SIZE.unpack_from(frame, _PACKED.size + i * _SIZE.size)[0] for i in range(count)]
+        if start + header_len + sum(sizes) != len(frame):
+            raise ProtocolError("PACKED frame length does not match its sizes")
+        if len(frame) - start > self.max_message_bytes:
+            raise ProtocolError(f"message of {len(frame) - start} bytes exceeds the limit of "
+                                f"{self.max_message_bytes} bytes")
+        # a copy of its own, writable like a streamed message's buffers
+        return _split(np.frombuffer(frame, dtype=np.uint8, offset=start).copy(), header_len,
+                      sizes)
 
     def _begin(self, frame: bytes) -> None:
         if len(frame) < _BEGIN.size:
@@ -247,13 +284,7 @@ class Reassembler:
         if end < entry.total:
             return None
         self._close(stream)
-        view = entry.data.data
-        header = bytes(view[: entry.header_len])
-        buffers, offset = [], entry.header_len
-        for size in entry.sizes:
-            buffers.append(view[offset : offset + size])
-            offset += size
-        return header, buffers
+        return _split(entry.data, entry.header_len, entry.sizes)
 
     def _close(self, stream: int) -> None:
         self._in_flight -= self._streams.pop(stream).total
@@ -261,6 +292,17 @@ class Reassembler:
     def reset(self) -> None:
         self._streams.clear()
         self._in_flight = 0
+
+
+def _split(data: np.ndarray, header_len: int, sizes: list[int]) -> tuple[bytes, list[memoryview]]:
+    """A message's header and its buffers (views into ``data``), from their sizes."""
+    view = data.data
+    header = bytes(view[:header_len])
+    buffers, offset = [], header_len
+    for size in sizes:
+        buffers.append(view[offset : offset + size])
+        offset += size
+    return header, buffers
 
 
 class FramedTransport(Transport):
@@ -299,8 +341,9 @@ class FramedTransport(Transport):
     ) -> None:
         if self.closed:
             raise ConnectionLost(f"the connection is closed ({self.close_reason})")
-        if self.framer.is_whole(header, buffers):
-            self._send_frame(self.framer.whole(header))
+        single = self.framer.single(header, buffers)
+        if single is not None:
+            self._send_frame(single)
             return
         stream, begin = self.framer.begin(header, buffers)
         total = len(header) + sum(b.nbytes for b in buffers)

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
 
 import numpy as np
 import pytest
 
 from duet import ProtocolError
-from duet.transport import BEGIN, CHUNK, WHOLE, Framer, InMemoryTransport, Reassembler
+from duet.transport import (
+    BEGIN,
+    CHUNK,
+    MAX_BUFFERS,
+    PACKED,
+    WHOLE,
+    Framer,
+    InMemoryTransport,
+    Reassembler,
+)
 
 
 def frames_of(framer: Framer, header: bytes, buffers: list[memoryview]) -> list[bytes]:
-    if framer.is_whole(header, buffers):
-        return [framer.whole(header)]
+    single = framer.single(header, buffers)
+    if single is not None:
+        return [single]
     stream, begin = framer.begin(header, buffers)
     return [begin] + [frame for frame, _ in framer.chunks(stream, header, buffers)]
 
@@ -37,6 +48,35 @@ def test_chunking_reassembles_exactly(sizes: list[int]) -> None:
     assert [bytes(b) for b in out_buffers] == [bytes(b) for b in buffers]
 
 
+@pytest.mark.parametrize("sizes", [[0], [8], [8, 0, 100], [1024 - 7 - 8 - 5]])
+def test_a_message_that_fits_travels_in_one_packed_frame(sizes: list[int]) -> None:
+    """A small array (the usual answer to a request) is one frame, not a BEGIN and a CHUNK:
+    one data-channel message and one acknowledgement each way instead of two."""
+    rng = np.random.default_rng(2)
+    buffers = [memoryview(rng.integers(0, 256, n, dtype=np.uint8)) for n in sizes]
+    frames = frames_of(Framer(frame_size=1024), b"hello", buffers)
+    assert len(frames) == 1 and frames[0][0] == PACKED and len(frames[0]) <= 1024
+    done = Reassembler(max_message_bytes=10**6).feed(frames[0])
+    assert done is not None
+    header, out = done
+    assert header == b"hello" and [bytes(b) for b in out] == [bytes(b) for b in buffers]
+    for buffer in out:  # writable and its own, like a streamed message's buffers
+        assert not buffer.readonly
+    if out and len(out[0]):
+        out[0][0] ^= 0xFF
+        assert bytes(out[0]) != bytes(buffers[0]) and frames[0][-sum(sizes)] == buffers[0][0]
+
+
+def test_a_message_one_byte_too_long_for_a_frame_is_streamed() -> None:
+    framer = Framer(frame_size=1024)
+    fits = [memoryview(b"x" * (1024 - 7 - 8 - 5))]
+    assert len(frames_of(framer, b"hello", fits)) == 1
+    frames = frames_of(framer, b"hello", [memoryview(b"x" * (1024 - 7 - 8 - 5 + 1))])
+    assert [f[0] for f in frames] == [BEGIN, CHUNK]
+    assert frames_of(framer, b"h" * 1023, []) == [bytes([WHOLE]) + b"h" * 1023]
+    assert [f[0] for f in frames_of(framer, b"h" * 1024, [])] == [BEGIN, CHUNK, CHUNK]
+
+
 def test_interleaved_streams() -> None:
     framer = Framer(frame_size=1024)
     a = frames_of(framer, b"A" * 5000, [])
@@ -57,6 +97,14 @@ def test_interleaved_streams() -> None:
     (bytes([BEGIN]) + b"\x00", "truncated"),
     (bytes([CHUNK]) + b"\x00\x00\x00\x07data", "unknown stream"),
     (bytes([CHUNK]) + b"\x00\x00", "empty CHUNK"),
+    (bytes([PACKED]) + b"\x00\x00", "truncated PACKED"),
+    (struct.pack("!BIH", PACKED, 0, 3) + b"\x00" * 16, "truncated PACKED"),
+    (struct.pack("!BIH", PACKED, 0, MAX_BUFFERS + 1) + b"\x00" * 8 * (MAX_BUFFERS + 1),
+     "at most 4096 buffers"),
+    (struct.pack("!BIH", PACKED, 2**31, 0) + b"h", "header of 2147483648 bytes"),
+    (struct.pack("!BIHQ", PACKED, 2, 1, 2**62) + b"hh" + b"x" * 8, "does not match its sizes"),
+    (struct.pack("!BIHQ", PACKED, 2, 1, 4) + b"hh" + b"x" * 8, "does not match its sizes"),
+    (struct.pack("!BIHQ", PACKED, 2, 1, 4) + b"hh", "does not match its sizes"),
 ])
 def test_bad_frames_raise_protocol_error(frame: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
@@ -68,6 +116,10 @@ def test_oversized_message_is_refused_before_allocation() -> None:
     _, begin = framer.begin(b"h", [memoryview(b"x" * 2000)])
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         Reassembler(max_message_bytes=1000).feed(begin)
+    packed = framer.single(b"h", [memoryview(b"x" * 200)])
+    assert packed is not None
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        Reassembler(max_message_bytes=100).feed(packed)
 
 
 def test_open_streams_together_are_bounded() -> None:
@@ -124,22 +176,28 @@ async def test_in_memory_pair_delivers_in_order_with_flow_control() -> None:
     assert closed and a.closed
 
 
-async def test_bad_frame_is_reported_and_the_channel_stays_up() -> None:
+@pytest.mark.parametrize("frame, message", [
+    (b"\x07garbage", "unknown frame kind"),
+    (struct.pack("!BIHQ", PACKED, 2, 1, 2**62) + b"hh", "does not match its sizes"),
+])
+async def test_bad_frame_is_reported_and_the_channel_stays_up(frame: bytes,
+                                                              message: str) -> None:
     a, b = InMemoryTransport.pair()
     await a.start()
     await b.start()
     errors: list[ProtocolError] = []
-    got: list[bytes] = []
+    got: list[tuple[bytes, list[bytes]]] = []
     b.on_error = errors.append
-    b.set_handlers(lambda header, buffers: got.append(header), lambda reason: None)
-    b.inject_frame(b"\x07garbage")
-    await a.send(b"after")
+    b.set_handlers(lambda header, buffers: got.append((header, [bytes(x) for x in buffers])),
+                   lambda reason: None)
+    b.inject_frame(frame)
+    await a.send(b"after", [memoryview(b"small")])
     for _ in range(100):
         if got:
             break
         await asyncio.sleep(0.01)
-    assert len(errors) == 1 and "unknown frame kind" in str(errors[0])
-    assert got == [b"after"]
+    assert len(errors) == 1 and message in str(errors[0])
+    assert got == [(b"after", [b"small"])]
 
 
 async def test_a_frame_sent_while_the_endpoint_starts_is_delivered(

@@ -88,6 +88,9 @@ for dtype in ("object", "V8", "O"):
     send_header(r, ops_header([header]), [b"\\0" * 8])
 send_frame(r, struct.pack("!BIIH", 2, 99, 10, 2) + struct.pack("!QQ", 2**62, 2**62))
 send_frame(r, struct.pack("!BIIH", 2, 98, 2**31, 0))     # a 2 GiB header
+send_frame(r, struct.pack("!BIHQQ", 4, 2, 2, 2**62, 2**62) + b"hh")  # one frame, exabytes
+send_frame(r, struct.pack("!BIH", 4, 2**31, 0) + b"h")   # one frame with a 2 GiB header
+send_frame(r, struct.pack("!BIH", 4, 0, 65535))          # 65,535 buffers announced, none sent
 send_header(r, ops_header([msgpack.ExtType(1, msgpack.packb(2**64 - 1))]))
 # a flood of maximal operation batches: the owner decodes them, its loop must keep answering
 import threading
