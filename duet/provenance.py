@@ -78,6 +78,9 @@ class Rows:
     # computed per record by the researcher's model (its forward): still one row per record,
     # but a sum of it is no plain total either
     modelled: bool = False
+    # summaries of the same records folded into these values (``x * 0 + x.max()``): any
+    # later summary of the rows still reveals them, so it carries their parts along
+    carried: tuple[Part, ...] = ()
 
     @property
     def plain(self) -> bool:
@@ -154,13 +157,17 @@ def arrays(provenance: Provenance) -> list[np.ndarray]:
     memory budget counts them."""
     found: list[np.ndarray] = []
     for state in provenance.values():
-        if isinstance(state, Rows) and state.index is not None:
-            found.append(state.index)
+        parts: tuple[Part, ...] = ()
+        if isinstance(state, Rows):
+            if state.index is not None:
+                found.append(state.index)
+            parts = state.carried
         elif isinstance(state, Aggregated):
-            for part in state.parts:
-                if part.rows is not None:
-                    found.append(part.rows)
-                found.extend(part.cells.values())
+            parts = state.parts
+        for part in parts:
+            if part.rows is not None:
+                found.append(part.rows)
+            found.extend(part.cells.values())
     return found
 
 
@@ -387,15 +394,25 @@ def merge_states(states: list[State]) -> State:
     if rows:
         if all(_same_rows(rows[0], other) for other in rows[1:]):
             mixed, modelled = any(r.mixed for r in rows), any(r.modelled for r in rows)
-            first = rows[0]  # record-level, whatever summaries were added
-            if (mixed, modelled) != (first.mixed, first.modelled):
-                first = replace(first, mixed=mixed, modelled=modelled)
+            # record-level, and the summaries added to the rows travel with them
+            carried = _dedupe((*(p for r in rows for p in r.carried),
+                               *(p for s in states if isinstance(s, Aggregated)
+                                 for p in s.parts)))
+            first = rows[0]
+            if (mixed, modelled, len(carried)) != (first.mixed, first.modelled,
+                                                   len(first.carried)):
+                first = replace(first, mixed=mixed, modelled=modelled, carried=carried)
             return first
         return Unknown("combines differently selected records element-wise")
     parts = tuple(p for s in states if isinstance(s, Aggregated) for p in s.parts)
     if parts:
         return Aggregated(_dedupe(parts))
     return next((s for s in states if isinstance(s, Declared) and s.what), DECLARED)
+
+
+def _summary(state: Rows, *parts: Part) -> Aggregated:
+    """A summary of ``state``'s records, with the summaries its values carried."""
+    return Aggregated(_dedupe((*parts, *state.carried)))
 
 
 def _dedupe(parts: tuple[Part, ...]) -> tuple[Part, ...]:
@@ -598,8 +615,7 @@ def _select(state: Rows, selector: Any) -> State:
             return Unknown("indexed out of range")
         row = (index[selector] if index is not None else selector % length)
         return Rows(np.array([row], dtype=np.int64), state.total, True, single=True,
-                    mixed=state.mixed,
-                modelled=state.modelled)
+                    mixed=state.mixed, modelled=state.modelled, carried=state.carried)
     if isinstance(selector, slice):
         if selector == slice(None):
             return state
@@ -610,20 +626,20 @@ def _select(state: Rows, selector: Any) -> State:
             new = index[selector]
         return Rows(new, state.total, state.distinct,
                     ordered=state.ordered and positions.step > 0, mixed=state.mixed,
-                modelled=state.modelled)
+                    modelled=state.modelled, carried=state.carried)
     if isinstance(selector, _Mask):
         if selector.size != length:
             return Unknown("a mask of another length")
         chosen = selector.positions
         return Rows(chosen if index is None else index[chosen], state.total, state.distinct,
-                    ordered=state.ordered, mixed=state.mixed,
-                modelled=state.modelled)
+                    ordered=state.ordered, mixed=state.mixed, modelled=state.modelled,
+                    carried=state.carried)
     if selector.size and (selector.min() < -length or selector.max() >= length):
         return Unknown("indexed out of range")
     positions = selector % length if selector.size else selector.astype(np.int64)
     new = positions.astype(np.int64) if index is None else index[positions]
     return Rows(new, state.total, distinct=False, ordered=False, mixed=state.mixed,
-                modelled=state.modelled)
+                modelled=state.modelled, carried=state.carried)
 
 
 def _length(provenance: Provenance) -> Provenance:
@@ -637,9 +653,9 @@ def _length(provenance: Provenance) -> Provenance:
                 records = state.records()
                 n = state.total if records is None else int(records.size)
                 counts = np.array([[n], [state.total - n]], dtype=np.int64)
-                result[name] = Aggregated((Part("frequency", records, state.total, n,
-                                                {"counts": counts},
-                                                "the number of selected records"),))
+                result[name] = _summary(state, Part("frequency", records, state.total, n,
+                                                    {"counts": counts},
+                                                    "the number of selected records"))
         elif isinstance(state, Rows):
             result[name] = DECLARED
         else:
@@ -712,14 +728,33 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
             result[source] = state  # a summary of a summary, or still one record
             continue
         part_kind = "statistic" if kind == "magnitude" and not state.plain else kind
+        if kind == "magnitude":
+            present = _present(data, state)
+            if not isinstance(present, Rows):
+                result[source] = present
+                continue
+            state = present
         if part_kind in ("magnitude", "frequency") and cells is None:
             cells = _cells(data, name, part_kind, axis)
         note = name
         if state.mixed or (part_kind != kind and state.modelled):
             # a loss over weighed values is no training signal; a sum of them no total
             note = f"{name} of values weighed, combined or modelled per record"
-        result[source] = Aggregated((_part(part_kind, state, cells or {}, note),))
+        result[source] = _summary(state, _part(part_kind, state, cells or {}, note))
     return _with_rest(result, other)
+
+
+def _present(data: Any, state: Rows) -> State:
+    """The rows of one column that a summary skipping missing values reads: the others
+    contribute nothing, so they are no records of it (for differencing too: a total over
+    ``sqrt(x - t)``'s defined rows is a total over the records above ``t``)."""
+    array = _numeric(data)
+    if array.ndim != 1 or array.dtype.kind != "f" or array.shape[0] != state.length:
+        return state
+    missing = np.isnan(array)
+    if not missing.any():
+        return state
+    return _select(state, _Mask(np.flatnonzero(~missing), array.shape[0]))
 
 
 def _part(kind: str, state: Rows, cells: Mapping[str, np.ndarray], name: str) -> Part:
@@ -860,7 +895,7 @@ def _table(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> Pr
         if _edges_from_data(name, call):
             parts.append(Part("order", records, state.total, n, {},
                               f"{name} bin edges placed at the smallest and largest value"))
-        result[source] = Aggregated(tuple(parts))
+        result[source] = _summary(state, *parts)
     return _with_rest(result, other)
 
 
@@ -920,12 +955,14 @@ def _stack(call: Call, inputs: list[Provenance], provenance_of: ProvenanceOf) ->
     result: dict[str, State] = {}
     for name in names:
         joined = np.concatenate(indexes[name]) if indexes[name] else np.empty(0, np.int64)
-        totals = [s.total for s in (_provenance(i, provenance_of).get(name) for i in items)
-                  if isinstance(s, Rows)]
-        if not totals or (joined < 0).any():
+        stacked = [s for s in (_provenance(i, provenance_of).get(name) for i in items)
+                   if isinstance(s, Rows)]
+        if not stacked or (joined < 0).any():
             result[name] = Unknown("stacks records with other values")
         else:
-            result[name] = Rows(joined, totals[0], distinct=False, ordered=False, mixed=True)
+            result[name] = Rows(joined, stacked[0].total, distinct=False, ordered=False,
+                                mixed=True,
+                                carried=_dedupe(tuple(p for s in stacked for p in s.carried)))
     return _merge([result, *summaries])
 
 
@@ -942,7 +979,7 @@ def _forward(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
         for source, state in data.items():
             if isinstance(state, Rows) and not state.single:
                 note = "loss of weighed or combined values" if state.mixed else "loss"
-                result[source] = Aggregated((_part("statistic", state, {}, note),))
+                result[source] = _summary(state, _part("statistic", state, {}, note))
             else:
                 result[source] = state
         return _merge([model, result])
@@ -965,7 +1002,7 @@ def modified(existing: Provenance, by: Provenance, *, trained: bool) -> Provenan
         if trained and isinstance(state, (Rows, Aggregated)):
             if isinstance(state, Rows):
                 learned: list[Part] | None = None
-                carried: tuple[Part, ...] = ()
+                carried: tuple[Part, ...] = state.carried
             else:
                 learned = [p for p in state.parts if p.kind == "model"
                            or (p.kind == "statistic" and p.note in _LOSS_NOTES)]
@@ -1100,11 +1137,15 @@ def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 _TABLE_FAMILIES = frozenset({"DataFrame", "Series", "Index", "GroupBy", "StringMethods",
                              "Datetimelike", "CategoricalAccessor", "Estimator"})
 # Row-wise on a table: one result row per input row (alignment re-checked by length).
-_TABLE_ROWWISE = frozenset("""isna notna isnull notnull isin between fillna ffill bfill
+_TABLE_ROWWISE = frozenset("""isna notna isnull notnull isin between fillna
     convert_dtypes replace mask round clip abs astype to_numpy to_list tolist to_frame copy
-    rename assign get_dummies select_dtypes drop filter get reset_index set_index rank shift
-    diff pct_change cumsum cumprod cummax cummin radd rsub rmul rdiv truediv floordiv mod pow
+    rename assign get_dummies select_dtypes drop filter get reset_index set_index rank
+    radd rsub rmul rdiv truediv floordiv mod pow
     add sub mul div eq ne lt le gt ge where index values squeeze map isnull""".split())
+# One result row per input row, but computed from other rows too (a neighbour's value, a
+# running total): sum(x) - sum(x.shift(1)) is the last record, so none of them is per record.
+_TABLE_MOVES = frozenset("""shift diff pct_change cumsum cumprod cummax cummin ffill bfill
+    cumcount ngroup""".split())
 _TABLE_ORDER = frozenset("""median min max quantile describe mode idxmin idxmax nlargest
     nsmallest first last""".split())
 _TABLE_STATISTIC = frozenset("skew kurt corr cov nunique".split())
@@ -1169,6 +1210,8 @@ def _table_rule(call: Call, name: str, family: str, value: Any, inputs: list[Pro
         if name in _TABLE_MAGNITUDE or name in _TABLE_ORDER or name in _TABLE_STATISTIC \
                 or name in ("any", "all", "prod"):
             return _reduce(call, name, value, provenance_of)
+        if name in _TABLE_MOVES:
+            return _unknown(inputs, f"{name} moves values between records")
         if name in _TABLE_ROWWISE:
             return _mark_mixed(call, value, _merge(inputs))
         if name in ("T", "transpose"):
@@ -1211,9 +1254,14 @@ def _grouped(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> 
                      else "order" for n in names}
             name = ("order" if "order" in kinds else "sum" if "magnitude" in kinds
                     else "count")
-    if name == "transform" or name in ("rank", "shift", "diff", "cumsum", "cumcount",
-                                       "cummax", "cummin", "ngroup"):
+    if name == "rank":
         return _merge(inputs)  # one value per row: record-level
+    if name in _TABLE_MOVES:
+        return _unknown(inputs, f"GroupBy.{name} moves values between records")
+    if name == "transform":  # each group's summary, repeated on its rows
+        return {source: replace(state, carried=_dedupe((*state.carried, _group_summary(state)))
+                                ) if isinstance(state, Rows) and not state.single else state
+                for source, state in _merge(inputs).items()}
     if name in ("size", "count"):
         kind = "table"
     elif name in _GROUP_MAGNITUDE:
@@ -1225,35 +1273,69 @@ def _grouped(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> 
         return _unknown(inputs, f"GroupBy.{name} is not modelled")
     if kind == "rows" or (set(call.kwargs) - _TABLE_KEYWORDS):
         return _unknown(inputs, f"GroupBy.{name} with these arguments is not modelled")
+    if kind == "magnitude" and not _numeric_table(value):
+        # pandas sums text by joining it: every record's value, in one cell per group
+        return _unknown(inputs, f"GroupBy.{name} of columns that are not numbers")
     result: dict[str, State] = {}
     cells: dict[str, np.ndarray] | None = None
+    codes = _group_codes(group)
+    kept = codes >= 0  # rows whose key is missing belong to no group: no records of it
     for source, state in provenance.items():
         if not isinstance(state, Rows) or state.single or not state.distinct:
             result[source] = state if not isinstance(state, Rows) else Unknown(
                 "grouped records that are not distinct")
             continue
+        if not kept.all():
+            selected = _select(state, _Mask(np.flatnonzero(kept), kept.size))
+            if not isinstance(selected, Rows):
+                result[source] = selected
+                continue
+            state = selected
         if cells is None:
-            cells = _group_cells(group, kind, name, value)
+            cells = _group_cells(group, codes, kind, name, value)
         records = state.records()
         n = state.total if records is None else int(records.size)
         part_kind = "statistic" if kind == "magnitude" and not state.plain else kind
-        result[source] = Aggregated((Part(part_kind, records, state.total, n,
-                                          cells if part_kind == kind else {},
-                                          f"{name} per group"),))
+        result[source] = _summary(state, Part(part_kind, records, state.total, n,
+                                              cells if part_kind == kind else {},
+                                              f"{name} per group"))
     other = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
     return _with_rest(result, other)
 
 
-def _group_cells(group: Any, kind: str, name: str, value: Any) -> dict[str, np.ndarray]:
-    codes = np.asarray(group.ngroup(), dtype=np.int64)
+def _group_codes(group: Any) -> np.ndarray:
+    """Each row's group number; -1 for rows in no group (a missing key)."""
+    numbers = np.asarray(group.ngroup(), dtype=np.float64)
+    return np.where(np.isnan(numbers), -1, numbers).astype(np.int64)
+
+
+def _numeric_table(value: Any) -> bool:
+    pd = _pandas()
+    if isinstance(value, pd.DataFrame):
+        return all(pd.api.types.is_numeric_dtype(dtype) for dtype in value.dtypes)
+    if isinstance(value, pd.Series):
+        return bool(pd.api.types.is_numeric_dtype(value.dtype))
+    return True
+
+
+def _group_summary(state: Rows) -> Part:
+    records = state.records()
+    n = state.total if records is None else int(records.size)
+    return Part("order", records, state.total, n, {}, "a summary per group (transform)")
+
+
+def _group_cells(group: Any, codes: np.ndarray, kind: str, name: str,
+                 value: Any) -> dict[str, np.ndarray]:
     groups = int(codes.max()) + 1 if codes.size else 0
     kept = codes >= 0  # rows whose key is missing belong to no group
     sizes = np.bincount(codes[kept], minlength=groups)
-    if kind == "table":
+    dropped = np.array([int((~kept).sum())] if not kept.all() else [], dtype=np.int64)
+    if kind == "table":  # the rows left out are a count as well (199 of 200 says 1)
         if name == "count":
             counts = _numeric_frame(value)
-            return {"counts": counts.astype(np.int64)} if counts.dtype.kind in "iuf" else {}
-        return {"counts": sizes.astype(np.int64)}
+            return {"counts": np.concatenate([counts.reshape(-1).astype(np.int64), dropped])
+                    } if counts.dtype.kind in "iuf" else {}
+        return {"counts": np.concatenate([sizes.astype(np.int64), dropped])}
     if kind == "order":
         return {"n": sizes.astype(np.int64)}
     frame = group.obj
@@ -1325,6 +1407,7 @@ def _value_counts(call: Call, name: str, provenance_of: ProvenanceOf) -> Provena
         return _unknown(inputs, f"{name} with these arguments is not modelled")
     result: dict[str, State] = {}
     counts: np.ndarray | None = None
+    present: np.ndarray | None = None
     for source, state in provenance.items():
         if not isinstance(state, Rows) or state.single or not state.distinct:
             result[source] = state if not isinstance(state, Rows) else Unknown(
@@ -1336,11 +1419,33 @@ def _value_counts(call: Call, name: str, provenance_of: ProvenanceOf) -> Provena
             counts = np.asarray(found.to_numpy(), dtype=np.int64)
             if counts.size > MAX_CELLS:
                 raise ValueError("too many cells")
+            present = _counted(data, call.kwargs.get("subset"), dropna)
+            if present is not None:  # 199 of 200 says that one record is missing
+                counts = np.append(counts, present.size - int(present.sum()))
+        if present is not None:
+            selected = _select(state, _Mask(np.flatnonzero(present), present.size))
+            if not isinstance(selected, Rows):
+                result[source] = selected
+                continue
+            state = selected
         records = state.records()
         n = state.total if records is None else int(records.size)
-        result[source] = Aggregated((Part("table", records, state.total, n,
-                                          {"counts": counts}, name),))
+        result[source] = _summary(state, Part("table", records, state.total, n,
+                                              {"counts": counts}, name))
     return _merge([result, *[p for p in inputs[1:]]]) if len(inputs) > 1 else result
+
+
+def _counted(data: Any, subset: Any, dropna: bool) -> np.ndarray | None:
+    """Which rows ``value_counts`` counts, when it leaves some out (missing values)."""
+    if not dropna:
+        return None
+    missing = data.isna()
+    if hasattr(missing, "columns"):
+        if subset is not None:
+            missing = missing[list(subset) if isinstance(subset, (list, tuple)) else [subset]]
+        missing = missing.any(axis=1)
+    present = ~np.asarray(missing, dtype=bool)
+    return None if present.all() else present
 
 
 def _dropna(call: Call, provenance_of: ProvenanceOf) -> Provenance:
@@ -1384,8 +1489,9 @@ def _crosstab(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance
             continue
         records = state.records()
         n = state.total if records is None else int(records.size)
-        result[source] = Aggregated((Part("table", records, state.total, n,
-                                          {"counts": counts.astype(np.int64)}, "crosstab"),))
+        result[source] = _summary(state, Part("table", records, state.total, n,
+                                              {"counts": counts.astype(np.int64)},
+                                              "crosstab"))
     return result
 
 
