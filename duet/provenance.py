@@ -242,6 +242,12 @@ _METADATA = frozenset("ndim dtype itemsize device requires_grad is_leaf dim trai
 _NOT_ELEMENTWISE = frozenset({"torch.equal", "Tensor.equal", "numpy.array_equal",
                               "numpy.allclose", "torch.allclose", "Tensor.allclose"})
 _STACK_ROWS = frozenset("concatenate concat cat vstack".split())
+# Element-wise in form, but along an axis: over the records, each value depends on all of
+# them (softmax divides by their total, normalize by their largest).
+_ALONG_AXIS = frozenset("softmax log_softmax normalize".split())
+# A boolean combined with a per-record mask from outside the source (the researcher's own
+# array, another shared object): only the mask's records are counted.
+_AND = frozenset("and_ logical_and bitwise_and".split())
 # Moves values between axes: rows no longer line up, summaries stay summaries.
 _REARRANGE = frozenset("T mT transpose swapaxes moveaxis permute flip t".split())
 # What a model, optimizer or container is made of, or wraps: the provenance of its inputs.
@@ -300,6 +306,13 @@ def _derive(call: Call, value: Any, inputs: list[Provenance],
         return inputs[0]
     if name == "where" and len(call.args) == 1:  # positions of matching records
         return _unknown(inputs, "positions of records (where with one argument)")
+    if name in _ALONG_AXIS and _along_records(call, name):
+        return _unknown(inputs, f"{name} over the records combines all of them")
+    if name == "one_hot" and call.kwargs.get("num_classes", call.args[1] if len(call.args) > 1
+                                            else -1) in (-1, None):
+        return _carrying(_merge(inputs), "one_hot's width: the largest value")
+    if name in _AND and _is_boolean(value):
+        return _masked(call, _merge(inputs), provenance_of)
     if name in _ELEMENTWISE or name in _IDENTITY or name == "where":
         return _mark_mixed(call, value, _merge(inputs))
     if name in _RESHAPE:
@@ -474,6 +487,44 @@ def _mark_mixed(call: Call, value: Any, provenance: Provenance) -> Provenance:
             for name, state in provenance.items()}
 
 
+def _along_records(call: Call, name: str) -> bool:
+    """Whether a softmax or normalize runs along axis 0 (the records)."""
+    data = call.args[0] if call.args else None
+    ndim = int(getattr(data, "ndim", 0) or 0)
+    position = 2 if name == "normalize" else 1  # normalize(input, p, dim), softmax(x, dim)
+    default = 1 if name == "normalize" else None
+    dim = call.kwargs.get("dim", call.args[position] if len(call.args) > position else default)
+    if not isinstance(dim, (int, np.integer, type(None))):
+        return True
+    return _over_records(dim, ndim)
+
+
+def _masked(call: Call, provenance: Provenance, provenance_of: ProvenanceOf) -> Provenance:
+    """``condition & keep`` where ``keep`` is the researcher's own per-record mask (no shared
+    data in it): a count of it counts only ``keep``'s records, which the rows cannot say, so
+    they are marked ``mixed`` and a count of them is for review (``count(x > t)`` against
+    ``count((x > t) & not7)`` is patient 7's answer, whatever it is). Selecting rows with it
+    stays exact: the selection knows its records. Conditions on shared data combine as
+    before: a count of them is a count of records (differencing compares what they count).
+    """
+    result = dict(provenance)
+    for source, state in provenance.items():
+        if not isinstance(state, Rows) or state.single or state.mixed:
+            continue
+        outside = [operand for operand in call.args
+                   if _length_of(operand) == state.length and not provenance_of(operand)]
+        if outside:
+            result[source] = replace(state, mixed=True)
+    return result
+
+
+def _carrying(provenance: Provenance, note: str) -> Provenance:
+    """Rows whose values (or shape) depend on all the records: they carry an ``order``
+    part, so every summary of them, their length included, is for review."""
+    return {source: replace(state, carried=_dedupe((*state.carried, _order_part(state, note))))
+            if isinstance(state, Rows) else state for source, state in provenance.items()}
+
+
 def _is_boolean(value: Any) -> bool:
     dtype = getattr(value, "dtype", None)
     if dtype is None:
@@ -553,6 +604,10 @@ def _getitem(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
         if mask_sources and isinstance(state, Rows) and not state.single \
                 and state.length == selector.size:
             selected = _select(state, selector)
+            if isinstance(selected, Rows) and not selected.plain:
+                # the mask's own values were combined (``young & (ids != 7)``); what it
+                # selects are the records themselves, exactly
+                selected = replace(selected, mixed=False, modelled=False)
         elif isinstance(state, (Aggregated, Declared)):
             selected = state
         else:
@@ -648,7 +703,7 @@ def _length(provenance: Provenance) -> Provenance:
     for name, state in provenance.items():
         if isinstance(state, Rows) and not state.single:
             if state.index is None:
-                result[name] = ROW_COUNT
+                result[name] = _summary(state) if state.carried else ROW_COUNT
             else:
                 records = state.records()
                 n = state.total if records is None else int(records.size)
@@ -657,7 +712,7 @@ def _length(provenance: Provenance) -> Provenance:
                                                     {"counts": counts},
                                                     "the number of selected records"))
         elif isinstance(state, Rows):
-            result[name] = DECLARED
+            result[name] = _summary(state) if state.carried else DECLARED
         else:
             result[name] = state
     return result
@@ -727,7 +782,8 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
         if not isinstance(state, Rows) or state.single:
             result[source] = state  # a summary of a summary, or still one record
             continue
-        part_kind = "statistic" if kind == "magnitude" and not state.plain else kind
+        part_kind = ("statistic" if kind in ("magnitude", "frequency") and not state.plain
+                     else kind)
         if kind == "magnitude":
             present = _present(data, state)
             if not isinstance(present, Rows):
@@ -740,7 +796,10 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
         if state.mixed or (part_kind != kind and state.modelled):
             # a loss over weighed values is no training signal; a sum of them no total
             note = f"{name} of values weighed, combined or modelled per record"
-        result[source] = _summary(state, _part(part_kind, state, cells or {}, note))
+        part = _part(part_kind, state, cells or {}, note)
+        if part.kind == "frequency":
+            part = _counting(part, data, name, state)
+        result[source] = _summary(state, part)
     return _with_rest(result, other)
 
 
@@ -755,6 +814,19 @@ def _present(data: Any, state: Rows) -> State:
     if not missing.any():
         return state
     return _select(state, _Mask(np.flatnonzero(~missing), array.shape[0]))
+
+
+def _counting(part: Part, data: Any, name: str, state: Rows) -> Part:
+    """A count of one column, for differencing: its records are the ones it counts, so two
+    counts whose sets differ by one record are seen to (``count(x > t)`` and
+    ``count((x > t) & (id != 7))``), though both cover every row."""
+    array = _numeric(data)
+    if array.ndim != 1 or array.shape[0] != state.length or array.dtype.kind not in "biuf":
+        return part
+    counted = (~np.isnan(array.astype(np.float64, copy=False)) if name == "count_nonnull"
+               else array != 0)
+    selected = _select(state, _Mask(np.flatnonzero(counted), counted.size))
+    return replace(part, rows=selected.records()) if isinstance(selected, Rows) else part
 
 
 def _part(kind: str, state: Rows, cells: Mapping[str, np.ndarray], name: str) -> Part:
@@ -889,6 +961,10 @@ def _table(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> Pr
             continue
         if counts is None:
             counts = _table_counts(name, data, value)
+            if name in ("histogram", "histc"):  # rows outside the bins (or NaN) are a count
+                outside = state.length - int(counts.sum())
+                if outside > 0:
+                    counts = np.append(counts, outside)
         records = state.records()
         n = state.total if records is None else int(records.size)
         parts = [Part("table", records, state.total, n, {"counts": counts}, name)]
@@ -1139,13 +1215,13 @@ _TABLE_FAMILIES = frozenset({"DataFrame", "Series", "Index", "GroupBy", "StringM
 # Row-wise on a table: one result row per input row (alignment re-checked by length).
 _TABLE_ROWWISE = frozenset("""isna notna isnull notnull isin between fillna
     convert_dtypes replace mask round clip abs astype to_numpy to_list tolist to_frame copy
-    rename assign get_dummies select_dtypes drop filter get reset_index set_index rank
+    rename assign get_dummies select_dtypes drop filter get reset_index set_index
     radd rsub rmul rdiv truediv floordiv mod pow
     add sub mul div eq ne lt le gt ge where index values squeeze map isnull""".split())
 # One result row per input row, but computed from other rows too (a neighbour's value, a
 # running total): sum(x) - sum(x.shift(1)) is the last record, so none of them is per record.
 _TABLE_MOVES = frozenset("""shift diff pct_change cumsum cumprod cummax cummin ffill bfill
-    cumcount ngroup""".split())
+    cumcount ngroup rank""".split())
 _TABLE_ORDER = frozenset("""median min max quantile describe mode idxmin idxmax nlargest
     nsmallest first last""".split())
 _TABLE_STATISTIC = frozenset("skew kurt corr cov nunique".split())
@@ -1157,6 +1233,12 @@ _FIT_ROWS = frozenset("fit_transform fit_predict".split())
 _PREDICT = frozenset("""predict predict_proba predict_log_proba decision_function transform
     inverse_transform""".split())
 _GROUP_MAGNITUDE = frozenset("sum mean std var sem".split())
+# Estimators whose fitted state is parameters (weights, means, variances), whose answers on
+# new data the model part's checks cover. Any other (scalers to a range, medians, nearest
+# neighbours, trees) keeps values of single records: its answers are for review.
+_PARAMETRIC = frozenset("""LinearRegression LogisticRegression Ridge RidgeClassifier Lasso
+    ElasticNet SGDClassifier SGDRegressor LinearSVC LinearSVR StandardScaler PCA
+    GaussianNB LinearDiscriminantAnalysis""".split())
 _GROUP_COUNTS = frozenset("size count".split())
 
 
@@ -1187,6 +1269,12 @@ def _table_rule(call: Call, name: str, family: str, value: Any, inputs: list[Pro
             return modified(target, data, trained=True)
         if name in _FIT_ROWS or name in _PREDICT:
             trained = modified(target, data, trained=True) if name in _FIT_ROWS else target
+            if not _parametric(call.args[0]):
+                # it keeps values of its records (a maximum, a median, the records
+                # themselves): what it answers, even about the researcher's own array, is
+                # for review
+                trained = {source: _keeps_values(state, type(call.args[0]).__name__)
+                           for source, state in trained.items()}
             return _merge([trained, data])  # one result per input row: record-level
         if name in _ESTIMATOR_PARAMETERS:
             return target
@@ -1221,8 +1309,11 @@ def _table_rule(call: Call, name: str, family: str, value: Any, inputs: list[Pro
         return _crosstab(call, value, provenance_of)
     if operation in ("pandas.get_dummies", "pandas.isna", "pandas.notna", "pandas.to_numeric",
                      "pandas.Series", "pandas.DataFrame"):
-        return _merge(inputs) if len(call.args) <= 1 else _unknown(
-            inputs, f"{operation} with these arguments is not modelled")
+        if len(call.args) > 1:
+            return _unknown(inputs, f"{operation} with these arguments is not modelled")
+        if operation == "pandas.get_dummies":  # one column per value found: its width is data
+            return _carrying(_merge(inputs), "get_dummies' columns: the values found")
+        return _merge(inputs)
     if operation == "pandas.cut":
         bins = call.kwargs.get("bins", call.args[1] if len(call.args) > 1 else None)
         if isinstance(bins, (list, tuple, np.ndarray)):
@@ -1254,14 +1345,10 @@ def _grouped(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> 
                      else "order" for n in names}
             name = ("order" if "order" in kinds else "sum" if "magnitude" in kinds
                     else "count")
-    if name == "rank":
-        return _merge(inputs)  # one value per row: record-level
     if name in _TABLE_MOVES:
         return _unknown(inputs, f"GroupBy.{name} moves values between records")
     if name == "transform":  # each group's summary, repeated on its rows
-        return {source: replace(state, carried=_dedupe((*state.carried, _group_summary(state)))
-                                ) if isinstance(state, Rows) and not state.single else state
-                for source, state in _merge(inputs).items()}
+        return _carrying(_merge(inputs), "a summary per group (transform)")
     if name in ("size", "count"):
         kind = "table"
     elif name in _GROUP_MAGNITUDE:
@@ -1280,6 +1367,10 @@ def _grouped(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> 
     cells: dict[str, np.ndarray] | None = None
     codes = _group_codes(group)
     kept = codes >= 0  # rows whose key is missing belong to no group: no records of it
+    pd = _pandas()
+    obj = getattr(group, "obj", None)
+    if kind == "magnitude" and isinstance(obj, pd.Series):
+        kept &= ~np.asarray(obj.isna(), dtype=np.bool_)  # nor are missing values
     for source, state in provenance.items():
         if not isinstance(state, Rows) or state.single or not state.distinct:
             result[source] = state if not isinstance(state, Rows) else Unknown(
@@ -1318,34 +1409,57 @@ def _numeric_table(value: Any) -> bool:
     return True
 
 
-def _group_summary(state: Rows) -> Part:
+def _parametric(estimator: Any) -> bool:
+    name = type(estimator).__name__
+    return name in _PARAMETRIC or (name == "SimpleImputer" and getattr(
+        estimator, "strategy", None) in ("mean", "constant"))
+
+
+def _keeps_values(state: State, estimator: str) -> State:
+    if not isinstance(state, Aggregated):
+        return state
+    models = tuple(Part("order", p.rows, p.total, p.n, {}, f"{estimator} keeps values of its "
+                        "records") for p in state.parts if p.kind == "model")
+    return Aggregated(_dedupe((*state.parts, *models))) if models else state
+
+
+def _group_columns(group: Any) -> list[Any]:
+    """The columns a reduction per group summarizes (the keys named by column left out)."""
+    frame = group.obj
+    pd = _pandas()
+    if isinstance(frame, pd.Series):
+        return [frame]
+    keys = getattr(group, "keys", None)
+    named = {keys} if isinstance(keys, str) else (
+        {k for k in keys if isinstance(k, str)} if isinstance(keys, list) else set())
+    return [frame[c] for c in frame.columns if c not in named]
+
+
+def _order_part(state: Rows, note: str) -> Part:
     records = state.records()
     n = state.total if records is None else int(records.size)
-    return Part("order", records, state.total, n, {}, "a summary per group (transform)")
+    return Part("order", records, state.total, n, {}, note)
 
 
 def _group_cells(group: Any, codes: np.ndarray, kind: str, name: str,
                  value: Any) -> dict[str, np.ndarray]:
-    groups = int(codes.max()) + 1 if codes.size else 0
+    # every group, the empty ones too (categories with observed=False): an empty cell is a
+    # zero count
+    groups = max(int(codes.max()) + 1 if codes.size else 0, int(getattr(group, "ngroups", 0)))
     kept = codes >= 0  # rows whose key is missing belong to no group
     sizes = np.bincount(codes[kept], minlength=groups)
     dropped = np.array([int((~kept).sum())] if not kept.all() else [], dtype=np.int64)
     if kind == "table":  # the rows left out are a count as well (199 of 200 says 1)
-        if name == "count":
-            counts = _numeric_frame(value)
-            return {"counts": np.concatenate([counts.reshape(-1).astype(np.int64), dropped])
-                    } if counts.dtype.kind in "iuf" else {}
+        if name == "count":  # values present per group and column, from the codes
+            present = [np.bincount(codes[kept & ~np.asarray(column.isna(), dtype=bool)],
+                                   minlength=groups) for column in _group_columns(group)]
+            if present:
+                sizes = np.stack(present, axis=-1).reshape(-1)
         return {"counts": np.concatenate([sizes.astype(np.int64), dropped])}
     if kind == "order":
         return {"n": sizes.astype(np.int64)}
-    frame = group.obj
     pd = _pandas()
-    columns = [frame] if isinstance(frame, pd.Series) else [
-        frame[c] for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c].dtype)]
-    keys = getattr(group, "keys", None)
-    if isinstance(keys, str) and not isinstance(frame, pd.Series):
-        columns = [frame[c] for c in frame.columns
-                   if c != keys and pd.api.types.is_numeric_dtype(frame[c].dtype)]
+    columns = [c for c in _group_columns(group) if pd.api.types.is_numeric_dtype(c.dtype)]
     if len(columns) * max(groups, 1) > MAX_CELLS or not columns:
         return {}
     parts: dict[str, list[np.ndarray]] = {"n": [], "nonzero": [], "total": [], "top1": [],
@@ -1481,12 +1595,23 @@ def _crosstab(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance
     counts = _numeric_frame(value).reshape(-1)
     if counts.size > MAX_CELLS:
         return _unknown(inputs, "a table with too many cells")
+    pd = _pandas()
+    present = np.logical_and.reduce([~np.asarray(pd.isna(key), dtype=bool).reshape(-1)
+                                     for key in call.args])
+    if not present.all():  # rows with a missing key are in no cell: they are a count too
+        counts = np.append(counts, present.size - int(present.sum()))
     result: dict[str, State] = {}
     for source, state in merged.items():
         if not isinstance(state, Rows) or state.single or not state.distinct:
             result[source] = state if not isinstance(state, Rows) else Unknown(
                 "crosstab of records that are not distinct")
             continue
+        if not present.all():
+            selected = _select(state, _Mask(np.flatnonzero(present), present.size))
+            if not isinstance(selected, Rows):
+                result[source] = selected
+                continue
+            state = selected
         records = state.records()
         n = state.total if records is None else int(records.size)
         result[source] = _summary(state, Part("table", records, state.total, n,

@@ -9,8 +9,15 @@ The hostile researcher asks for nothing the checks would stop directly. Instead:
 3. Rows silently dropped (a missing group key, a value outside ``cut``'s bins, a missing
    value skipped by a sum) are no records of the result, so differencing sees them (and
    sends the pair to review), and the number dropped is a count like any other.
-4. Operations that move values between records (``shift``, ``diff``, running totals) are
-   not treated as one value per record.
+4. Operations that move values between records (``shift``, ``diff``, running totals,
+   ``rank``) or combine all of them (``softmax`` and ``normalize`` over the records) are not
+   treated as one value per record.
+5. Shapes and answers that depend on the data: ``one_hot``'s width is the largest value,
+   ``get_dummies``' the values found; a scaler to a range, a median imputer or a nearest
+   neighbour fitted on the records answers the researcher's own array with their values.
+6. Counts with records left out: the researcher's own mask combined with a condition, the
+   rows outside a histogram's bins, a key missing in a crosstab, an empty category of a
+   grouping, group counts returned with their keys as a column.
 
 The first two end to end with the documented rules (approve on pass, deny on fail). What
 the checks still do not catch is listed in docs/disclosure.md.
@@ -28,7 +35,7 @@ import pytest
 
 import duet
 from duet.protocol import StoreRef
-from tests.duet.test_checks import AGES, Lab, ages
+from tests.duet.test_checks import AGES, Lab, ages, ids
 from tests.helpers.sessions import Pair, eventually, session_pair
 
 N = 200
@@ -225,3 +232,166 @@ def test_the_documented_rules_release_neither_a_patient_nor_the_names(ruled: Pai
         names.result(60)
     assert researcher.np.mean(df["age"]).get("mean age", timeout=180) == pytest.approx(
         PATIENTS.age.mean())
+
+
+@pytest.mark.parametrize("operation, keywords", [
+    ("torch.nn.functional.normalize", {"p": float("inf"), "dim": 0}),  # x / max|x|
+    ("torch.log_softmax", {"dim": 0}),
+    ("torch.softmax", {"dim": 0}),
+])
+def test_softmax_and_normalize_over_the_records_are_not_per_record(
+        lab: Lab, operation: str, keywords: dict[str, Any]) -> None:
+    tensor = lab.fn("torch.as_tensor", ages)
+    mean = lab.method(lab.fn(operation, tensor, **keywords), "mean")
+    assert lab.status(mean) == "review", reasons(lab, mean)
+    if operation.endswith("normalize"):
+        assert float(lab.value(lab.method(tensor, "mean"))) / float(lab.value(mean)) == \
+            pytest.approx(AGES.max())
+    per_record = lab.method(lab.fn(operation, StoreRef("Xt"), **{**keywords, "dim": 1}),
+                            "mean")  # along each record's own columns: still per record
+    assert lab.status(per_record) == "pass", reasons(lab, per_record)
+
+
+def test_ranks_are_not_per_record(lab: Lab) -> None:
+    """Two rank sums over the same 100 records, one ranked without patient 7: their
+    difference is how many of the 100 are older than patient 7."""
+    age = column(lab, "age")
+    ranked = lab.method(lab.fn("operator.getitem", lab.method(age, "rank"), slice(100, 200)),
+                        "sum")
+    assert lab.status(ranked) == "review", reasons(lab, ranked)
+    per_group = lab.method(lab.method(lab.fn("operator.getitem", lab.method(
+        patients, "groupby", "ward"), "age"), "rank"), "sum")
+    assert lab.status(per_group) == "review", reasons(lab, per_group)
+
+
+# -- 5. shapes and answers that depend on the data -----------------------------------------------
+def test_one_hots_width_is_the_largest_value(lab: Lab) -> None:
+    codes = lab.method(lab.fn("torch.as_tensor", ages), "long")
+    shape = lab.attr(lab.fn("torch.nn.functional.one_hot", codes), "shape")
+    assert lab.value(shape)[1] - 1 == int(AGES.max())
+    assert lab.status(shape) == "review", reasons(lab, shape)
+    fixed = lab.attr(lab.fn("torch.nn.functional.one_hot", codes, num_classes=128), "shape")
+    assert lab.status(fixed) == "pass", reasons(lab, fixed)
+
+
+def test_get_dummies_columns_are_the_values_found(lab: Lab) -> None:
+    above = lab.fn("operator.gt", column(lab, "age"), 98.5)
+    shape = lab.attr(lab.fn("pandas.get_dummies", above), "shape")
+    assert lab.value(shape)[1] == 2  # someone is older than 98.5
+    assert lab.status(shape) == "review", reasons(lab, shape)
+
+
+@pytest.mark.parametrize("estimator, keywords, method, probe, expected", [
+    ("sklearn.preprocessing.MinMaxScaler", {}, "inverse_transform", [[1.0]], 99.0),
+    ("sklearn.preprocessing.RobustScaler", {}, "inverse_transform", [[0.0]],
+     float(PATIENTS.age.median())),
+    ("sklearn.impute.SimpleImputer", {"strategy": "median"}, "transform", [[np.nan]],
+     float(PATIENTS.age.median())),
+])
+def test_a_fitted_transformer_answers_with_values_of_its_records(
+        lab: Lab, estimator: str, keywords: dict[str, Any], method: str, probe: Any,
+        expected: float) -> None:
+    X = lab.method(lab.fn("operator.getitem", patients, ["age"]), "to_numpy")
+    fitted = lab.fn(estimator, **keywords)
+    lab.method(fitted, "fit", X)
+    out = lab.method(fitted, method, np.array(probe))
+    assert float(np.asarray(lab.value(out)).reshape(-1)[0]) == pytest.approx(expected)
+    assert lab.status(out) == "review", reasons(lab, out)
+
+
+def test_a_nearest_neighbour_answers_with_a_record_a_linear_model_does_not(lab: Lab) -> None:
+    X = lab.method(lab.fn("operator.getitem", patients, ["age"]), "to_numpy")
+    y = lab.method(column(lab, "income"), "to_numpy")
+    nearest = lab.fn("sklearn.neighbors.KNeighborsRegressor", n_neighbors=1)
+    lab.method(nearest, "fit", X, y)
+    out = lab.method(nearest, "predict", np.array([[1000.0]]))
+    assert float(lab.value(out)[0]) == 5e8  # the oldest patient's income
+    assert lab.status(out) == "review", reasons(lab, out)
+    for name, keywords in (("sklearn.linear_model.LinearRegression", {}),
+                           ("sklearn.impute.SimpleImputer", {"strategy": "mean"})):
+        fitted = lab.fn(name, **keywords)
+        lab.method(fitted, "fit", X, y) if name.endswith("Regression") else lab.method(
+            fitted, "fit", X)
+        answer = lab.method(fitted, "predict" if name.endswith("Regression") else "transform",
+                            np.array([[np.nan if "Imputer" in name else 50.0]]))
+        assert lab.status(answer) == "pass", (name, reasons(lab, answer))
+
+
+# -- 6. counts with records left out --------------------------------------------------------------
+def test_the_researchers_own_mask_makes_a_count_for_review(lab: Lab) -> None:
+    not7 = np.ones(N, dtype=bool)
+    not7[7] = False
+    whole = lab.fn("numpy.count_nonzero", lab.fn("operator.gt", ages, 50.0))
+    assert lab.status(whole) == "pass"
+    for keep in (lab.fn("operator.and_", lab.fn("operator.gt", ages, 50.0), not7),
+                 lab.fn("operator.mul", lab.fn("operator.gt", ages, 50.0),
+                        not7.astype(np.int64))):
+        partial = lab.fn("numpy.count_nonzero", keep)
+        assert lab.value(whole) - lab.value(partial) == int(AGES[7] > 50.0)
+        assert lab.status(partial) == "review", reasons(lab, partial)
+    # selecting with such a mask stays exact: the selection knows its records
+    selected = lab.fn("numpy.mean", lab.fn("operator.getitem", ages, lab.fn(
+        "operator.and_", lab.fn("operator.gt", ages, 30.0), np.arange(N) < 150)))
+    assert lab.checks(selected)["min_count"].status == "pass"
+
+
+def test_counts_whose_counted_records_differ_by_one_are_seen(lab: Lab) -> None:
+    """What a count counts are its records: ``count(x > t)`` and the same count without
+    patient 7 (by another shared column) differ by patient 7 when patient 7 is over ``t``."""
+    t = float(AGES[7]) - 0.5
+    whole = lab.fn("numpy.count_nonzero", lab.fn("operator.gt", ages, t))
+    partial = lab.fn("numpy.count_nonzero", lab.fn("operator.and_", lab.fn(
+        "operator.gt", ages, t), lab.fn("operator.ne", ids, 7)))
+    assert lab.value(whole) - lab.value(partial) == 1
+    assert lab.status(whole) == "pass"
+    assert reasons(lab, partial)["differencing"][0] == "review"
+
+
+def test_rows_outside_a_histograms_bins_are_a_count(lab: Lab) -> None:
+    over_90 = int((AGES > 90.0).sum())
+    assert 0 < over_90 < 10
+    histogram = lab.fn("numpy.histogram", ages, bins=[0.0, 90.0])
+    assert int(lab.value(histogram)[0].sum()) == N - over_90
+    assert lab.checks(histogram)["min_count"].status == "fail"
+    histc = lab.fn("torch.histc", lab.fn("torch.as_tensor", ages), bins=1, min=0.0, max=90.0)
+    assert lab.checks(histc)["min_count"].status == "fail"
+    everyone = lab.fn("numpy.histogram", ages, bins=[0.0, 50.0, 150.0])
+    assert lab.status(everyone) == "pass", reasons(lab, everyone)
+
+
+def test_a_key_missing_in_a_crosstab_leaves_a_record_out(lab: Lab) -> None:
+    key = np.zeros(N)
+    key[7] = np.nan
+    table = lab.fn("pandas.crosstab", column(lab, "ward"), key)
+    assert int(lab.value(table).to_numpy().sum()) == N - 1
+    assert lab.checks(table)["min_count"].status == "fail"
+
+
+def test_an_empty_category_of_a_grouping_is_a_zero_cell(lab: Lab) -> None:
+    band = lab.fn("pandas.cut", column(lab, "age"), [0.0, 50.0, 99.5, 150.0])
+    groups = lab.method(patients, "groupby", band, observed=False)
+    sizes = lab.method(groups, "size")
+    assert lab.value(sizes).iloc[-1] == 0  # nobody is older than 99.5
+    means = lab.method(lab.fn("operator.getitem", groups, "bmi"), "mean")
+    for table in (sizes, means):
+        assert lab.checks(table)["min_count"].status == "fail", reasons(lab, table)
+
+
+def test_group_counts_with_their_keys_as_a_column_are_checked(lab: Lab) -> None:
+    key = np.where(np.arange(N) == 7, "x", "y")  # patient 7 alone in group x
+    groups = lab.method(patients, "groupby", key, as_index=False)
+    counts = lab.method(lab.fn("operator.getitem", groups, ["ward", "bmi"]), "count")
+    assert 1 in lab.value(counts)["bmi"].tolist()
+    assert lab.checks(counts)["min_count"].status == "fail", reasons(lab, counts)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")
+def test_a_sum_per_group_skipping_missing_values_counts_only_the_rest(lab: Lab) -> None:
+    age = column(lab, "age")
+    defined = lab.fn("operator.add", lab.fn("operator.pow", lab.fn(
+        "numpy.sqrt", lab.fn("operator.sub", age, 20.5)), 2), 20.5)
+    per_group = lab.method(lab.method(defined, "groupby", np.zeros(N)), "sum")
+    whole = lab.method(age, "sum")
+    assert np.isclose(lab.value(whole) - float(lab.value(per_group).iloc[0]),
+                      PATIENTS.age[PATIENTS.age < 20.5].sum())
+    assert (lab.status(whole), lab.status(per_group)) == ("pass", "review")
