@@ -26,7 +26,7 @@ from .errors import RequestError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECK_COLOURS", "DPInfo", "Request", "RequestQueue", "Rule", "ValueInfo",
+__all__ = ["CHECK_COLOURS", "DPInfo", "Request", "RequestQueue", "Rule", "ValueInfo", "Withdrawn",
            "check_badge", "checks_summary", "safe_text"]
 
 Status = Literal["pending", "approved", "denied", "withdrawn"]
@@ -209,6 +209,11 @@ class Request:
 Decider = Callable[[Request], None]
 
 
+class Withdrawn(RequestError):
+    """Raised by the queue's decider when the request turns out to be withdrawn while it
+    was being decided: it ends withdrawn, not open to decide again."""
+
+
 class RequestQueue(Sequence[Request]):
     """Every request of a session in arrival order; thread-safe."""
 
@@ -383,6 +388,12 @@ class RequestQueue(Sequence[Request]):
             request.decided_at = time.time()
         try:
             self._on_decided(request)
+        except Withdrawn as exc:
+            with self._lock:
+                request.status, request.decided_by, request.decided_at = "withdrawn", "", None
+                request.decision_reason = str(exc)
+            self._notify(request)
+            raise
         except BaseException:
             with self._lock:  # nothing left: the request is still open to decide
                 request.status, request.decided_by, request.decided_at = "pending", "", None

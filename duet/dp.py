@@ -34,6 +34,7 @@ measurement's own privacy map.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from typing import Any, Literal
 
 from . import protocol as p
 from .dp_train import TrainSettings
+from .dtypes import canonical
 from .errors import PolicyViolation
 
 __all__ = [
@@ -241,7 +243,8 @@ def _key(value: Any) -> str:
 @dataclass(frozen=True)
 class Derived:
     """An object derived row-stably from DP-shared ``source``: each source row is in at most
-    one element. ``rows`` names the row set (0: all rows; else the filter that made it), so
+    one element. ``rows`` names the row set (0: all rows; else a number given to the filter
+    that made it, never given again, not its object id, which a freed object hands on), so
     two objects combine element-wise only if their rows line up. ``column``: whose bounds
     apply (None: mixed columns, so only counts)."""
 
@@ -264,6 +267,12 @@ _SAME_METHODS = {"astype", "abs", "round", "clip", "fillna", "float", "double", 
                  "clone", "to_numpy", "numpy", "detach"}
 _MASK_METHODS = {"isna", "isnull", "notna", "notnull"}
 _SUBSET_METHODS = {"dropna"}  # keeps some rows, each at most once: a new row set
+# _RAISE_FREE: a step keeps the DP mark only if it cannot fail on some rows' values. A step
+# that fails on one value (``astype("int64")`` of a column with a missing value, ``x // y``
+# with a zero in ``y``) would make the query fail for that value and be answered otherwise:
+# a bit about one record that no noise covers. Such steps drop the mark, whatever the data,
+# so the query is refused at once.
+_DIVIDING = {"operator.floordiv", "operator.mod", "operator.pow"}
 
 
 class Derivations:
@@ -275,6 +284,7 @@ class Derivations:
     def __init__(self, specs: Mapping[str, Mapping[str, Any]]) -> None:
         self.specs = specs
         self._tags: dict[int, Derived] = {}
+        self._row_sets = itertools.count(1)
 
     def tag(self, ref: Any) -> Derived | None:
         if isinstance(ref, p.StoreRef):
@@ -310,17 +320,19 @@ class Derivations:
             if op.name in _MASK_METHODS:
                 return Derived(target.source, None, target.rows, "mask")
             if op.name in _SUBSET_METHODS:
-                return Derived(target.source, target.column, op.result, target.kind)
+                return Derived(target.source, target.column, next(self._row_sets), target.kind)
             if op.name in _SAME_METHODS:
                 if op.name in ("to_numpy", "numpy") and target.kind == "table":
                     return None
+                if op.name == "astype" and not _to_float(op):
+                    return None  # to int: fails on a missing value (see _RAISE_FREE)
                 return target
         return None
 
     def _function(self, op: p.Op) -> Derived | None:
         name, args = op.name, op.args
         if name == "operator.getitem" and len(args) == 2 and not op.kwargs:
-            return self._getitem(op.result, self.tag(args[0]), args[1])
+            return self._getitem(self.tag(args[0]), args[1])
         if op.kwargs and name not in ("numpy.round",):
             return None
         if name in _COMPARE and len(args) == 2:
@@ -328,6 +340,8 @@ class Derivations:
                 "operator.eq", "operator.ne"))
             return None if common is None else Derived(common.source, None, common.rows,
                                                        "mask")
+        if name in _DIVIDING and len(args) == 2 and not _scalar(args[1]):
+            return None  # x // y, x % y, x ** y with y from the data may fail (see _RAISE_FREE)
         if (name in _ARITH and len(args) == 2) or (name in _UNARY | _UFUNCS and len(args) == 1):
             return self._elementwise(args, "values", strings=False)
         if (name in _LOGIC | _MASK_LOGIC and len(args) == 2) or (
@@ -340,7 +354,7 @@ class Derivations:
                                                        "mask")
         return None
 
-    def _getitem(self, result: int, target: Derived | None, key: Any) -> Derived | None:
+    def _getitem(self, target: Derived | None, key: Any) -> Derived | None:
         if target is None or target.kind == "mask":
             return None
         if target.kind == "table" and isinstance(key, str):
@@ -351,7 +365,7 @@ class Derivations:
         mask = self.tag(key)
         if (mask is not None and mask.kind == "mask" and mask.source == target.source
                 and mask.rows == target.rows):
-            return Derived(target.source, target.column, result, target.kind)
+            return Derived(target.source, target.column, next(self._row_sets), target.kind)
         return None
 
     def _elementwise(self, args: list[Any], kind: str, *, strings: bool,
@@ -372,6 +386,14 @@ class Derivations:
         columns = {t.column for t in tags}
         return Derived(tags[0].source, columns.pop() if len(columns) == 1 else None,
                        tags[0].rows, tags[0].kind)
+
+
+def _to_float(op: p.Op) -> bool:
+    """``astype`` to a floating dtype (never fails on a number, missing or not)."""
+    target = op.args[0] if len(op.args) == 1 and not op.kwargs else op.kwargs.get("dtype")
+    name = target.name if isinstance(target, p.DTypeRef) else target
+    found = canonical(name) if isinstance(name, str) else None
+    return found is not None and found[1] in ("float16", "bfloat16", "float32", "float64")
 
 
 def _scalar(value: Any) -> bool:

@@ -338,8 +338,15 @@ def prepare(model: Any, data: Any, labels: Any, request: TrainRequest,
     if request.batch_size > rows:
         raise TrainingRefused("batch_size is larger than the number of rows")
     # indices for an Embedding stay integers; everything else trains as float32
-    embeds = any(isinstance(m, torch.nn.Embedding) for m in model.modules())
-    x = x.to(torch.int64) if embeds and not x.is_floating_point() else x.to(torch.float32)
+    tables = [m.num_embeddings for m in model.modules()
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+    if tables and not x.is_floating_point():
+        # An index outside the table would fail the run (or its plan) for one record's
+        # value: a bit about that record no noise covers. Clamped, like labels, it is one
+        # more row the noise protects.
+        x = x.to(torch.int64).clamp(0, min(tables) - 1)
+    else:
+        x = x.to(torch.float32)
     y = y.to(torch.int64) if request.loss in ("cross_entropy", "nll") else y.to(torch.float32)
 
     delta = settings.delta if request.delta is None else float(request.delta)
@@ -361,7 +368,7 @@ def prepare(model: Any, data: Any, labels: Any, request: TrainRequest,
     batches = math.ceil(rows / request.batch_size)  # Opacus: sample_rate = 1 / len(loader)
     sample_rate = 1 / batches
     noise = _noise_multiplier(request.epsilon, delta, sample_rate, request.epochs,
-                              settings.accountant)
+                              batches * request.epochs, settings.accountant)
     plan = TrainPlan(
         epsilon=float(request.epsilon), delta=delta, noise_multiplier=noise,
         sample_rate=sample_rate, epochs=request.epochs, steps=batches * request.epochs,
@@ -507,7 +514,10 @@ def _fit_labels(y: Any, output: tuple[int, ...], loss: str) -> Any:
 
 
 def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, epochs: int,
-                      accountant: str) -> float:
+                      steps: int, accountant: str) -> float:
+    """The noise for exactly the ``steps`` the run takes: calibrated by ``epochs``, Opacus
+    counts ``int(epochs / sample_rate)`` steps, one fewer than ``batches * epochs`` for some
+    batch counts, and the run would spend more than its plan."""
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
@@ -515,7 +525,7 @@ def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, epochs: 
             warnings.simplefilter("ignore")
             return float(get_noise_multiplier(
                 target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                epochs=epochs, accountant=accountant))
+                steps=steps, accountant=accountant))
     except ValueError:
         raise TrainingRefused(f"epsilon={epsilon:g} is too small to train for {epochs} "
                               "epoch(s) at this batch size") from None

@@ -26,13 +26,13 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from . import protocol as p
 from . import tables
-from .approvals import DPInfo, Request, RequestQueue, Rule, ValueInfo, safe_text
+from .approvals import DPInfo, Request, RequestQueue, Rule, ValueInfo, Withdrawn, safe_text
 from .audit import EVENTS, AuditLog, sha256_of
 from .checks import Check, CheckSettings
 from .config import SessionConfig
@@ -95,7 +95,7 @@ class OwnerSession(Session):
         self._reasons: dict[str, str] = {}  # request id -> reason, until its snapshot
         self._request_ids: set[str] = set()  # every request id the researcher used
         self._withdrawn: set[str] = set()  # withdrawn while their snapshots were on the way
-        self._live_ids: set[int] = set()  # the researcher's objects (ids are never reused)
+        self._live_ids: set[int] = set()  # the researcher's live objects (a freed id may return)
         self._refused_ids: set[int] = set()  # of those, the ones refused here (see _on_ops)
         self._families: dict[str, str | None] = {}  # shared name -> its type family
         # request id -> its snapshot (and the frozen bytes when they came inline)
@@ -750,7 +750,9 @@ class OwnerSession(Session):
             return
         approved = request.status == "approved"
         if privacy.kind == "dp":
-            self._dp_settle(request.id, approved and not snapshot_failed)
+            spent = approved and not snapshot_failed
+            if self._dp_settle(request.id, spent) is None and spent:
+                self._withdrawn_meanwhile(request)
         elif approved:
             for name in privacy.sources:
                 self.ledger.record_unbounded(
@@ -797,9 +799,19 @@ class OwnerSession(Session):
             return False
         self._train_jobs.decided(request.id, approved)
         assert request.dp is not None
-        self._dp_settle(started[0], approved, epsilon=request.dp.epsilon,
-                        delta=request.dp.delta)
+        if self._dp_settle(started[0], approved, epsilon=request.dp.epsilon,
+                           delta=request.dp.delta) is None and approved:
+            self._withdrawn_meanwhile(request)
         return True
+
+    def _withdrawn_meanwhile(self, request: Request) -> NoReturn:
+        """A DP release approved without its reservation: the researcher withdrew it while
+        its value was on the way (the reservation went back then). Nothing leaves uncharged.
+        """
+        self._snapshots.pop(request.id, None)
+        self._drop(request.id)
+        raise Withdrawn(f"request {request.id} was withdrawn by the researcher; nothing was "
+                        "sent or charged")
 
     def _release_trained(self, request: Request) -> None:
         """DP-SGD parameters: the owner approved their cost with the start. (The owner, or a

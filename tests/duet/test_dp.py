@@ -95,6 +95,54 @@ def test_anything_else_loses_the_mark(steps: list[p.Op]) -> None:
         parse_op(op(20, "dp.sum", p.PointerRef(1), epsilon=0.5), d)
 
 
+@pytest.mark.parametrize("step, kept", [
+    (rawwire.op(1, "astype", kind="method", target=p.StoreRef("ages"), args=["int64"]), False),
+    (rawwire.op(1, "astype", kind="method", target=p.StoreRef("ages"),
+                args=[p.DTypeRef("torch.long")]), False),
+    (rawwire.op(1, "astype", kind="method", target=p.StoreRef("ages"), args=["bool"]), False),
+    (rawwire.op(1, "astype", kind="method", target=p.StoreRef("ages"), args=["float32"]), True),
+    (rawwire.op(1, "astype", kind="method", target=p.StoreRef("ages"),
+                args=[p.DTypeRef("float")]), True),
+    (op(1, "operator.floordiv", p.StoreRef("ages"), p.StoreRef("ages")), False),
+    (op(1, "operator.mod", p.StoreRef("ages"), p.StoreRef("ages")), False),
+    (op(1, "operator.pow", p.StoreRef("ages"), p.StoreRef("ages")), False),
+    (op(1, "operator.floordiv", p.StoreRef("ages"), 7), True),
+    (op(1, "operator.truediv", p.StoreRef("ages"), p.StoreRef("ages")), True),
+])
+def test_a_step_that_could_fail_on_one_value_loses_the_mark(step: p.Op, kept: bool) -> None:
+    """Found by the red team: ``astype("int64")`` fails on a missing value, ``x // y`` on a
+    zero in ``y``. A query over such a step failed on one row's value and was answered
+    otherwise: a bit about that row no noise covers, charged nothing when it failed. Such
+    steps lose the mark whatever the data, so the query is refused at once."""
+    d = tracker()
+    d.observe(step)
+    query = op(20, "dp.count", p.PointerRef(1), epsilon=0.5)
+    if kept:
+        parse_op(query, d)
+    else:
+        with pytest.raises(duet.PolicyViolation, match="row-stable"):
+            parse_op(query, d)
+
+
+def test_a_freed_filters_id_names_no_other_row_set() -> None:
+    """Ids of freed objects may be used again: a filter given the id of a freed one is
+    another row set, and objects over the two do not combine (a DP count that answers
+    only when min(x) is above t would be a free bit about one record)."""
+    d = tracker()
+    ages = p.StoreRef("ages")
+    d.observe(op(2, "operator.gt", ages, 50))
+    d.observe(op(3, "operator.getitem", ages, p.PointerRef(2)))        # rows over 50
+    d.observe(op(4, "operator.mul", p.PointerRef(3), 1.0))             # of those rows
+    d.forget([3])                                                      # freed
+    d.observe(op(5, "operator.lt", ages, 70))
+    d.observe(op(3, "operator.getitem", ages, p.PointerRef(5)))        # rows under 70
+    d.observe(op(1, "operator.add", p.PointerRef(4), p.PointerRef(3)))
+    with pytest.raises(duet.PolicyViolation, match="row-stable"):
+        parse_op(op(20, "dp.sum", p.PointerRef(1), epsilon=0.5), d)
+    d.observe(op(6, "operator.add", p.PointerRef(3), p.PointerRef(3)))  # one row set: fine
+    parse_op(op(21, "dp.sum", p.PointerRef(6), epsilon=0.5), d)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"epsilon": 0.5, "bounds": [0, 1000]}, "owner declared"),
     ({"epsilon": 0.5, "delta": 0.5}, "owner declared"),

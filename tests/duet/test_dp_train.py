@@ -356,6 +356,40 @@ def test_out_of_range_class_labels_cannot_make_training_fail(
     assert set(result.parameters) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
+def test_out_of_range_embedding_indices_cannot_make_training_fail(
+    digits: tuple[np.ndarray, ...],
+) -> None:
+    """Found by the red team: one code >= the table's size (or below 0) made the run fail
+    with IndexError, and a failed run charges nothing: a free bit about that row. Indices
+    are clamped into the table, as labels are into the classes."""
+    x_train, _, y_train, _ = digits
+    codes = np.clip(x_train[:, :1], 0, 15).astype(np.int64)
+    codes[0, 0], codes[1, 0] = 60, -3
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 10))
+    result = train(model, codes, y_train, TrainRequest(
+        loss="cross_entropy", epochs=1, batch_size=256, lr=0.5, epsilon=1.0))
+    assert set(result.parameters) == {"0.weight", "2.weight", "2.bias"}
+
+
+@pytest.mark.parametrize("rows, batch_size, epochs", [(750, 10, 3), (3, 1, 6), (1000, 7, 2)])
+def test_the_noise_is_calibrated_for_the_steps_the_run_takes(rows: int, batch_size: int,
+                                                              epochs: int) -> None:
+    """Found by the red team: calibrated by epochs, Opacus counts int(epochs / q) steps,
+    one fewer than ceil(rows / batch_size) * epochs for 750 rows in batches of 10 over 3
+    epochs (224 for 225): the run then spent more than its plan, which the kernel takes for
+    a lying worker."""
+    x = torch.randn(rows, 4)
+    y = (x[:, 0] > 0).long()
+    request = TrainRequest(loss="cross_entropy", epochs=epochs, batch_size=batch_size,
+                           lr=0.1, epsilon=3.0)
+    settings = TrainSettings(delta=min(1e-5, 0.5 / rows))
+    plan = prepare(torch.nn.Linear(4, 2), x, y, request, settings).plan
+    assert plan.steps == -(-rows // batch_size) * epochs
+    result = train(torch.nn.Linear(4, 2), x, y, request, settings)
+    assert result.steps == plan.steps and result.epsilon <= 3.0
+
+
 def test_labels_that_would_broadcast_across_rows_are_refused(
     digits: tuple[np.ndarray, ...],
 ) -> None:
