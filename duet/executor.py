@@ -333,7 +333,7 @@ class Executor:
             shown = ", ".join(arguments)
             note = f"{call.operation}({shown if len(shown) <= 40 else '…'})"
             # ``backward`` writes the grads of the graph's leaves, never the loss itself
-            self._note_modified(op.target, touched, note, call.sources, call.provenance(),
+            self._note_modified(op.target, touched, note, call.sources, call.steering(),
                                 target_changed=op.name != "backward")
         return value
 
@@ -565,6 +565,15 @@ class _Call:
     def provenance(self) -> Provenance:
         """Everything the call read, merged (what an in-place change learns from)."""
         return provenance.merge_all(list(self.provenances.values()))
+
+    def steering(self) -> Provenance:
+        """What a method changing its object in place learns: everything it read, and
+        whether the researcher's own per-record arrays steered it (``provenance.steered``)."""
+        read = self.provenance()
+        if self.inputs is None or not read:
+            return read
+        provenances = self.provenances
+        return provenance.steered(self.inputs, read, lambda item: provenances.get(id(item)))
 
     def derive(self, value: Any) -> Provenance:
         if self.inputs is None or not self.provenances:

@@ -56,6 +56,7 @@ __all__ = [
     "merge_states",
     "modified",
     "of_shared",
+    "steered",
     "state_of",
 ]
 
@@ -247,7 +248,7 @@ _STACK_ROWS = frozenset("concatenate concat cat vstack".split())
 _ALONG_AXIS = frozenset("softmax log_softmax normalize".split())
 # A boolean combined with a per-record mask from outside the source (the researcher's own
 # array, another shared object): only the mask's records are counted.
-_AND = frozenset("and_ logical_and bitwise_and".split())
+_AND = frozenset("and_ logical_and bitwise_and mul multiply minimum where".split())
 # Moves values between axes: rows no longer line up, summaries stay summaries.
 _REARRANGE = frozenset("T mT transpose swapaxes moveaxis permute flip t".split())
 # What a model, optimizer or container is made of, or wraps: the provenance of its inputs.
@@ -294,7 +295,9 @@ def _derive(call: Call, value: Any, inputs: list[Provenance],
         if modelled is not None:
             return modelled
     if name in _METADATA and (call.method or family in ("ndarray", "Tensor", "Module")):
-        return {source: DECLARED for source in _names(inputs)}
+        # a dtype the data chose (to_numeric's downcast) is what the rows carry
+        return {source: _summary(state) if isinstance(state, Rows) and state.carried
+                else DECLARED for source, state in _merge(inputs).items()}
     if operation == "operator.getitem" or name in ("take", "masked_select", "extract",
                                                    "compress"):
         return _getitem(call, value, provenance_of)
@@ -720,9 +723,11 @@ def _length(provenance: Provenance) -> Provenance:
 
 # -- reductions -----------------------------------------------------------------------------
 def _axis(call: Call, name: str) -> Any:
+    """The axis a reduction runs along: None when none is given (all of them), else as
+    written (an int, a name, a tuple of them); ``_UNREAD`` when it cannot be read."""
     for key in ("axis", "dim"):
         if key in call.kwargs:
-            return call.kwargs[key]
+            return _readable(call.kwargs[key])
     positional = call.args[1:2]
     if name in ("percentile", "quantile", "nanpercentile", "nanquantile", "topk",
                 "kthvalue"):
@@ -731,13 +736,27 @@ def _axis(call: Call, name: str) -> Any:
                 "binary_cross_entropy_with_logits", "l1_loss", "smooth_l1_loss", "kl_div",
                 "corrcoef", "cov"):
         return None
-    if positional and isinstance(positional[0], (int, np.integer, tuple, type(None))):
-        return positional[0]
-    return None
+    return _readable(positional[0]) if positional else None
+
+
+_UNREAD = object()  # an axis argument that is no axis we can read: treated as row-wise
+
+
+def _readable(axis: Any) -> Any:
+    if axis is None or isinstance(axis, (int, np.integer, str)):
+        return axis
+    if isinstance(axis, (list, tuple)) and all(isinstance(a, (int, np.integer, str))
+                                               for a in axis):
+        return tuple(axis)
+    if isinstance(axis, np.ndarray) and axis.ndim == 0 and axis.dtype.kind in "iu":
+        return int(axis)
+    return _UNREAD  # np.sum(x, np.array(1)) is read; weights passed by position are not
 
 
 def _over_records(axis: Any, ndim: int) -> bool:
     """Whether reducing over ``axis`` reduces over the records (axis 0)."""
+    if axis is _UNREAD:
+        return False  # record-level: never taken for a summary of the records
     if axis is None:
         return True
     axes = axis if isinstance(axis, (tuple, list)) else (axis,)
@@ -761,6 +780,10 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
         # where=, initial=, weights passed by position ...: which records count is unclear
         how = f"{unknown[0]}=" if unknown else "these positional arguments"
         return _unknown([provenance, other], f"{name} with {how} is not modelled")
+    counting = [key for key in ("min_count", "ddof", "correction")
+                if call.kwargs.get(key, 0) not in (0, 1, None, True, False)]
+    if counting:  # NaN exactly when fewer values are present: a count of them
+        return _unknown([provenance, other], f"{name} with {counting[0]}= is not modelled")
     if name in _STATISTIC and name not in ("logsumexp", "norm"):
         # losses and correlations reduce everything they get (unless reduction="none")
         if call.kwargs.get("reduction") == "none":
@@ -773,7 +796,15 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
         if axis is None and is_frame(data) and name not in ("describe",):
             axis = 0  # pandas reduces each column unless told otherwise
     if not _over_records(axis, ndim):
-        return _merge([provenance, other])  # row-wise: still one result per record
+        # row-wise: still one result per record, but one that combines several of its
+        # columns (``min(age, 0 if income > t)``) is no value of one column any more
+        merged = _merge([provenance, other])
+        columns = int(np.prod(getattr(data, "shape", (0, 1))[1:] or (1,)))
+        if columns > 1 or axis is _UNREAD:
+            merged = {source: replace(state, mixed=True)
+                      if isinstance(state, Rows) and not state.single else state
+                      for source, state in merged.items()}
+        return merged
     kind = ("magnitude" if name in _MAGNITUDE else "frequency" if name in _FREQUENCY
             else "order" if name in _ORDER else "statistic")
     result: dict[str, State] = {}
@@ -797,7 +828,7 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
             # a loss over weighed values is no training signal; a sum of them no total
             note = f"{name} of values weighed, combined or modelled per record"
         part = _part(part_kind, state, cells or {}, note)
-        if part.kind == "frequency":
+        if part.kind in ("frequency", "magnitude"):
             part = _counting(part, data, name, state)
         result[source] = _summary(state, part)
     return _with_rest(result, other)
@@ -808,6 +839,8 @@ def _present(data: Any, state: Rows) -> State:
     contribute nothing, so they are no records of it (for differencing too: a total over
     ``sqrt(x - t)``'s defined rows is a total over the records above ``t``)."""
     array = _numeric(data)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
     if array.ndim != 1 or array.dtype.kind != "f" or array.shape[0] != state.length:
         return state
     missing = np.isnan(array)
@@ -817,14 +850,20 @@ def _present(data: Any, state: Rows) -> State:
 
 
 def _counting(part: Part, data: Any, name: str, state: Rows) -> Part:
-    """A count of one column, for differencing: its records are the ones it counts, so two
-    counts whose sets differ by one record are seen to (``count(x > t)`` and
-    ``count((x > t) & (id != 7))``), though both cover every row."""
+    """A count or total of one column, for differencing: its records are the ones it counts
+    or that add something to it, so two whose sets differ by one record are seen to
+    (``count(x > t)`` and ``count((x > t) & (id != 7))``, ``sum(x)`` and ``sum(x > t ? x :
+    0)``), though both cover every row."""
     array = _numeric(data)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
     if array.ndim != 1 or array.shape[0] != state.length or array.dtype.kind not in "biuf":
         return part
-    counted = (~np.isnan(array.astype(np.float64, copy=False)) if name == "count_nonnull"
-               else array != 0)
+    values = array.astype(np.float64, copy=False)
+    counted = (~np.isnan(values) if name == "count_nonnull"
+               else (values != 0) & ~np.isnan(values))
+    if counted.all():
+        return part  # every row counts: its records are the rows'
     selected = _select(state, _Mask(np.flatnonzero(counted), counted.size))
     return replace(part, rows=selected.records()) if isinstance(selected, Rows) else part
 
@@ -1265,6 +1304,8 @@ def _table_rule(call: Call, name: str, family: str, value: Any, inputs: list[Pro
     if family == "Estimator":
         target = _first(call, provenance_of)
         data = _merge(_collect(call.args[1:], call.kwargs, provenance_of))
+        if name in _FIT or name in _FIT_ROWS:
+            data = steered(call, data, provenance_of)
         if name in _FIT:
             return modified(target, data, trained=True)
         if name in _FIT_ROWS or name in _PREDICT:
@@ -1300,6 +1341,8 @@ def _table_rule(call: Call, name: str, family: str, value: Any, inputs: list[Pro
             return _reduce(call, name, value, provenance_of)
         if name in _TABLE_MOVES:
             return _unknown(inputs, f"{name} moves values between records")
+        if name in ("convert_dtypes", "infer_objects"):  # the dtype found says what all hold
+            return _carrying(_merge(inputs), f"{name}: the dtype found in the values")
         if name in _TABLE_ROWWISE:
             return _mark_mixed(call, value, _merge(inputs))
         if name in ("T", "transpose"):
@@ -1313,6 +1356,8 @@ def _table_rule(call: Call, name: str, family: str, value: Any, inputs: list[Pro
             return _unknown(inputs, f"{operation} with these arguments is not modelled")
         if operation == "pandas.get_dummies":  # one column per value found: its width is data
             return _carrying(_merge(inputs), "get_dummies' columns: the values found")
+        if operation == "pandas.to_numeric" and call.kwargs:  # downcast: the dtype is data
+            return _carrying(_merge(inputs), "to_numeric's dtype: the range of the values")
         return _merge(inputs)
     if operation == "pandas.cut":
         bins = call.kwargs.get("bins", call.args[1] if len(call.args) > 1 else None)
@@ -1416,11 +1461,33 @@ def _parametric(estimator: Any) -> bool:
 
 
 def _keeps_values(state: State, estimator: str) -> State:
+    return _flag_models(state, "order", f"{estimator} keeps values of its records")
+
+
+def steered(call: Call, by: Provenance, provenance_of: ProvenanceOf) -> Provenance:
+    """What an in-place change (a fit) learns, when the call also got a per-record array of
+    the researcher's own (targets, features or ``sample_weight`` with no shared data in
+    them): ``fit(e7, ages).predict([[1]])`` is patient 7's age. The records then carry a
+    ``statistic`` part into the model, so what it answers is for review."""
+    own = [_length_of(value) for value in [*call.args[1:], *call.kwargs.values()]
+           if not provenance_of(value)]
+    if not own:
+        return by
+    steering = {source: replace(state, carried=_dedupe((*state.carried, Part(
+        "statistic", state.records(), state.total, state.length, {},
+        "fitted to the researcher's own values per record"))))
+        for source, state in by.items()
+        if isinstance(state, Rows) and not state.single and state.length in own}
+    return {**by, **steering} if steering else by
+
+
+def _flag_models(state: State, kind: str, note: str) -> State:
+    """``state`` with a part of ``kind`` (for review) beside each model part."""
     if not isinstance(state, Aggregated):
         return state
-    models = tuple(Part("order", p.rows, p.total, p.n, {}, f"{estimator} keeps values of its "
-                        "records") for p in state.parts if p.kind == "model")
-    return Aggregated(_dedupe((*state.parts, *models))) if models else state
+    flags = tuple(Part(kind, p.rows, p.total, p.n, {}, note) for p in state.parts
+                  if p.kind == "model")
+    return Aggregated(_dedupe((*state.parts, *flags))) if flags else state
 
 
 def _group_columns(group: Any) -> list[Any]:

@@ -18,6 +18,12 @@ The hostile researcher asks for nothing the checks would stop directly. Instead:
 6. Counts with records left out: the researcher's own mask combined with a condition, the
    rows outside a histogram's bins, a key missing in a crosstab, an empty category of a
    grouping, group counts returned with their keys as a column.
+7. Axes written in any spelling (a list, a name given by position, a 0-d array): one that
+   cannot be read is record-level, never "all the records".
+8. Totals whose records are fewer than their rows (zeros that add nothing, a sum of a
+   condition), answers that depend on how many values are present (``min_count=``), a
+   model fitted to the researcher's own per-record values, one record's columns combined
+   by a row-wise reduction, and a dtype the data chose.
 
 The first two end to end with the documented rules (approve on pass, deny on fail). What
 the checks still do not catch is listed in docs/disclosure.md.
@@ -395,3 +401,106 @@ def test_a_sum_per_group_skipping_missing_values_counts_only_the_rest(lab: Lab) 
     assert np.isclose(lab.value(whole) - float(lab.value(per_group).iloc[0]),
                       PATIENTS.age[PATIENTS.age < 20.5].sum())
     assert (lab.status(whole), lab.status(per_group)) == ("pass", "review")
+
+
+# -- 7. axes in any spelling ---------------------------------------------------------------------
+def test_an_axis_in_any_spelling_is_read_and_one_that_cannot_be_is_record_level(
+        lab: Lab) -> None:
+    X = StoreRef("X")
+    age = column(lab, "age")
+    for reduced in (
+            lab.method(StoreRef("Xt"), "sum", [1]),                            # a list
+            lab.method(lab.fn("operator.getitem", patients, ["age", "bmi"]), "sum",
+                       "columns"),                                             # a name
+            lab.fn("numpy.sum", X, np.array(1))):                              # a 0-d array
+        assert lab.status(reduced) != "pass", reasons(lab, reduced)
+    every_age = lab.method(lab.fn("operator.getitem", patients, ["age"]), "mean", "columns")
+    assert np.array_equal(lab.value(every_age).to_numpy(), PATIENTS.age.to_numpy())
+    assert lab.status(every_age) == "fail", reasons(lab, every_age)
+    assert lab.status(lab.method(age, "sum", 0)) == "pass"
+
+
+# -- 8. totals, counts and fits steered record by record ------------------------------------------
+def test_a_sum_of_a_condition_counts_what_it_counts(lab: Lab) -> None:
+    t = float(AGES[7]) - 0.5  # patient 7 is over t
+    whole = lab.fn("numpy.sum", lab.fn("operator.gt", ages, t))
+    partial = lab.fn("numpy.sum", lab.fn("operator.and_", lab.fn("operator.gt", ages, t),
+                                         lab.fn("operator.ne", ids, 7)))
+    assert lab.value(whole) - lab.value(partial) == 1
+    assert lab.status(whole) == "pass"
+    assert reasons(lab, partial)["differencing"][0] == "review"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")
+def test_zeros_add_nothing_to_a_total(lab: Lab) -> None:
+    """``nan_to_num`` turns the rows a NaN-skipping sum would skip into zeros: the total is
+    still over the records above ``t`` only."""
+    age = column(lab, "age")
+    above = lab.fn("numpy.nan_to_num", lab.fn("operator.add", lab.fn(
+        "operator.pow", lab.fn("numpy.sqrt", lab.fn("operator.sub", age, 20.5)), 2), 20.5))
+    whole, partial = lab.method(age, "sum"), lab.fn("numpy.sum", above)
+    assert np.isclose(lab.value(whole) - lab.value(partial),
+                      PATIENTS.age[PATIENTS.age < 20.5].sum())
+    assert (lab.status(whole), lab.status(partial)) == ("pass", "review")
+
+
+@pytest.mark.parametrize("keywords", [{"min_count": 198}, {"ddof": 150}])
+def test_an_answer_that_depends_on_how_many_values_are_present_is_held(
+        lab: Lab, keywords: dict[str, int]) -> None:
+    name = "sum" if "min_count" in keywords else "var"
+    held = lab.method(column(lab, "age"), name, **keywords)
+    assert lab.status(held) == "review", reasons(lab, held)
+
+
+def test_a_model_fitted_to_the_researchers_own_values_is_held(lab: Lab) -> None:
+    one = np.zeros((N, 1))
+    one[7] = 1.0  # patient 7 alone
+    regression = lab.fn("sklearn.linear_model.LinearRegression")
+    lab.method(regression, "fit", one, ages)
+    answer = lab.method(regression, "predict", np.array([[1.0]]))
+    assert float(lab.value(answer)[0]) == pytest.approx(AGES[7])
+    assert lab.status(answer) == "review", reasons(lab, answer)
+    assert lab.status(lab.attr(regression, "coef_")) == "review"
+    scaler = lab.fn("sklearn.preprocessing.StandardScaler")
+    lab.method(scaler, "fit", lab.method(ages, "reshape", N, 1), sample_weight=one[:, 0])
+    answer = lab.method(scaler, "inverse_transform", np.array([[0.0]]))
+    assert float(lab.value(answer)[0][0]) == pytest.approx(AGES[7])
+    assert lab.status(answer) == "review", reasons(lab, answer)
+
+
+def test_a_row_wise_reduction_of_several_columns_is_no_column(lab: Lab) -> None:
+    """``min(age, 0 if income > 1e8 else big)`` per record, summed: the total minus it is
+    the richest patient's age."""
+    table = lab.fn("operator.getitem", patients, ["age", "income"])
+    scaled = lab.fn("operator.mul", table, np.array([1.0, -1e-8]))
+    per_record = lab.method(scaled, "min", axis=1)
+    assert lab.status(lab.method(per_record, "sum")) == "review"
+
+
+def test_a_dtype_the_data_chose_is_held(lab: Lab) -> None:
+    shifted = lab.fn("operator.sub", column(lab, "age"), -28.0)  # 99 + 28 = 127: int8
+    dtype = lab.attr(lab.method(lab.fn("pandas.to_numeric", shifted, downcast="integer"),
+                                "to_numpy"), "dtype")
+    assert str(lab.value(dtype)) == "int8"
+    assert lab.status(dtype) == "review", reasons(lab, dtype)
+
+
+def test_the_researchers_mask_through_where_or_a_product_is_seen(lab: Lab) -> None:
+    not7 = np.ones(N, dtype=bool)
+    not7[7] = False
+    over = lab.fn("operator.gt", ages, float(AGES[7]) + 0.5)
+    for masked in (lab.fn("numpy.where", not7, over, False), lab.fn("operator.mul", over,
+                                                                    not7)):
+        counted = lab.fn("numpy.count_nonzero", masked)
+        assert lab.status(counted) == "review", reasons(lab, counted)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")
+def test_a_nan_skipping_sum_of_one_column_as_a_matrix_counts_only_the_rest(lab: Lab) -> None:
+    age = column(lab, "age")
+    defined = lab.fn("operator.add", lab.fn("operator.pow", lab.fn(
+        "numpy.sqrt", lab.fn("operator.sub", age, 20.5)), 2), 20.5)
+    partial = lab.fn("numpy.nansum", lab.method(lab.method(defined, "to_numpy"), "reshape",
+                                                N, 1), axis=0)
+    assert lab.status(lab.method(age, "sum")) == "pass"
+    assert lab.status(partial) == "review", reasons(lab, partial)
