@@ -843,10 +843,7 @@ def _present(data: Any, state: Rows) -> State:
         array = array[:, 0]
     if array.ndim != 1 or array.dtype.kind != "f" or array.shape[0] != state.length:
         return state
-    missing = np.isnan(array)
-    if not missing.any():
-        return state
-    return _select(state, _Mask(np.flatnonzero(~missing), array.shape[0]))
+    return _kept(state, ~np.isnan(array))
 
 
 def _counting(part: Part, data: Any, name: str, state: Rows) -> Part:
@@ -864,7 +861,7 @@ def _counting(part: Part, data: Any, name: str, state: Rows) -> Part:
                else (values != 0) & ~np.isnan(values))
     if counted.all():
         return part  # every row counts: its records are the rows'
-    selected = _select(state, _Mask(np.flatnonzero(counted), counted.size))
+    selected = _kept(state, counted)
     return replace(part, rows=selected.records()) if isinstance(selected, Rows) else part
 
 
@@ -1421,12 +1418,11 @@ def _grouped(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> 
             result[source] = state if not isinstance(state, Rows) else Unknown(
                 "grouped records that are not distinct")
             continue
-        if not kept.all():
-            selected = _select(state, _Mask(np.flatnonzero(kept), kept.size))
-            if not isinstance(selected, Rows):
-                result[source] = selected
-                continue
-            state = selected
+        selected = _kept(state, kept)
+        if not isinstance(selected, Rows):
+            result[source] = selected
+            continue
+        state = selected
         if cells is None:
             cells = _group_cells(group, codes, kind, name, value)
         records = state.records()
@@ -1604,7 +1600,7 @@ def _value_counts(call: Call, name: str, provenance_of: ProvenanceOf) -> Provena
             if present is not None:  # 199 of 200 says that one record is missing
                 counts = np.append(counts, present.size - int(present.sum()))
         if present is not None:
-            selected = _select(state, _Mask(np.flatnonzero(present), present.size))
+            selected = _kept(state, present)
             if not isinstance(selected, Rows):
                 result[source] = selected
                 continue
@@ -1614,6 +1610,14 @@ def _value_counts(call: Call, name: str, provenance_of: ProvenanceOf) -> Provena
         result[source] = _summary(state, Part("table", records, state.total, n,
                                               {"counts": counts}, name))
     return _merge([result, *[p for p in inputs[1:]]]) if len(inputs) > 1 else result
+
+
+def _kept(state: Rows, keep: np.ndarray) -> State:
+    """The rows a result keeps (``keep``, one flag per row); the others are no records
+    of it."""
+    if keep.all():
+        return state
+    return _select(state, _Mask(np.flatnonzero(keep), keep.size))
 
 
 def _counted(data: Any, subset: Any, dropna: bool) -> np.ndarray | None:
@@ -1673,12 +1677,11 @@ def _crosstab(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance
             result[source] = state if not isinstance(state, Rows) else Unknown(
                 "crosstab of records that are not distinct")
             continue
-        if not present.all():
-            selected = _select(state, _Mask(np.flatnonzero(present), present.size))
-            if not isinstance(selected, Rows):
-                result[source] = selected
-                continue
-            state = selected
+        selected = _kept(state, present)
+        if not isinstance(selected, Rows):
+            result[source] = selected
+            continue
+        state = selected
         records = state.records()
         n = state.total if records is None else int(records.size)
         result[source] = _summary(state, Part("table", records, state.total, n,
