@@ -45,6 +45,14 @@ class Lab(Driver):
         self.settings = settings
         self.history = History()
 
+    def sharing(self, name: str, table: Any) -> Lab:
+        """This lab with ``table`` shared as ``name`` too (the table tests' patients)."""
+        self.executor.share(name, table)
+        return self
+
+    def column(self, table: str, name: str) -> PointerRef:
+        return self.fn("operator.getitem", StoreRef(table), name)
+
     def op(self, kind: str, name: str, target: Any = None, *args: Any,
            **kwargs: Any) -> PointerRef:
         ref = super().op(kind, name, target, *args, **kwargs)

@@ -26,13 +26,11 @@ patients = StoreRef("patients")
 
 @pytest.fixture
 def lab() -> Lab:
-    lab = Lab()
-    lab.executor.share("patients", PATIENTS)
-    return lab
+    return Lab().sharing("patients", PATIENTS)
 
 
 def col(lab: Lab, name: str) -> Any:
-    return lab.fn("operator.getitem", patients, name)
+    return lab.column("patients", name)
 
 
 def without_ward_z(lab: Lab) -> Any:

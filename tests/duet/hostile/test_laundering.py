@@ -58,13 +58,11 @@ patients = StoreRef("patients")
 
 @pytest.fixture
 def lab() -> Lab:
-    lab = Lab()
-    lab.executor.share("patients", PATIENTS)
-    return lab
+    return Lab().sharing("patients", PATIENTS)
 
 
 def column(lab: Lab, name: str) -> Any:
-    return lab.fn("operator.getitem", patients, name)
+    return lab.column("patients", name)
 
 
 def reasons(lab: Lab, ref: Any) -> dict[str, tuple[str, str]]:
