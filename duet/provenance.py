@@ -809,14 +809,17 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
             else "order" if name in _ORDER else "statistic")
     result: dict[str, State] = {}
     cells: dict[str, np.ndarray] | None = None
+    column: np.ndarray | None = None  # the values of one column, read once for all sources
     for source, state in provenance.items():
         if not isinstance(state, Rows) or state.single:
             result[source] = state  # a summary of a summary, or still one record
             continue
+        if column is None and kind in ("magnitude", "frequency"):
+            column = _one_column(data)
         part_kind = ("statistic" if kind in ("magnitude", "frequency") and not state.plain
                      else kind)
         if kind == "magnitude":
-            present = _present(data, state)
+            present = _present(column, state)
             if not isinstance(present, Rows):
                 result[source] = present
                 continue
@@ -829,34 +832,36 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
             note = f"{name} of values weighed, combined or modelled per record"
         part = _part(part_kind, state, cells or {}, note)
         if part.kind in ("frequency", "magnitude"):
-            part = _counting(part, data, name, state)
+            part = _counting(part, column, name, state)
         result[source] = _summary(state, part)
     return _with_rest(result, other)
 
 
-def _present(data: Any, state: Rows) -> State:
-    """The rows of one column that a summary skipping missing values reads: the others
-    contribute nothing, so they are no records of it (for differencing too: a total over
-    ``sqrt(x - t)``'s defined rows is a total over the records above ``t``)."""
+def _one_column(data: Any) -> np.ndarray | None:
+    """A reduction's input as one column of numbers (an (n, 1) matrix too), or None."""
     array = _numeric(data)
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
-    if array.ndim != 1 or array.dtype.kind != "f" or array.shape[0] != state.length:
+    return array if array.ndim == 1 else None
+
+
+def _present(column: np.ndarray | None, state: Rows) -> State:
+    """The rows of one column that a summary skipping missing values reads: the others
+    contribute nothing, so they are no records of it (for differencing too: a total over
+    ``sqrt(x - t)``'s defined rows is a total over the records above ``t``)."""
+    if column is None or column.dtype.kind != "f" or column.shape[0] != state.length:
         return state
-    return _kept(state, ~np.isnan(array))
+    return _kept(state, ~np.isnan(column))
 
 
-def _counting(part: Part, data: Any, name: str, state: Rows) -> Part:
+def _counting(part: Part, column: np.ndarray | None, name: str, state: Rows) -> Part:
     """A count or total of one column, for differencing: its records are the ones it counts
     or that add something to it, so two whose sets differ by one record are seen to
     (``count(x > t)`` and ``count((x > t) & (id != 7))``, ``sum(x)`` and ``sum(x > t ? x :
     0)``), though both cover every row."""
-    array = _numeric(data)
-    if array.ndim == 2 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.ndim != 1 or array.shape[0] != state.length or array.dtype.kind not in "biuf":
+    if column is None or column.shape[0] != state.length or column.dtype.kind not in "biuf":
         return part
-    values = array.astype(np.float64, copy=False)
+    values = column.astype(np.float64, copy=False)
     counted = (~np.isnan(values) if name == "count_nonnull"
                else (values != 0) & ~np.isnan(values))
     if counted.all():
