@@ -68,6 +68,7 @@ class OwnerSession(Session):
 
     role = "owner"
     peer_role = "researcher"
+    _max_values = p.MAX_VALUES  # every value of a message is walked on this session's loop
 
     def __init__(self, config: SessionConfig | None = None, *, allowlist: Allowlist | None = None,
                  audit_path: str | os.PathLike[str] | None = None,

@@ -320,6 +320,10 @@ def _submit(session: PointerHost, kind: str, name: str, target: Pointer | None,
         args=[_to_wire(a, session) for a in args],
         kwargs={k: _to_wire(v, session) for k, v in kwargs.items()},
     )
+    if 2 + p.op_values(op) > p.MAX_VALUES:  # refused here, not with the rest of its batch
+        raise ValueError(f"the arguments of {name} hold more than {p.MAX_VALUES} values (items "
+                         "of lists, tuples and dicts): the owner refuses such a message. Pass "
+                         "bulk data as an array: np.asarray(...)")
     session.submit_op(op)
     return Pointer(session, p.PointerRef(op.result), text)
 

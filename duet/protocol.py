@@ -33,12 +33,23 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from . import frames
 from .errors import DuetError, PolicyViolation, ProtocolError, RemoteError
 
-PROTOCOL_VERSION = 2  # 2: small messages with buffers travel in one PACKED frame
+PROTOCOL_VERSION = 3  # 2: small messages with buffers travel in one PACKED frame;
+#                        3: at most MAX_OPS operations in one Ops message
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 MAX_VALUE_DEPTH = 32
 MAX_NAME_CHARS = 200
 MAX_REASON_CHARS = 2000
 MAX_ARRAY_ELEMENTS = 2**48  # far above any real array; keeps shape products in int64
+# Operations in one ``Ops`` message. The owner's loop checks a whole message in one go
+# (tens of microseconds an operation): the cap keeps that to a tenth of a second, so pongs
+# and heartbeats keep flowing while a researcher pipelines 100,000 operations.
+MAX_OPS = 4096
+# Values (elements of lists, tuples and maps, at any depth) in one message from the
+# researcher. The owner's kernel walks them several times to find references and dtypes
+# (microseconds each); 4 MiB of nested lists would hold its loop for many seconds, long
+# enough for the researcher to declare it gone. Counted while unpacking, so a message over
+# the limit costs no more than the limit to refuse.
+MAX_VALUES = 2**17
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -124,10 +135,10 @@ class AllowlistSummary(_Message):
     ...) its method and attribute names; and which ``family.name`` are attributes or
     mutating methods."""
 
-    functions: list[str] = []
-    members: dict[str, list[str]] = {}
-    attributes: list[str] = []
-    mutating: list[str] = []
+    functions: list[str] = Field(default_factory=list)
+    members: dict[str, list[str]] = Field(default_factory=dict)
+    attributes: list[str] = Field(default_factory=list)
+    mutating: list[str] = Field(default_factory=list)
 
 
 class Hello(_Message):
@@ -159,7 +170,7 @@ class StoreEntry(_Message):
     shape: list[int] | None = None
     dtype: str | None = None
     description: str = ""
-    tags: list[str] = []
+    tags: list[str] = Field(default_factory=list)
     rows: int | None = None
     columns: list[str] | None = None
     dtypes: list[str] | None = None
@@ -186,15 +197,35 @@ class Op(_Message):
     kind: Literal["function", "method", "getattr", "call"]
     name: Name
     target: PointerRef | StoreRef | None = None
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
+    # Factories, not ``[]``/``{}``: pydantic deep-copies a mutable default for every model,
+    # which was most of the cost of decoding a batch of operations.
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+def op_values(op: Op) -> int:
+    """The values ``op`` adds to an ``Ops`` message, counted as ``decode`` counts them (its
+    six fields, then every list, tuple, map and slice in its arguments): the researcher keeps
+    each batch within ``MAX_VALUES`` with it."""
+    values = [op.target, *op.args, *op.kwargs.values()]
+    return 7 + len(op.args) + len(op.kwargs) + sum(map(_values, values))
+
+
+def _values(value: Any) -> int:
+    if isinstance(value, (list, tuple)):
+        return len(value) + sum(map(_values, value))
+    if isinstance(value, dict):
+        return len(value) + sum(map(_values, value.values()))
+    if isinstance(value, slice):
+        return 3 + sum(map(_values, (value.start, value.stop, value.step)))
+    return 0
 
 
 class Ops(_Message):
     """A batch of operations, executed in order: pipelining without a round trip per op."""
 
     type: Literal["ops"] = "ops"
-    ops: list[Op]
+    ops: list[Op] = Field(max_length=MAX_OPS)
 
 
 class Free(_Message):
@@ -437,12 +468,24 @@ def _text(data: bytes) -> str:
 
 
 def _unpack(data: bytes) -> Any:
+    counted = getattr(_nesting, "max_values", None) is not None
     return msgpack.unpackb(
         data,
         ext_hook=_ext_hook,
+        list_hook=_counted if counted else None,
+        object_hook=_counted if counted else None,
         raw=False,
         strict_map_key=True,
     )
+
+
+def _counted(container: Any) -> Any:
+    """Unpacker hook: adds each list's and map's length to the message's count of values."""
+    _nesting.values += len(container)
+    if _nesting.values > _nesting.max_values:
+        raise ProtocolError(f"a message may carry at most {_nesting.max_values} values "
+                            "(elements of lists, tuples and maps); send bulk data as an array")
+    return container
 
 
 def encode(message: BaseModel) -> tuple[bytes, list[memoryview]]:
@@ -478,27 +521,35 @@ def _plain(value: Any, depth: int = 0) -> Any:
 
 
 def decode(header: bytes, buffers: Sequence[memoryview | bytes | bytearray] = (), *,
-           validated: bool = False) -> Message:
+           validated: bool = False, max_values: int | None = None) -> Message:
     """Decode and validate a message; any defect raises ``ProtocolError``.
 
     ``validated=True`` is for bytes this process's side already decoded with validation, or
     encoded itself (the owner's worker receives the researcher's messages exactly as the
     owner's kernel validated them, and reads back the value it froze): the models are built
-    without checking again.
+    without checking again. ``max_values``: refuse a message holding more values than this
+    (the owner passes ``MAX_VALUES``; an approved result may be any size).
     """
     if len(header) > MAX_HEADER_BYTES:
         raise ProtocolError(f"message header of {len(header)} bytes exceeds the limit")
     _nesting.arrays = 0  # counted by the extension hook: no second walk to find them
+    _nesting.values, _nesting.max_values = 0, max_values
     try:
         raw = _unpack(header)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"malformed frame ({type(exc).__name__})") from None
+    finally:
+        _nesting.max_values = None
     if not isinstance(raw, dict):
         raise ProtocolError("a message must be a map")
     arrays = _nesting.arrays
     kind = raw.get("type")
+    ops = raw.get("ops") if kind == "ops" else None
+    if isinstance(ops, list) and len(ops) > MAX_OPS:  # refused before validating each one
+        raise ProtocolError(f"an ops message may carry at most {MAX_OPS} operations, "
+                            f"not {len(ops)}")
     trusted = _MESSAGE_TYPES.get(kind) if validated and isinstance(kind, str) else None
     if trusted is Ops:
         message: Message = Ops.model_construct(

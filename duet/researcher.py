@@ -155,22 +155,28 @@ class ResearcherSession(Session):
         while self._outbox:
             items.append(self._outbox.popleft())
         batch: list[p.Op] = []
+        values = 2  # the message's own map: decode counts as protocol.op_values does
         freed: list[int] = []
         try:
             for item in items:
                 if isinstance(item, p.Op):
+                    added = p.op_values(item)
+                    if batch and (len(batch) == p.MAX_OPS or values + added > p.MAX_VALUES):
+                        self._send(p.Ops.model_construct(ops=batch))  # the owner takes no
+                        batch, values = [], 2                         # more in one message
                     batch.append(item)
+                    values += added
                 elif isinstance(item, int):
                     freed.append(item)
                 else:
                     if batch:
                         self._send(p.Ops.model_construct(ops=batch))
-                        batch = []
+                        batch, values = [], 2
                     self._send(item)
             if batch:
                 self._send(p.Ops.model_construct(ops=batch))
-            if freed:
-                self._send(p.Free(ids=freed))
+            for start in range(0, len(freed), p.MAX_OPS):
+                self._send(p.Free(ids=freed[start:start + p.MAX_OPS]))
         except DuetError as exc:  # pending calls fail with ConnectionLost
             log.debug("flush stopped, the connection went away: %s", exc)
 

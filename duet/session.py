@@ -66,6 +66,8 @@ class Session:
     role: ClassVar[Literal["owner", "researcher"]]
     peer_role: ClassVar[Literal["owner", "researcher"]]
     _ready_on_hello: ClassVar[bool] = True
+    # The most values a message from the peer may hold (``protocol.MAX_VALUES``); None: any.
+    _max_values: ClassVar[int | None] = None
 
     def __init__(self, config: SessionConfig | None = None) -> None:
         self.config = config or SessionConfig()
@@ -229,7 +231,7 @@ class Session:
             try:
                 if self._transport is None:
                     raise ConnectionLost("not connected")
-                await self._transport.send(header, buffers, progress)
+                await self._transport.send(header, buffers, progress, urgent=urgent)
             except Exception as exc:
                 if done is not None and not done.done():
                     done.set_exception(exc)
@@ -249,7 +251,7 @@ class Session:
     # -- receiving (loop thread) ----------------------------------------------------------
     def _on_frame_message(self, header: bytes, buffers: list[memoryview]) -> None:
         try:
-            message = p.decode(header, buffers)
+            message = p.decode(header, buffers, max_values=self._max_values)
         except ProtocolError as exc:
             self._protocol_error(exc)
             return

@@ -91,9 +91,13 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def send(
-        self, header: bytes, buffers: Sequence[memoryview] = (), progress: Progress | None = None
+        self, header: bytes, buffers: Sequence[memoryview] = (), progress: Progress | None = None,
+        *, urgent: bool = False
     ) -> None:
-        """Send one message; returns once every frame is handed to the channel."""
+        """Send one message; returns once every frame is handed to the channel.
+
+        ``urgent``: a message that fits in one frame goes at once, whatever the channel holds
+        (pings, pongs, bye: never stuck behind a flood the other lane keeps at the limit)."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -337,12 +341,19 @@ class FramedTransport(Transport):
         """Wait until the carrier has room for more frames (flow control)."""
 
     async def send(
-        self, header: bytes, buffers: Sequence[memoryview] = (), progress: Progress | None = None
+        self, header: bytes, buffers: Sequence[memoryview] = (), progress: Progress | None = None,
+        *, urgent: bool = False
     ) -> None:
         if self.closed:
             raise ConnectionLost(f"the connection is closed ({self.close_reason})")
         single = self.framer.single(header, buffers)
         if single is not None:
+            # flow control for small messages too: 10,000 queued requests would otherwise
+            # all sit in the channel's buffer, and a ping sent after them wait behind them all
+            if not urgent:
+                await self._writable()
+                if self.closed:
+                    raise ConnectionLost(f"the connection is closed ({self.close_reason})")
             self._send_frame(single)
             return
         stream, begin = self.framer.begin(header, buffers)

@@ -233,3 +233,66 @@ def test_a_requests_row_is_written_before_its_decision_when_decided_by_hand(
             order.setdefault(event.request_id, []).append(event.event)
     assert sorted(order) == sorted(decided)
     assert all(kinds == ["request", "decision"] for kinds in order.values()), order
+
+
+def _messages_the_owner_handles(owner: Any) -> list[tuple[str, int]]:
+    """Each message the owner's kernel handles from now on: its type, and its count of
+    operations (ops) or ids (free)."""
+    seen: list[tuple[str, int]] = []
+    handle = owner._handle
+
+    def spy(message: p.Message, raw: Any) -> None:
+        seen.append((message.type, len(getattr(message, "ops", getattr(message, "ids", [])))))
+        handle(message, raw)
+
+    owner._handle = spy
+    return seen
+
+
+def test_a_long_pipeline_leaves_in_messages_the_owner_accepts(pair: Pair) -> None:
+    """10,000 operations queued at once go as several messages of at most MAX_OPS, and so do
+    the frees of their 9,999 dropped intermediates: none is refused as too large."""
+    owner, researcher = pair
+    owner.share(np.zeros(3), name="x")
+    owner.requests.add_rule("approve")
+    x = researcher.store.wait_for("x", 5)
+    seen = _messages_the_owner_handles(owner)
+    with researcher._flush_lock:  # the loop's flush waits: everything goes in one flush
+        for _ in range(10_000):
+            x = x + 1
+    assert x.get("long", timeout=120).tolist() == [10_000.0] * 3
+    gc.collect()
+    researcher.ping()
+    eventually(lambda: owner.worker_usage().objects == 1, timeout=60)
+    ops = [n for kind, n in seen if kind == "ops"]
+    frees = [n for kind, n in seen if kind == "free"]
+    assert sum(ops) == 10_000 and max(ops) == p.MAX_OPS and len(ops) == 3, ops
+    assert sum(frees) == 9_999 and max(frees) <= p.MAX_OPS, frees
+    assert owner.audit.events(event="protocol_error") == []
+
+
+def test_operations_with_many_values_are_split_by_their_values(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(10.0), name="x")
+    owner.requests.add_rule("approve")
+    x = researcher.store.wait_for("x", 5)
+    seen = _messages_the_owner_handles(owner)
+    indices = [3] * 5_000
+    with researcher._flush_lock:
+        taken = [researcher.np.take(x, indices) for _ in range(40)]  # 200,000 values
+    assert [float(t.sum().get("taken", timeout=60)) for t in taken[::13]] == [15_000.0] * 4
+    ops = [n for kind, n in seen if kind == "ops"]
+    assert sum(ops) >= 40 and len(ops) >= 2, ops  # more than MAX_VALUES: two messages
+    assert owner.audit.events(event="protocol_error") == []
+
+
+def test_an_operation_over_the_values_limit_is_refused_at_the_call(pair: Pair) -> None:
+    owner, researcher = pair
+    owner.share(np.arange(3.0), name="x")
+    owner.requests.add_rule("approve")
+    x = researcher.store.wait_for("x", 5)
+    y = x + 1
+    with pytest.raises(ValueError, match="np.asarray"):
+        researcher.np.take(x, [0] * p.MAX_VALUES)
+    assert (y * 2).get("after", timeout=30).tolist() == [2.0, 4.0, 6.0]
+    assert owner.audit.events(event="protocol_error") == []

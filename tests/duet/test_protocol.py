@@ -159,3 +159,54 @@ def test_malformed_extension_values_are_protocol_errors(ext: tuple[int, object])
                             "value": msgpack.ExtType(code, data)})
     with pytest.raises(ProtocolError):
         p.decode(header)
+
+
+# -- what one message from the researcher may hold (the owner's loop checks it in one go) --
+OPS_OF_EVERY_SHAPE = [
+    p.Op(result=1, kind="function", name="numpy.add", args=[1, 2.5, "a", None, True]),
+    p.Op(result=2, kind="method", name="reshape", target=p.PointerRef(7),
+         args=[(2, [3, 4])], kwargs={"order": "C"}),
+    p.Op(result=3, kind="function", name="numpy.take",
+         args=[[[1, 2], (3, {"k": [4, (5, 6)]})], slice(1, None, 2)],
+         kwargs={"axis": {"a": (1, [2, slice(p.PointerRef(7), 3)])}}),
+    p.Op(result=4, kind="function", name="numpy.add",
+         args=[np.arange(3), p.DTypeRef("float64"), 1j, Ellipsis, p.StoreRef("x"),
+               torch.ones(2, 2)]),
+    p.Op(result=5, kind="getattr", name="shape", target=p.StoreRef("x")),
+]
+
+
+@pytest.mark.parametrize("op", OPS_OF_EVERY_SHAPE, ids=lambda op: str(op.result))
+def test_op_values_counts_exactly_what_decode_counts(op: p.Op) -> None:
+    """The researcher splits its batches by ``op_values``: it must be decode's own count,
+    or a batch it thinks fits would be refused whole."""
+    header, buffers = p.encode(p.Ops(ops=[op]))
+    count = 2 + p.op_values(op)
+    for _ in range(2):  # the count starts again at each message
+        decoded = p.decode(header, buffers, max_values=count)
+        assert isinstance(decoded, p.Ops) and [o.result for o in decoded.ops] == [op.result]
+    with pytest.raises(ProtocolError, match=f"at most {count - 1} values"):
+        p.decode(header, buffers, max_values=count - 1)
+
+
+def test_values_are_bounded_only_when_asked_and_the_count_ends_with_the_message() -> None:
+    nested = [[[[1]]]] * 60_000  # 240,000 lists in 0.5 MB: a walk of seconds on the owner
+    header = msgpack.packb({"type": "ops", "ops": [{"result": 1, "kind": "function",
+                                                    "name": "builtins.len", "args": [nested]}]})
+    with pytest.raises(ProtocolError, match=f"at most {p.MAX_VALUES} values"):
+        p.decode(header, max_values=p.MAX_VALUES)
+    # the researcher decodes what the owner approved: a result may hold any number of values
+    assert isinstance(p.decode(header), p.Ops)
+
+
+def test_an_ops_message_over_max_ops_is_refused_before_its_ops_are_validated() -> None:
+    ops = [{"result": i + 1, "kind": "function", "name": "operator.add", "args": [i, 1]}
+           for i in range(p.MAX_OPS)]
+    full = p.decode(msgpack.packb({"type": "ops", "ops": ops}))
+    assert isinstance(full, p.Ops) and len(full.ops) == p.MAX_OPS
+    invalid = {"result": 0, "kind": "nonsense", "name": ""}  # would fail validation
+    with pytest.raises(ProtocolError, match=f"at most {p.MAX_OPS} operations, not "
+                                            f"{p.MAX_OPS + 1}"):
+        p.decode(msgpack.packb({"type": "ops", "ops": [*ops, invalid]}))
+    with pytest.raises(ProtocolError, match="invalid 'ops'"):  # the count first, then each op
+        p.decode(msgpack.packb({"type": "ops", "ops": [*ops[1:], invalid]}))

@@ -176,6 +176,43 @@ async def test_in_memory_pair_delivers_in_order_with_flow_control() -> None:
     assert closed and a.closed
 
 
+async def test_small_messages_wait_for_room_too() -> None:
+    """A burst of one-frame messages waits for the peer to read, as a streamed one does:
+    otherwise 10,000 queued requests all sit in the channel's buffer, and a ping sent after
+    them waits behind every one."""
+    a, b = InMemoryTransport.pair(frame_size=1024, max_queued_frames=4)
+    await a.start()
+    await b.start()
+    events: list[str] = []
+    b.set_handlers(lambda header, buffers: events.append("read"), lambda reason: None)
+    for i in range(12):
+        await a.send(b"small %d" % i)
+        events.append("sent")
+    while events.count("read") < 12:
+        await asyncio.sleep(0.01)
+    fifth_sent = [i for i, event in enumerate(events) if event == "sent"][4]
+    assert "read" in events[:fifth_sent], events  # four fill the peer: the fifth waited
+
+
+async def test_an_urgent_message_does_not_wait_for_room() -> None:
+    """Pings and pongs go at once: the main lane keeps the channel at its limit during a
+    flood, and an urgent message waiting for room would wait out the whole flood."""
+    a, b = InMemoryTransport.pair(frame_size=1024, max_queued_frames=4)
+    await a.start()
+    await b.start()
+    events: list[str] = []
+    b.set_handlers(lambda header, buffers: events.append(header.decode()), lambda r: None)
+    for i in range(4):
+        await a.send(b"main %d" % i)  # the peer is full now
+    await a.send(b"ping", urgent=True)
+    events.append("ping sent")
+    await a.send(b"main 4")
+    while len(events) < 7:
+        await asyncio.sleep(0.01)
+    assert events[0] == "ping sent", events  # nothing was read before it left
+    assert events[1:] == ["main 0", "main 1", "main 2", "main 3", "ping", "main 4"]
+
+
 @pytest.mark.parametrize("frame, message", [
     (b"\x07garbage", "unknown frame kind"),
     (struct.pack("!BIHQ", PACKED, 2, 1, 2**62) + b"hh", "does not match its sizes"),

@@ -1,7 +1,8 @@
 """Class 5: the owner's process survives anything the researcher sends.
 
 Hostile frames (deeply nested extension types, array headers whose shape overflows, a
-stream that claims exabytes), an allocation larger than the machine, endless operations the
+stream that claims exabytes, operation batches past the limits), a flood of the largest
+batches the owner accepts, an allocation larger than the machine, endless operations the
 owner cancels, a segfaulting operation, 10,000 queued requests, and crashes past the
 owner's restart limit. The owner's kernel and session stay up throughout."""
 
@@ -92,7 +93,7 @@ send_frame(r, struct.pack("!BIHQQ", 4, 2, 2, 2**62, 2**62) + b"hh")  # one frame
 send_frame(r, struct.pack("!BIH", 4, 2**31, 0) + b"h")   # one frame with a 2 GiB header
 send_frame(r, struct.pack("!BIH", 4, 0, 65535))          # 65,535 buffers announced, none sent
 send_header(r, ops_header([msgpack.ExtType(1, msgpack.packb(2**64 - 1))]))
-# a flood of maximal operation batches: the owner decodes them, its loop must keep answering
+# a flood of operation batches: the owner checks them, its loop must keep answering
 import threading
 flood_pings = []
 flooding = threading.Event()
@@ -108,13 +109,21 @@ def ping_meanwhile():
 
 pinger = threading.Thread(target=ping_meanwhile)
 pinger.start()
-for _ in range(8):
+
+def op_batch(size, args):
     first = new_id(r)
-    batch = [{"result": first + i, "kind": "function", "name": "operator.add", "args": [i, 1]}
-             for i in range(60_000)]
-    for _ in range(60_000 - 1):
+    for _ in range(size - 1):
         new_id(r)
-    send_header(r, msgpack.packb({"type": "ops", "ops": batch}, use_bin_type=True))
+    return msgpack.packb({"type": "ops", "ops": [
+        {"result": first + i, "kind": "function", "name": "operator.add", "args": args(i)}
+        for i in range(size)]}, use_bin_type=True)
+
+# over the limits, each refused before the kernel walks it: 60,000 ops (3 MB), and 4,096
+# ops holding 250,000 nested lists (1.2 MB), a walk of seconds in the owner's loop
+send_header(r, op_batch(60_000, lambda i: [i, 1]))
+send_header(r, op_batch(duet.protocol.MAX_OPS, lambda i: [[[[[1]]]] * 60, 1]))
+for _ in range(118):  # 483,000 operations in the largest batches the owner accepts
+    send_header(r, op_batch(duet.protocol.MAX_OPS, lambda i: [i, 1]))
 x = r.store["x"]
 out["after op flood"] = outcome(lambda: r.np.sum(x).get("after op flood", timeout=300))
 flooding.set()
@@ -197,7 +206,7 @@ def test_the_owner_survives(signaling_url: str, tmp_path: Path) -> None:
     # frames: each one a protocol error, the session up and working
     assert out["after frames"] == ["value", 49.0], out["after frames"]
     assert out["connected after frames"] is True
-    assert protocol_errors >= 10, protocol_errors
+    assert protocol_errors >= 12, protocol_errors   # 10 frames, 2 ops messages too large
     # allocations: data (a failure the owner approved releasing) or a worker restart
     for name in ("np.ones 10**13", "torch.ones 10**13", "np.zeros 10**7 squared"):
         assert out[name][0] in ("RemoteError", "WorkerRestarted"), (name, out[name])
