@@ -34,15 +34,15 @@ from . import frames
 from .errors import DuetError, PolicyViolation, ProtocolError, RemoteError
 
 PROTOCOL_VERSION = 3  # 2: small messages with buffers travel in one PACKED frame;
-#                        3: at most MAX_OPS operations in one Ops message
+#                        3: the owner refuses messages over MAX_OPS or MAX_VALUES
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 MAX_VALUE_DEPTH = 32
 MAX_NAME_CHARS = 200
 MAX_REASON_CHARS = 2000
 MAX_ARRAY_ELEMENTS = 2**48  # far above any real array; keeps shape products in int64
 # Operations in one ``Ops`` message. The owner's loop checks a whole message in one go
-# (tens of microseconds an operation): the cap keeps that to a tenth of a second, so pongs
-# and heartbeats keep flowing while a researcher pipelines 100,000 operations.
+# (tens of microseconds an operation): the cap keeps that to a few tenths of a second, so
+# pongs and heartbeats keep flowing while a researcher pipelines 100,000 operations.
 MAX_OPS = 4096
 # Values (elements of lists, tuples and maps, at any depth) in one message from the
 # researcher. The owner's kernel walks them several times to find references and dtypes
@@ -204,9 +204,9 @@ class Op(_Message):
 
 
 def op_values(op: Op) -> int:
-    """The values ``op`` adds to an ``Ops`` message, counted as ``decode`` counts them (its
-    six fields, then every list, tuple, map and slice in its arguments): the researcher keeps
-    each batch within ``MAX_VALUES`` with it."""
+    """The values ``op`` adds to an ``Ops`` message, counted as ``decode`` counts them: its
+    place in the list of operations, its six fields, then the elements of every list, tuple,
+    map and slice in its arguments. The researcher keeps each batch within ``MAX_VALUES``."""
     values = [op.target, *op.args, *op.kwargs.values()]
     return 7 + len(op.args) + len(op.kwargs) + sum(map(_values, values))
 

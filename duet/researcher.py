@@ -155,7 +155,7 @@ class ResearcherSession(Session):
         while self._outbox:
             items.append(self._outbox.popleft())
         batch: list[p.Op] = []
-        values = 2  # the message's own map: decode counts as protocol.op_values does
+        values = 2  # the message's map (type, ops); each op adds protocol.op_values
         freed: list[int] = []
         try:
             for item in items:

@@ -235,9 +235,14 @@ def test_a_requests_row_is_written_before_its_decision_when_decided_by_hand(
     assert all(kinds == ["request", "decision"] for kinds in order.values()), order
 
 
-def _messages_the_owner_handles(owner: Any) -> list[tuple[str, int]]:
-    """Each message the owner's kernel handles from now on: its type, and its count of
-    operations (ops) or ids (free)."""
+def _sharing(pair: Pair, value: np.ndarray) -> tuple[Any, Any, Any, list[tuple[str, int]]]:
+    """The owner shares ``value`` as ``x`` and approves everything; returns the owner, the
+    researcher, their pointer to ``x``, and each message the owner's kernel handles from now
+    on: its type and its count of operations (ops) or ids (free)."""
+    owner, researcher = pair
+    owner.share(value, name="x")
+    owner.requests.add_rule("approve")
+    x = researcher.store.wait_for("x", 5)
     seen: list[tuple[str, int]] = []
     handle = owner._handle
 
@@ -246,17 +251,13 @@ def _messages_the_owner_handles(owner: Any) -> list[tuple[str, int]]:
         handle(message, raw)
 
     owner._handle = spy
-    return seen
+    return owner, researcher, x, seen
 
 
 def test_a_long_pipeline_leaves_in_messages_the_owner_accepts(pair: Pair) -> None:
     """10,000 operations queued at once go as several messages of at most MAX_OPS, and so do
     the frees of their 9,999 dropped intermediates: none is refused as too large."""
-    owner, researcher = pair
-    owner.share(np.zeros(3), name="x")
-    owner.requests.add_rule("approve")
-    x = researcher.store.wait_for("x", 5)
-    seen = _messages_the_owner_handles(owner)
+    owner, researcher, x, seen = _sharing(pair, np.zeros(3))
     with researcher._flush_lock:  # the loop's flush waits: everything goes in one flush
         for _ in range(10_000):
             x = x + 1
@@ -272,11 +273,7 @@ def test_a_long_pipeline_leaves_in_messages_the_owner_accepts(pair: Pair) -> Non
 
 
 def test_operations_with_many_values_are_split_by_their_values(pair: Pair) -> None:
-    owner, researcher = pair
-    owner.share(np.arange(10.0), name="x")
-    owner.requests.add_rule("approve")
-    x = researcher.store.wait_for("x", 5)
-    seen = _messages_the_owner_handles(owner)
+    owner, researcher, x, seen = _sharing(pair, np.arange(10.0))
     indices = [3] * 5_000
     with researcher._flush_lock:
         taken = [researcher.np.take(x, indices) for _ in range(40)]  # 200,000 values
@@ -287,12 +284,10 @@ def test_operations_with_many_values_are_split_by_their_values(pair: Pair) -> No
 
 
 def test_an_operation_over_the_values_limit_is_refused_at_the_call(pair: Pair) -> None:
-    owner, researcher = pair
-    owner.share(np.arange(3.0), name="x")
-    owner.requests.add_rule("approve")
-    x = researcher.store.wait_for("x", 5)
+    owner, researcher, x, seen = _sharing(pair, np.arange(3.0))
     y = x + 1
     with pytest.raises(ValueError, match="np.asarray"):
         researcher.np.take(x, [0] * p.MAX_VALUES)
     assert (y * 2).get("after", timeout=30).tolist() == [2.0, 4.0, 6.0]
+    assert sum(n for kind, n in seen if kind == "ops") == 2  # y and y * 2: not the refused
     assert owner.audit.events(event="protocol_error") == []
