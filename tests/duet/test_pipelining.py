@@ -4,8 +4,9 @@ What got faster must not have got weaker: frees still free on the owner, even wh
 race with the operations of the same flush; every executed operation's audit row is
 written before a value derived from it leaves; an argument that cannot be sent is refused
 at the call instead of silently taking its batch with it; the worker's second decoding of
-already validated operations gives the same operations; and the owner's cached name checks
-follow the allowlist when it changes.
+already validated operations gives the same operations; the owner's cached name checks
+follow the allowlist when it changes; and a long pipeline leaves in messages within the
+owner's limits (``protocol.MAX_OPS``, ``MAX_VALUES``).
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def op_batch(size, args):
         for i in range(size)]}, use_bin_type=True)
 
 # over the limits, each refused before the kernel walks it: 60,000 ops (3 MB), and 4,096
-# ops holding 250,000 nested lists (1.2 MB), a walk of seconds in the owner's loop
+# ops holding a million nested lists (1.2 MB), a walk of seconds in the owner's loop
 send_header(r, op_batch(60_000, lambda i: [i, 1]))
 send_header(r, op_batch(duet.protocol.MAX_OPS, lambda i: [[[[[1]]]] * 60, 1]))
 for _ in range(118):  # 483,000 operations in the largest batches the owner accepts
