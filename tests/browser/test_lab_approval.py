@@ -45,6 +45,17 @@ def lab(tmp_path: Path) -> Iterator[str]:
     # researcher its code. This lab's kernels get their own; Jupyter keeps its own.
     env["JUPYTER_DATA_DIR"] = jupyter_data_dir()
     env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    # JupyterLab's settings and workspaces of this run only: the user's own are neither read
+    # nor changed (the test switches the theme), and every run starts as a first one does.
+    # A first run asks whether to fetch Jupyter's news, in a toast that takes the keyboard's
+    # focus when dismissed; the answer is given here: no (and nothing is fetched).
+    settings = tmp_path / "lab-settings"
+    notification = settings / "@jupyterlab" / "apputils-extension"
+    notification.mkdir(parents=True)
+    (notification / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false"}))
+    env["JUPYTERLAB_SETTINGS_DIR"] = str(settings)
+    env["JUPYTERLAB_WORKSPACES_DIR"] = str(tmp_path / "lab-workspaces")
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("jupyter")), "lab", "--no-browser",
          "--ip", "127.0.0.1", "--port", str(port), "--ServerApp.port_retries=0",
@@ -95,9 +106,6 @@ def shot(page: Page, name: str, focus: str | None = None) -> None:
     """A screenshot for people; ``focus``: scroll to the output containing that text and
     take just that output."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    news = page.get_by_role("button", name="No")
-    if news.count():
-        news.first.click()  # JupyterLab's "news?" toast would cover the corner
     if focus is not None:
         area = page.locator(".jp-OutputArea", has_text=focus).first
         area.scroll_into_view_if_needed()
