@@ -248,8 +248,8 @@ class Worker:
             if isinstance(ref, (p.PointerRef, p.StoreRef)):
                 try:
                     found |= self._executor.lookup(ref).sources
-                except DuetError:
-                    pass
+                except DuetError:  # names nothing (never made, or freed): no source to carry,
+                    continue       # and the op is refused whatever it named
         return frozenset(found)
 
     def _dp_op(self, op: p.Op) -> None:
