@@ -23,11 +23,12 @@ from tabulate import tabulate
 from .checks import Check, worst
 from .checks import Status as CheckStatus
 from .errors import RequestError
+from .screen import safe_text
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CHECK_COLOURS", "DPInfo", "Request", "RequestQueue", "Rule", "ValueInfo", "Withdrawn",
-           "check_badge", "checks_summary", "safe_text"]
+           "check_badge", "checks_summary"]
 
 Status = Literal["pending", "approved", "denied", "withdrawn"]
 Action = Literal["approve", "deny"]
@@ -72,15 +73,6 @@ class DPInfo:
         delta = f", δ={self.delta:.3g}" if self.delta else ""
         return (f"DP ε={self.epsilon:.4g}{delta}, 95% accuracy {self.accuracy}; "
                 f"budget left after: ε={self.epsilon_left:.4g}")
-
-
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
-
-
-def safe_text(text: str) -> str:
-    """``text`` with control, zero-width and bidirectional-override characters escaped, so
-    what the researcher wrote cannot move the cursor, recolour or reorder the owner's screen."""
-    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 @dataclass
@@ -194,9 +186,12 @@ class Request:
     def __repr__(self) -> str:
         sources = ", ".join(sorted(self.sources)) or "none"
         privacy = f"; {self.dp.summary()}" if self.dp is not None else ""
-        return safe_text(f"<Request {self.id} {self.status}: {self.lineage} ({self.info.type}, "
+        # duet's facts first, then what the researcher wrote, quoted: a lineage cannot end
+        # early and write fake facts of its own (a string argument cut short loses its quote)
+        return safe_text(f"<Request {self.id} {self.status} ({self.info.type}, "
                          f"{self.info.nbytes} bytes; sources: {sources}{privacy}; checks: "
-                         f"{self.check_status}) reason={self.reason!r}>")
+                         f"{self.check_status}) lineage={self.lineage!r} "
+                         f"reason={self.reason!r}>")
 
     def checks_text(self) -> str:
         """One line per check, status in words, for a terminal."""

@@ -36,6 +36,7 @@ import platformdirs
 from tabulate import tabulate
 
 from .errors import DuetError
+from .screen import safe_text
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -468,7 +469,15 @@ class SessionAudit:
 
 
 def _clip(value: Any) -> str:
+    """A cell as the owner reads it: researcher-written text (reasons, lineage, names in the
+    detail) with control, bidirectional and invisible characters escaped (``safe_text``):
+    JSON escapes only the C0 controls, and the table reaches a terminal and a notebook."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return _cut(safe_text(_cut(text)))  # cut before escaping (bounded cost) and after (an
+                                         # escape is longer than the character it shows)
+
+
+def _cut(text: str) -> str:
     return text if len(text) <= _CELL else text[: _CELL - 1] + "…"
 
 

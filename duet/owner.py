@@ -32,7 +32,7 @@ import numpy as np
 
 from . import protocol as p
 from . import tables
-from .approvals import DPInfo, Request, RequestQueue, Rule, ValueInfo, Withdrawn, safe_text
+from .approvals import DPInfo, Request, RequestQueue, Rule, ValueInfo, Withdrawn
 from .audit import EVENTS, AuditLog, sha256_of
 from .checks import Check, CheckSettings
 from .config import SessionConfig
@@ -48,6 +48,7 @@ from .errors import (
 from .ipc import Done, RequestFailed, Snapshot, Usage
 from .ledger import Budget, Ledger
 from .policy import Allowlist
+from .screen import safe_text
 from .session import Encoded, Session
 from .supervisor import (
     SealedArray,

@@ -22,7 +22,7 @@ from .audit import sha256_of
 from .frames import is_pandas
 from .ipc import ValueSummary
 
-__all__ = ["Frozen", "PREVIEW_CHARS", "freeze", "preview_of", "summarize"]
+__all__ = ["LABEL_CHARS", "Frozen", "PREVIEW_CHARS", "freeze", "preview_of", "summarize"]
 
 PREVIEW_CHARS = 400
 TABLE_PREVIEW_CHARS = 1200  # a table needs its rows and columns lined up to be read
@@ -151,8 +151,9 @@ def _preview(value: Any, depth: int) -> str:
         # up to 10 rows (else 4 corner rows), 8 columns, and the dimensions
         with pd.option_context("display.max_rows", 10, "display.min_rows", 4,
                                "display.max_columns", 8, "display.width", 100,
-                               "display.max_colwidth", 16, "display.precision", 4):
-            return repr(value)
+                               "display.max_colwidth", 16, "display.precision", 4,
+                               "display.max_seq_items", _ITEMS):
+            return repr(_short_labels(value))
     if isinstance(value, np.ndarray):
         plain = value.dtype in (np.float64, np.int64, np.bool_)
         return _array_text(value, "array", "" if plain else f", dtype={value.dtype}")
@@ -173,6 +174,65 @@ def _preview(value: Any, depth: int) -> str:
     if isinstance(value, (str, bytes)):
         return repr(value[:PREVIEW_CHARS])
     return repr(value)[:PREVIEW_CHARS]
+
+
+LABEL_CHARS = 24  # widest label in a table preview (values: display.max_colwidth)
+_EDGE = 10  # labels at each end of an axis that a preview can show
+
+
+def _short_labels(value: Any) -> Any:
+    """``value`` with the labels a preview shows (columns, index, their names, a Series'
+    name) cut to ``LABEL_CHARS``. pandas cuts long values but never labels: a column named
+    "mean_age", spaces, "41.2" and a thousand more spaces fills the whole preview with that
+    line, so the owner reads one made-up number and none of the real rows. Returns ``value``
+    itself (no copy) when no shown label is long; labels no preview shows stay as they are."""
+    import pandas as pd
+
+    if isinstance(value, pd.Index):
+        return _short_index(value) if _long_labels(value) else value
+    axes = [value.index] if value.ndim == 1 else [value.index, value.columns]
+    name_long = value.ndim == 1 and _long(value.name)
+    if not name_long and not any(_long_labels(axis) for axis in axes):
+        return value
+    shown = value.set_axis(_short_index(value.index), axis=0)
+    if value.ndim == 2:
+        shown = shown.set_axis(_short_index(value.columns), axis=1)
+    elif name_long:
+        shown = shown.rename(_short(value.name))
+    return shown
+
+
+def _long(label: Any) -> bool:
+    return label is not None and len(str(label)) > LABEL_CHARS
+
+
+def _short(label: Any) -> Any:
+    return str(label)[: LABEL_CHARS - 1] + "…" if _long(label) else label
+
+
+def _long_labels(index: Any) -> bool:
+    """Whether a label a preview can show (the first and last ``_EDGE``, every level of
+    them), or a name of the index, is long."""
+    edges = index[:_EDGE].append(index[-_EDGE:]) if len(index) > 2 * _EDGE else index
+    return any(map(_long, index.names)) or any(
+        _long(part) for label in edges
+        for part in (label if isinstance(label, tuple) else (label,)))
+
+
+def _short_index(index: Any) -> Any:
+    """``index`` with its shown labels and its names cut (the middle is copied as it is)."""
+    import pandas as pd
+
+    names = [_short(name) for name in index.names]
+    if isinstance(index, pd.MultiIndex):  # a level holds each distinct label once
+        levels = [level.map(_short) for level in index.levels]
+        return index.set_levels(levels, verify_integrity=False).set_names(names)
+    if len(index) > 2 * _EDGE:
+        cut = index[:_EDGE].map(_short).append(index[_EDGE:-_EDGE]).append(
+            index[-_EDGE:].map(_short))
+    else:
+        cut = index.map(_short)
+    return cut.set_names(names)
 
 
 def _tensor_text(value: Any) -> str:

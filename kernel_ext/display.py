@@ -13,11 +13,12 @@ import time
 from typing import Any
 
 from duet import OwnerSession, ResearcherSession
-from duet.approvals import Request, check_badge, safe_text
+from duet.approvals import Request, check_badge
+from duet.screen import safe_text
 from duet.session import Session
 
-__all__ = ["checks_html", "register_formatters", "request_html", "researcher_html",
-           "session_state"]
+__all__ = ["checks_html", "preview_html", "register_formatters", "request_html",
+           "researcher_html", "session_state"]
 
 _STATUS_COLOURS = {"pending": "#b58900", "approved": "#2e7d32", "denied": "#c62828",
                    "withdrawn": "#757575"}
@@ -61,8 +62,19 @@ def request_html(request: Request) -> str:
         f"<b>value:</b> {value}<br>"
         f"{checks_html(request)}"
         f'<pre style="margin:2px 0;max-height:10em;overflow:auto;white-space:pre-wrap">'
-        f"{_text(request.preview)}</pre></div>"
+        f"{preview_html(request)}</pre></div>"
     )
+
+
+def preview_html(request: Request) -> str:
+    """The preview as the lines it is made of: a table or an array reads as rows, not as
+    one run of ``\\n``, which would look exactly like a label that holds a written ``\\n``
+    and so let a label fake rows. Its line breaks are duet's and pandas' (``preview_of``
+    writes researcher text escaped); the text of a failure is not, so it stays on one line.
+    """
+    if request.failed:
+        return _text(request.preview)
+    return "\n".join(_text(line) for line in request.preview.split("\n"))
 
 
 def checks_html(request: Request) -> str:
@@ -100,6 +112,7 @@ def _privacy_html(request: Request) -> str:
 
 
 def _text(text: str) -> str:
+    """Researcher-written text, safe to put in HTML text or a quoted attribute."""
     return html.escape(safe_text(text))
 
 

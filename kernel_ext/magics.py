@@ -29,6 +29,7 @@ from duet import OwnerSession, ResearcherSession
 from duet.api import join, launch
 from duet.approvals import Request
 from duet.errors import DuetError
+from duet.screen import safe_text
 from duet.session import Session
 
 from .display import session_state
@@ -213,12 +214,12 @@ class DuetMagics(Magics):
         request = _find(self._owner(args.name).requests, args.id)
         request.approve()
         print(f"approved {request.id} (checks: {request.check_status.upper()}): "
-              f"{request.lineage}")
+              f"{safe_text(request.lineage)}")
 
     def _cmd_deny(self, args: argparse.Namespace) -> None:
         request = _find(self._owner(args.name).requests, args.id)
         request.deny(" ".join(args.reason))
-        print(f"denied {request.id}: {request.lineage}")
+        print(f"denied {request.id}: {safe_text(request.lineage)}")
 
     def _cmd_stop(self, args: argparse.Namespace) -> None:
         owner = self._owner(args.name)

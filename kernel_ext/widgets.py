@@ -18,11 +18,15 @@ from typing import Any
 from duet.approvals import Request, RequestQueue, check_badge
 from duet.errors import DuetError
 
-from .display import _STATUS_COLOURS, request_html
+from .display import _STATUS_COLOURS, _text, request_html
 
 __all__ = ["ApprovalPanel", "RequestsFallback", "approval_panel", "widgets_available"]
 
 RECENT = 5  # decided requests kept in view, newest first
+# Pending requests with controls in view, oldest first. A researcher can send thousands of
+# requests: one row each made every refresh (which runs on the session's thread) cost more
+# with every arrival, and the browser drew them all. The header counts the rest.
+SHOWN = 20
 
 
 def widgets_available() -> bool:
@@ -81,16 +85,18 @@ class _Row:
 
 
 def _decided_html(request: Request) -> str:
-    """One line per decided request, below the pending ones; lineage wrapped, never cut."""
+    """One line per decided request, below the pending ones; lineage wrapped, never cut.
+    Researcher-written text is escaped like in ``request_html`` (HTML, and control, bidi
+    or invisible characters)."""
     colour = _STATUS_COLOURS.get(request.status, "inherit")
     why = f": {request.decision_reason}" if request.decision_reason else ""
-    return (f'<div class="duet-decided" data-request-id="{html.escape(request.id)}" '
-            f'data-status="{html.escape(request.status)}" style="margin:2px 0">'
-            f'<b style="color:{colour}">{html.escape(request.status)}</b> '
-            f"<code>{html.escape(request.id)}</code> checks {check_badge(request.check_status)} "
+    return (f'<div class="duet-decided" data-request-id="{_text(request.id)}" '
+            f'data-status="{_text(request.status)}" style="margin:2px 0">'
+            f'<b style="color:{colour}">{_text(request.status)}</b> '
+            f"<code>{_text(request.id)}</code> checks {check_badge(request.check_status)} "
             f'<code style="white-space:pre-wrap;overflow-wrap:anywhere">'
-            f"{html.escape(request.lineage)}</code> "
-            f"by {html.escape(request.decided_by)}{html.escape(why)}</div>")
+            f"{_text(request.lineage)}</code> "
+            f"by {_text(request.decided_by)}{_text(why)}</div>")
 
 
 class ApprovalPanel:
@@ -120,15 +126,19 @@ class ApprovalPanel:
         """Bring the rows in line with the queue (thread-safe; called on every change)."""
         with self._lock:
             pending = self.queue.pending
-            ids = {r.id for r in pending}
+            shown = pending[:SHOWN]
+            ids = {r.id for r in shown}
             for request_id in [i for i in self._rows if i not in ids]:
                 self._rows.pop(request_id).close()
-            for request in pending:
+            for request in shown:
                 if request.id not in self._rows:
                     self._rows[request.id] = _Row(self, request)
             closed = self.queue.closed_reason
+            hidden = len(pending) - len(shown)
             self._header.value = (
                 f"<b>duet approval panel</b>: {len(pending)} pending"
+                + (f" (the oldest {len(shown)} below; {hidden} more wait behind them)"
+                   if hidden else "")
                 + (f", {len(self.queue) - len(pending)} decided" if len(self.queue) > len(pending)
                    else "")
                 + (f" &mdash; <i>{html.escape(closed)}; nothing more can be sent</i>"

@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from duet.approvals import Request, RequestQueue, ValueInfo, safe_text
+from duet.approvals import Request, RequestQueue, ValueInfo
+from duet.screen import safe_text
 from duet.snapshot import freeze, preview_of, summarize
 
 
