@@ -9,11 +9,11 @@ behind the store is what lets a shared store serve several replicas later.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -49,6 +49,9 @@ logger = logging.getLogger("signaling_server")
 # it aiohttp drops the connection (close code 1009) without buffering the rest.
 _OVERSIZE_READ_FACTOR = 2
 _MAX_ERROR_DETAIL = 200
+# TCP connections one address may hold, in multiples of max_connections_per_ip: the headroom
+# lets a client over the WebSocket limit still hear why (error limit) and health checks in.
+_TCP_PER_IP_FACTOR = 2
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -83,9 +86,13 @@ _STATE = web.AppKey("duet_signaling_state", _ServerState)
 class _Connection:
     """One client WebSocket and its place (role, room) in the pairing flow."""
 
-    def __init__(self, state: _ServerState, ws: web.WebSocketResponse) -> None:
+    def __init__(
+        self, state: _ServerState, ws: web.WebSocketResponse, transport: asyncio.Transport
+    ) -> None:
         self.state = state
         self.ws = ws
+        # Kept to abort a client that stops reading: closing politely would wait on it forever.
+        self.transport = transport
         self.room: str | None = None
         self.role: Role | None = None
         self.peer_joined = False  # owner: the researcher is in the room
@@ -102,18 +109,37 @@ class _Connection:
     def other_role(self) -> Role:
         return "researcher" if self.role == "owner" else "owner"
 
+    async def _write(self, write: Awaitable[Any]) -> None:
+        """Run one write to the client, or drop the client if it does not read it in time.
+
+        A client that sends but never reads fills the socket's buffers, and a write then waits
+        for it forever: the reader loop (and with it the idle timeout) would hang behind it and
+        the connection would outlive every limit. Such a client gets ``idle_timeout`` seconds,
+        then its TCP connection is aborted; nothing further is written to it.
+        """
+        try:
+            await asyncio.wait_for(write, self.state.config.idle_timeout)
+        except asyncio.TimeoutError:
+            log_event("write_timeout", logging.WARNING, role=self.role)
+            self.transport.abort()
+        except ConnectionResetError:
+            pass  # a vanished client is noticed (and cleaned up) by the reader loop
+
     async def send(self, message: BaseModel) -> None:
-        # A client that vanished is noticed (and cleaned up) by the reader loop, not here.
-        with contextlib.suppress(ConnectionResetError):
-            if not self.ws.closed:
-                await self.ws.send_str(message.model_dump_json())
+        if not self.ws.closed and not self.transport.is_closing():
+            await self._write(self.ws.send_str(message.model_dump_json()))
+
+    async def close(self, code: int = WSCloseCode.OK, message: bytes = b"") -> None:
+        """Start the close handshake; it too must not wait on a client that does not read."""
+        if not self.transport.is_closing():
+            await self._write(self.ws.close(code=code, message=message))
 
     async def fail(self, exc: RoomError) -> None:
         """The store failed under us: tell the client why, and end the connection."""
         log_event("store_error", logging.WARNING, code=exc.code, detail=exc.message)
         self.room = None  # nothing left to clean up in a store we cannot reach
         await self.error(exc.code, exc.message)
-        await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"store unavailable")
+        await self.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"store unavailable")
 
     async def error(self, code: ErrorCode, message: str) -> None:
         log_event("client_error", logging.DEBUG, code=code, detail=message, role=self.role)
@@ -122,16 +148,28 @@ class _Connection:
     async def run(self) -> None:
         config = self.state.config
         try:
-            while not self.ws.closed:
+            while not self.ws.closed and not self.transport.is_closing():
                 try:
-                    msg = await self.ws.receive(timeout=config.idle_timeout)
+                    # The deadline covers all of receive(), not just the wait for a frame:
+                    # aiohttp also writes inside it (the close reply to a client's close or to a
+                    # protocol error), and a client that does not read would hold that forever.
+                    msg = await asyncio.wait_for(self.ws.receive(), config.idle_timeout)
                 except asyncio.TimeoutError:
+                    if self.ws.closed:  # stuck writing the close reply: the client does not read
+                        self.transport.abort()
+                        break
                     await self.error(
                         "idle_timeout", f"no message for {config.idle_timeout:g} s; send ping"
                     )
-                    await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"idle")
+                    await self.close(code=WSCloseCode.POLICY_VIOLATION, message=b"idle")
                     break
-                if msg.type == WSMsgType.TEXT:
+                if msg.type == WSMsgType.PING:
+                    # Answered here rather than by aiohttp's autoping, so the pong is a write
+                    # with a deadline like any other.
+                    await self._write(self.ws.pong(msg.data))
+                elif msg.type == WSMsgType.PONG:
+                    pass
+                elif msg.type == WSMsgType.TEXT:
                     try:
                         await self.handle_text(msg.data)
                     except RoomError as exc:  # the shared store is unreachable
@@ -183,6 +221,14 @@ class _Connection:
             await self.leave(message.reason)
 
     async def _enter(self, room: str, role: Role) -> bool:
+        if self.role is not None:
+            # One room per connection, ever. Once a room ends (expired, left, paired) the socket
+            # is closing, but messages the client queued are still read until the close starts;
+            # a second room entered then would leave the first room's forwarder and expiry
+            # running forever (with the Redis store, each holding a pooled Redis connection).
+            await self.error("bad_state", "this connection was already used for a room; "
+                             "open a new connection")
+            return False
         store = self.state.store
         try:
             if role == "owner":
@@ -246,11 +292,11 @@ class _Connection:
             self.room = None
             if await self.state.store.delete(room, "used"):
                 log_event("room_paired", room=_short(room))
-            await self.ws.close(message=b"paired")
+            await self.close(message=b"paired")
 
     async def leave(self, reason: str) -> None:
         await self.abandon_room(reason or "left", event="room_left")
-        await self.ws.close(message=b"left")
+        await self.close(message=b"left")
 
     async def abandon_room(self, reason: str, event: str) -> None:
         """Delete our room (if still open) and tell the other peer why."""
@@ -286,7 +332,7 @@ class _Connection:
                 self.closer = asyncio.current_task()
             await self.send(message)
             if final:
-                await self.ws.close(message=b"done")
+                await self.close(message=b"done")
                 return
 
     async def expire_after(self, ttl: float) -> None:
@@ -300,7 +346,7 @@ class _Connection:
         expired = Error(code="expired", message=f"the room expired after {ttl:g} s")
         await self.state.store.publish(room, "researcher", expired.model_dump_json())
         await self.send(expired)
-        await self.ws.close(message=b"expired")
+        await self.close(message=b"expired")
 
     async def cleanup(self) -> None:
         for task in (self.expiry, self.forwarder):
@@ -312,11 +358,15 @@ class _Connection:
         if self.mailbox is not None:
             await self.mailbox.close()
         if not self.ws.closed:
-            await self.ws.close()
+            await self.close()
+        if self.transport.get_write_buffer_size():
+            # The close handshake finished or gave up with data still unsent: the client stopped
+            # reading, and a transport closed politely would wait for it forever.
+            self.transport.abort()
 
     async def shut_down(self) -> None:
         await self.error("shutting_down", "the signaling server is shutting down")
-        await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"shutting down")
+        await self.close(code=WSCloseCode.GOING_AWAY, message=b"shutting down")
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -355,7 +405,9 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[_STATE]
     config = state.config
     ws = web.WebSocketResponse(
-        max_msg_size=_OVERSIZE_READ_FACTOR * config.max_message_bytes, compress=False
+        max_msg_size=_OVERSIZE_READ_FACTOR * config.max_message_bytes,
+        compress=False,
+        autoping=False,  # _Connection.run answers pings itself, under its write deadline
     )
     if not ws.can_prepare(request).ok:
         raise web.HTTPBadRequest(text="this endpoint speaks WebSocket only\n")
@@ -371,9 +423,12 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
         )
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"limit")
         return ws
+    transport = request.transport
+    if transport is None:  # the client is already gone
+        return ws
     # Count the address before the handshake yields, so concurrent handshakes see it.
     state.per_ip[ip] += 1
-    connection = _Connection(state, ws)
+    connection = _Connection(state, ws, transport)
     try:
         await ws.prepare(request)
         state.connections.add(connection)
@@ -427,11 +482,70 @@ def _store_for(config: ServerConfig) -> RoomStore:
                           tombstone_ttl=config.tombstone_ttl)
 
 
+class _CountedProtocol(asyncio.Protocol):
+    """aiohttp's protocol for one TCP connection, counted against its client address.
+
+    The WebSocket handler's per-address limit only sees connections that finished an HTTP
+    request; sockets that connect and send nothing (or half a request head, slowloris style)
+    would otherwise be unlimited and pin a file descriptor each until the keep-alive timeout,
+    so one address could exhaust the process's descriptors. Over the limit, the connection is
+    dropped at accept.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, counts: Counter[str], limit: int) -> None:
+        self._inner = inner
+        self._counts = counts
+        self._limit = limit
+        self._ip: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        if self._counts[ip] >= self._limit:
+            log_event("connection_refused", logging.WARNING, ip=ip, reason="per-ip tcp limit")
+            assert isinstance(transport, asyncio.Transport)
+            transport.abort()
+            return
+        self._ip = ip
+        self._counts[ip] += 1
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ip is None:  # refused in connection_made: aiohttp never saw it
+            return
+        self._counts[self._ip] -= 1
+        if not self._counts[self._ip]:
+            del self._counts[self._ip]
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._ip is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._ip is not None else None
+
+    def pause_writing(self) -> None:
+        if self._ip is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._ip is not None:
+            self._inner.resume_writing()
+
+
 class ServerHandle:
     """A server running on the current event loop (embedded use, tests); ``stop()`` ends it."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        listener: asyncio.AbstractServer | None = None,
+    ) -> None:
         self._runner = runner
+        self._listener = listener
         self.host = host
         self.port = port
 
@@ -441,6 +555,8 @@ class ServerHandle:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # stop accepting; the runner then closes open connections
         await self._runner.cleanup()
         log_event("server_stopped")
 
@@ -449,16 +565,28 @@ async def start_server(config: ServerConfig | None = None) -> ServerHandle:
     """Listen on ``config.host``/``config.port`` (port 0: a free one) and return at once."""
     config = config or ServerConfig()
     runner = web.AppRunner(
-        create_app(config), access_log=None, shutdown_timeout=config.shutdown_grace
+        create_app(config),
+        access_log=None,
+        shutdown_timeout=config.shutdown_grace,
+        # aiohttp keeps a connection that has not sent a whole request (or sits idle between
+        # keep-alive requests) for an hour by default; give it no longer than an idle socket.
+        keepalive_timeout=config.idle_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    http = runner.server
+    assert http is not None
+    counts: Counter[str] = Counter()
+    limit = _TCP_PER_IP_FACTOR * config.max_connections_per_ip
     try:
-        await site.start()
+        # Listening ourselves (rather than web.TCPSite) lets every accepted socket be counted.
+        listener = await asyncio.get_running_loop().create_server(
+            lambda: _CountedProtocol(http(), counts, limit), config.host, config.port,
+            backlog=128,
+        )
     except BaseException:
         await runner.cleanup()
         raise
-    port = runner.addresses[0][1]
+    port = int(listener.sockets[0].getsockname()[1])
     log_event(
         "server_started",
         host=config.host,
@@ -466,4 +594,4 @@ async def start_server(config: ServerConfig | None = None) -> ServerHandle:
         version=server_version(),
         protocol=PROTOCOL_VERSION,
     )
-    return ServerHandle(runner, config.host, port)
+    return ServerHandle(runner, config.host, port, listener)

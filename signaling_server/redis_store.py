@@ -6,6 +6,7 @@ balancer. Everything a replica knows about a room lives in Redis, under ``duet:`
     duet:room:<id>          hash {joined: 0|1}, expiring with the room (PEXPIRE)
     duet:rooms              sorted set id -> expiry time: counts open rooms, tells "expired"
     duet:gone:<id>          tombstone: why the room is gone (expires after tombstone_ttl)
+    duet:graves             sorted set id -> burial time: bounds the tombstones' number
     duet:open:<id>:<role>   present while that peer's mailbox is open
     duet:box:<id>:<role>    list: messages relayed to that peer, oldest first
 
@@ -74,12 +75,27 @@ redis.call('SET', open, 1, 'PX', redis.call('PTTL', room) + 60000)
 return 'ok'
 """
 
+# Tombstones are bounded in number as in memory (10 per room the server may hold): otherwise
+# a client creating and leaving rooms in a loop adds a key per room for tombstone_ttl (an hour)
+# and grows Redis without limit. Past the bound the oldest tombstones go first; their keys are
+# derived in the script (ARGV[6] is the key prefix), which a single Redis, not a cluster, allows.
 _DELETE = """
-local room, gone, rooms = KEYS[1], KEYS[2], KEYS[3]
+local room, gone, rooms, graves = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local reason, tombstone_s, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local now, max_graves, prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 if redis.call('DEL', room) == 0 then return 0 end
 redis.call('ZREM', rooms, id)
-if tombstone_s > 0 then redis.call('SET', gone, reason, 'EX', tombstone_s) end
+if tombstone_s > 0 then
+  redis.call('SET', gone, reason, 'EX', tombstone_s)
+  redis.call('ZADD', graves, now, id)
+  redis.call('ZREMRANGEBYSCORE', graves, '-inf', now - tombstone_s)
+  local excess = redis.call('ZCARD', graves) - max_graves
+  if excess > 0 then
+    local popped = redis.call('ZPOPMIN', graves, excess)  -- id, score, id, score, ...
+    for i = 1, #popped, 2 do redis.call('DEL', prefix .. 'gone:' .. popped[i]) end
+  end
+  redis.call('EXPIRE', graves, tombstone_s)
+end
 return 1
 """
 
@@ -103,12 +119,24 @@ class _RedisMailbox:
         self._box = store._key("box", room, role)
 
     async def get(self) -> str:
+        """The next message; a cancellation (the peer left) always ends the wait.
+
+        redis-py sometimes swallows a cancellation that lands mid-command (the blocking pop
+        then returns or fails as if nothing happened). Unchecked, the loop would poll forever,
+        holding a pooled Redis connection, and the connection's cleanup, which awaits this
+        task, would never finish: a client that connects and drops in a loop would leak both.
+        """
+        task = asyncio.current_task()
         try:
             while True:  # short blocking pops: a dead connection is noticed within seconds
                 item = await self._store.redis.blpop([self._box], timeout=2)
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
                 if item is not None:
                     return str(item[1])
         except RedisError as exc:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
             raise _unavailable(exc) from None
 
     async def close(self) -> None:
@@ -130,6 +158,7 @@ class RedisRoomStore:
             url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10,
             health_check_interval=10, max_connections=2 * max_rooms + 64)
         self._max_rooms = max_rooms
+        self._max_tombstones = 10 * max_rooms  # as InMemoryRoomStore
         self._tombstone_ttl = tombstone_ttl
         self._create = self.redis.register_script(_CREATE)
         self._join = self.redis.register_script(_JOIN)
@@ -175,8 +204,9 @@ class RedisRoomStore:
 
     async def delete(self, room: str, reason: GoneReason) -> bool:
         deleted = await self._run(self._delete, [
-            self._key("room", room), self._key("gone", room), f"{_PREFIX}rooms"],
-            [reason, int(self._tombstone_ttl), room])
+            self._key("room", room), self._key("gone", room), f"{_PREFIX}rooms",
+            f"{_PREFIX}graves"],
+            [reason, int(self._tombstone_ttl), room, time.time(), self._max_tombstones, _PREFIX])
         return bool(deleted)
 
     async def room_count(self) -> int:
