@@ -19,7 +19,9 @@ waits in the list instead of being lost, and order is the list's order. Failure 
 restarts, lists and rooms are gone and blocked readers get a connection error; the replicas
 tell the peers ``unavailable`` and close, so pairings in flight fail with a clear error and
 new ones work once Redis is back. A replica that dies leaves its peer's room until the room
-expires; the peer on the other replica is told when the room is deleted or expires.
+expires in Redis. The peer on another replica is told when that room is deleted, but not
+when it expires: the timer that announces expiry runs on the owner's replica, so with that
+replica gone the researcher hears nothing and its own client's timeout ends the wait.
 
 Redis holds only room ids (digests of the join secret), roles and the relayed messages (SDP
 sealed with the join secret): nothing that lets it join or read a session. It must still not

@@ -10,6 +10,7 @@ The test asserts on the DOM; screenshots of each step go to build/browser/ for p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -91,15 +92,35 @@ def run_cells(page: Page, count: int, start_text: str | None = None) -> None:
     target = cells.filter(has_text=start_text).first if start_text else cells.first
     target.click()
     page.keyboard.press("Escape")  # command mode: Shift+Enter runs and moves on
+    # the status bar's "Cell k/n" moves on with each press that ran its cell: a press lost on
+    # a loaded machine fails here, by name, not minutes later as a request that never came
+    position = page.get_by_role("button", name=re.compile(r"^Cell \d+\/\d+$"))
     for _ in range(count):
+        before = position.inner_text()
         page.keyboard.press("Shift+Enter")
-        page.wait_for_timeout(300)
+        expect(position).not_to_have_text(before, timeout=30_000)
 
 
 def brightness(css_colour: str) -> float:
     """0 (black) to 255 (white) for an ``rgb(...)``/``rgba(...)`` CSS colour."""
     red, green, blue = (float(v) for v in re.findall(r"[\d.]+", css_colour)[:3])
     return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
+@contextlib.contextmanager
+def explained_on_failure(pages: dict[str, Page]) -> Iterator[None]:
+    """On a failure, what each tab showed: a screenshot (``failed-<tab>.png``) and the text of
+    every cell output in the test's report. "Not visible after 240 s" alone says nothing of
+    which side stopped, or why."""
+    try:
+        yield
+    except Exception:
+        for name, page in pages.items():
+            shot(page, f"failed-{name}")
+            print(f"--- {name}: cell outputs ---")
+            for text in page.locator(".jp-OutputArea-output").all_inner_texts():
+                print(text[:2000])
+        raise
 
 
 def shot(page: Page, name: str, focus: str | None = None) -> None:
@@ -123,71 +144,72 @@ def test_the_owner_approves_and_denies_in_the_rendered_panel(lab: str, tmp_path:
                                              args=["--no-sandbox"])
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         owner, researcher = context.new_page(), context.new_page()
-        open_notebook(owner, base, token, "owner.ipynb")
-        run_cells(owner, 12)  # imports, data, %duet launch (panel), share, wait for the peer
-        panel = owner.locator(".widget-html", has_text="duet approval panel").first
-        expect(panel).to_be_visible(timeout=120_000)
-        shot(owner, "1-owner-launched")
+        with explained_on_failure({"owner": owner, "researcher": researcher}):
+            open_notebook(owner, base, token, "owner.ipynb")
+            run_cells(owner, 12)  # imports, data, %duet launch (panel), share, wait for the peer
+            panel = owner.locator(".widget-html", has_text="duet approval panel").first
+            expect(panel).to_be_visible(timeout=120_000)
+            shot(owner, "1-owner-launched")
 
-        # the owner's kernel is busy with a cell of its own when the request arrives: the panel
-        # must show it anyway (clicks wait for the kernel, as any widget's do)
-        owner.keyboard.press("b")
-        owner.keyboard.press("Enter")
-        # busy until the test releases it (a file in the kernel's directory), however long a
-        # loaded machine takes for the researcher's side: a fixed sleep could end too early
-        owner.keyboard.type("import os, time; t = time.time(); [time.sleep(0.2) for _ in "
-                            "iter(lambda: os.path.exists('release-owner') or "
-                            "time.time() - t > 900, True)]; print('owner cell done')")
-        owner.keyboard.press("Shift+Enter")
-        owner.get_by_text("Kernel status: Busy").first.wait_for(state="attached")
+            # the owner's kernel is busy with a cell of its own when the request arrives: the panel
+            # must show it anyway (clicks wait for the kernel, as any widget's do)
+            owner.keyboard.press("b")
+            owner.keyboard.press("Enter")
+            # busy until the test releases it (a file in the kernel's directory), however long a
+            # loaded machine takes for the researcher's side: a fixed sleep could end too early
+            owner.keyboard.type("import os, time; t = time.time(); [time.sleep(0.2) for _ in "
+                                "iter(lambda: os.path.exists('release-owner') or "
+                                "time.time() - t > 900, True)]; print('owner cell done')")
+            owner.keyboard.press("Shift+Enter")
+            owner.get_by_text("Kernel status: Busy").first.wait_for(state="attached")
 
-        open_notebook(researcher, base, token, "researcher.ipynb")
-        run_cells(researcher, 10)  # join (same-machine invitation), pointers, a blocking get
-        # a fresh checkout's first kernels compile and import torch: be patient, step by step
-        expect(researcher.locator(".jp-OutputArea-output",
-                                  has_text="joining the duet launched on this machine").first
-               ).to_be_visible(timeout=240_000)
-        pending = owner.locator(".widget-vbox", has_text="class balance of the training set")
-        expect(pending.last).to_be_visible(timeout=240_000)
-        assert owner.get_by_text("Kernel status: Busy").count() > 0  # still busy: it updated
-        assert owner.locator(".jp-OutputArea-output", has_text="owner cell done").count() == 0
-        card = pending.last.inner_text()
-        assert "y_train.float().mean()" in card and "sources" in card.lower()
-        shot(owner, "2-owner-pending-request", focus="duet approval panel")
-        (tmp_path / "release-owner").touch()
+            open_notebook(researcher, base, token, "researcher.ipynb")
+            run_cells(researcher, 10)  # join (same-machine invitation), pointers, a blocking get
+            # a fresh checkout's first kernels compile and import torch: be patient, step by step
+            expect(researcher.locator(".jp-OutputArea-output",
+                                      has_text="joining the duet launched on this machine").first
+                   ).to_be_visible(timeout=240_000)
+            pending = owner.locator(".widget-vbox", has_text="class balance of the training set")
+            expect(pending.last).to_be_visible(timeout=240_000)
+            assert owner.get_by_text("Kernel status: Busy").count() > 0  # still busy: it updated
+            assert owner.locator(".jp-OutputArea-output", has_text="owner cell done").count() == 0
+            card = pending.last.inner_text()
+            assert "y_train.float().mean()" in card and "sources" in card.lower()
+            shot(owner, "2-owner-pending-request", focus="duet approval panel")
+            (tmp_path / "release-owner").touch()
 
-        expect(owner.locator(".jp-OutputArea-output", has_text="owner cell done").first
-               ).to_be_visible(timeout=120_000)  # idle again: clicks reach the kernel now
-        for reason in ("class balance of the training set", "average of each measurement"):
-            card = owner.locator(".widget-vbox", has_text=reason).last
-            expect(card).to_be_visible(timeout=120_000)
-            card.get_by_role("button", name="Approve").click()
-        expect(researcher.locator(".jp-OutputArea-output",
-                                  has_text=re.compile(r"of training patients are benign"))
-               .first).to_be_visible(timeout=120_000)
-        expect(owner.locator(".widget-html", has_text="approved").first).to_be_visible()
-        shot(owner, "3-owner-after-approval", focus="duet approval panel")
-        shot(researcher, "4-researcher-value", focus="of training patients are benign")
+            expect(owner.locator(".jp-OutputArea-output", has_text="owner cell done").first
+                   ).to_be_visible(timeout=120_000)  # idle again: clicks reach the kernel now
+            for reason in ("class balance of the training set", "average of each measurement"):
+                card = owner.locator(".widget-vbox", has_text=reason).last
+                expect(card).to_be_visible(timeout=120_000)
+                card.get_by_role("button", name="Approve").click()
+            expect(researcher.locator(".jp-OutputArea-output",
+                                      has_text=re.compile(r"of training patients are benign"))
+                   .first).to_be_visible(timeout=120_000)
+            expect(owner.locator(".widget-html", has_text="approved").first).to_be_visible()
+            shot(owner, "3-owner-after-approval", focus="duet approval panel")
+            shot(researcher, "4-researcher-value", focus="of training patients are benign")
 
-        run_cells(researcher, 1, start_text="a few patients to sanity-check")
-        deny_card = owner.locator(".widget-vbox", has_text="a few patients to sanity-check")
-        expect(deny_card.last).to_be_visible(timeout=120_000)
-        deny_card.last.get_by_placeholder("reason for denying").fill("no patient rows leave")
-        deny_card.last.get_by_role("button", name="Deny").click()
-        expect(researcher.locator(".jp-OutputArea-output",
-                                  has_text="no patient rows leave").first).to_be_visible(
-            timeout=120_000)
-        shot(owner, "5-owner-after-deny", focus="duet approval panel")
-        shot(researcher, "6-researcher-denied", focus="no patient rows leave")
+            run_cells(researcher, 1, start_text="a few patients to sanity-check")
+            deny_card = owner.locator(".widget-vbox", has_text="a few patients to sanity-check")
+            expect(deny_card.last).to_be_visible(timeout=120_000)
+            deny_card.last.get_by_placeholder("reason for denying").fill("no patient rows leave")
+            deny_card.last.get_by_role("button", name="Deny").click()
+            expect(researcher.locator(".jp-OutputArea-output",
+                                      has_text="no patient rows leave").first).to_be_visible(
+                timeout=120_000)
+            shot(owner, "5-owner-after-deny", focus="duet approval panel")
+            shot(researcher, "6-researcher-denied", focus="no patient rows leave")
 
-        # the dark theme: the panel's text must stay light on the dark background
-        owner.get_by_role("menuitem", name="Settings").click()
-        owner.get_by_text("Theme", exact=True).hover()
-        owner.get_by_text("JupyterLab Dark", exact=True).click()
-        owner.wait_for_timeout(1500)
-        header = owner.locator(".widget-html", has_text="duet approval panel").first
-        colour = header.evaluate("e => getComputedStyle(e).color")
-        assert brightness(colour) > 150, colour  # light text: readable on the dark theme
-        shot(owner, "7-owner-dark-theme", focus="duet approval panel")
+            # the dark theme: the panel's text must stay light on the dark background
+            owner.get_by_role("menuitem", name="Settings").click()
+            owner.get_by_text("Theme", exact=True).hover()
+            owner.get_by_text("JupyterLab Dark", exact=True).click()
+            owner.wait_for_timeout(1500)
+            header = owner.locator(".widget-html", has_text="duet approval panel").first
+            colour = header.evaluate("e => getComputedStyle(e).color")
+            assert brightness(colour) > 150, colour  # light text: readable on the dark theme
+            shot(owner, "7-owner-dark-theme", focus="duet approval panel")
         browser.close()
     assert json.dumps(sorted(p.name for p in SHOTS.glob("*.png")))
