@@ -267,6 +267,8 @@ class _Connection:
         await self.state.store.publish(room, "owner", PeerJoined().model_dump_json())
         await self.send(Joined(room=room, idle_timeout=self.state.config.idle_timeout))
         self.forwarder = asyncio.create_task(self.forward())
+        assert self.mailbox is not None
+        self.expiry = asyncio.create_task(self.expire_after(self.mailbox.expires_in))
         log_event("room_joined", room=_short(room))
 
     async def signal(self, message: Signal) -> None:
@@ -335,16 +337,22 @@ class _Connection:
                 await self.close(message=b"done")
                 return
 
-    async def expire_after(self, ttl: float) -> None:
-        await asyncio.sleep(ttl)
+    async def expire_after(self, delay: float) -> None:
+        """At the room's deadline, delete it and tell both peers.
+
+        Both peers' connections run this, perhaps on different replicas: the first to delete
+        the room tells the other, which finds it gone and leaves the telling to its forwarder.
+        """
+        await asyncio.sleep(max(delay, 0.0))
         room = self.room
         if room is None or not await self.state.store.delete(room, "expired"):
             return
         self.room = None
         self.closer = asyncio.current_task()
-        log_event("room_expired", room=_short(room))
+        log_event("room_expired", room=_short(room), role=self.role)
+        ttl = self.state.config.room_ttl
         expired = Error(code="expired", message=f"the room expired after {ttl:g} s")
-        await self.state.store.publish(room, "researcher", expired.model_dump_json())
+        await self.state.store.publish(room, self.other_role, expired.model_dump_json())
         await self.send(expired)
         await self.close(message=b"expired")
 

@@ -19,9 +19,9 @@ waits in the list instead of being lost, and order is the list's order. Failure 
 restarts, lists and rooms are gone and blocked readers get a connection error; the replicas
 tell the peers ``unavailable`` and close, so pairings in flight fail with a clear error and
 new ones work once Redis is back. A replica that dies leaves its peer's room until the room
-expires in Redis. The peer on another replica is told when that room is deleted, but not
-when it expires: the timer that announces expiry runs on the owner's replica, so with that
-replica gone the researcher hears nothing and its own client's timeout ends the wait.
+expires: each peer's connection runs its own timer to the room's deadline (kept in
+``duet:rooms``), so the peer on a live replica is told "expired" on time, and the room's keys
+vanish from Redis a grace period later.
 
 Redis holds only room ids (digests of the join secret), roles and the relayed messages (SDP
 sealed with the join secret): nothing that lets it join or read a session. It must still not
@@ -71,10 +71,12 @@ if redis.call('EXISTS', room) == 0 then
   if reason then return 'gone:' .. reason end
   return 'unknown_room'
 end
+-- past its deadline, pruned from the index by a later create, its keys in their grace period
+if not expiry then return 'gone:expired' end
 if redis.call('HGET', room, 'joined') == '1' then return 'room_full' end
 redis.call('HSET', room, 'joined', 1)
 redis.call('SET', open, 1, 'PX', redis.call('PTTL', room) + 60000)
-return 'ok'
+return 'ok:' .. expiry
 """
 
 # Tombstones are bounded in number as in memory (10 per room the server may hold): otherwise
@@ -115,8 +117,9 @@ def _unavailable(exc: Exception) -> RoomError:
 
 
 class _RedisMailbox:
-    def __init__(self, store: RedisRoomStore, room: str, role: Role) -> None:
+    def __init__(self, store: RedisRoomStore, room: str, role: Role, expires_in: float) -> None:
         self._store = store
+        self.expires_in = expires_in
         self._open = store._key("open", room, role)
         self._box = store._key("box", room, role)
 
@@ -188,12 +191,13 @@ class RedisRoomStore:
             raise RoomError("room_exists", "this room id was used before; generate a new code")
         if answer == "limit":
             raise RoomError("limit", f"the server holds its maximum of {self._max_rooms} rooms")
-        return _RedisMailbox(self, room, "owner")
+        return _RedisMailbox(self, room, "owner", ttl)
 
     async def join(self, room: str) -> _RedisMailbox:
+        now = time.time()
         answer = str(await self._run(self._join, [
             self._key("room", room), self._key("gone", room), f"{_PREFIX}rooms",
-            self._key("open", room, "researcher")], [time.time(), room]))
+            self._key("open", room, "researcher")], [now, room]))
         if answer.startswith("gone:"):
             reason: GoneReason = answer[5:]  # type: ignore[assignment]
             code, message = _GONE_ANSWERS[reason]
@@ -202,7 +206,7 @@ class RedisRoomStore:
             raise RoomError("unknown_room", "no room with this id")
         if answer == "room_full":
             raise RoomError("room_full", "a researcher already joined this room")
-        return _RedisMailbox(self, room, "researcher")
+        return _RedisMailbox(self, room, "researcher", float(answer[3:]) - now)
 
     async def delete(self, room: str, reason: GoneReason) -> bool:
         deleted = await self._run(self._delete, [

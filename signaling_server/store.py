@@ -48,6 +48,10 @@ class RoomError(Exception):
 class Mailbox(Protocol):
     """The messages relayed to one peer of one room, in order."""
 
+    #: Seconds the room had left when this mailbox opened: each peer's connection expires the
+    #: room on time by itself, so a peer whose partner's server died still hears of it.
+    expires_in: float
+
     async def get(self) -> str: ...
 
     async def close(self) -> None: ...
@@ -97,9 +101,10 @@ class _Room:
 
 
 class _QueueMailbox:
-    def __init__(self, store: InMemoryRoomStore, key: tuple[str, Role]) -> None:
+    def __init__(self, store: InMemoryRoomStore, key: tuple[str, Role], expires_in: float) -> None:
         self._store = store
         self._key = key
+        self.expires_in = expires_in
         self.queue: asyncio.Queue[str] = asyncio.Queue()
 
     async def get(self) -> str:
@@ -151,7 +156,8 @@ class InMemoryRoomStore:
         return RoomError(code, message)
 
     def _open_mailbox(self, room: str, role: Role) -> Mailbox:
-        mailbox = _QueueMailbox(self, (room, role))
+        expires_in = self._rooms[room].expires_at - time.monotonic()
+        mailbox = _QueueMailbox(self, (room, role), expires_in)
         self._mailboxes[(room, role)] = mailbox
         return mailbox
 

@@ -220,8 +220,13 @@ async def test_room_expiry_reaches_a_joined_researcher(
 ) -> None:
     url = await make_server(room_ttl=0.5)
     owner, researcher, _ = await pair(connect, url)
+    # each peer's connection has a timer (the researcher's may be on another replica): the one
+    # that deletes the room tells both, the other finds it gone and says nothing more
     await expect_error(owner, "expired")
     await expect_error(researcher, "expired")
+    await expect_close(owner, aiohttp.WSCloseCode.OK)
+    await expect_close(researcher, aiohttp.WSCloseCode.OK)
+    await wait_for_health(url, rooms=0)
 
 
 async def test_leave_tells_the_peer_and_deletes_the_room(

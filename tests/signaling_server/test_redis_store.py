@@ -191,6 +191,67 @@ async def test_a_replica_killed_mid_pairing_leaves_the_others_working(
         await late.close()
 
 
+async def test_a_joined_researcher_hears_of_expiry_when_the_owners_replica_died(
+        redis: RedisServer, connect: Connect) -> None:
+    with replicas(redis, 2, room_ttl=2.0) as (a, b):
+        room = secrets.token_hex(16)
+        owner = await connect(a.url)
+        await send_json(owner, create(room))
+        assert (await receive_json(owner))["type"] == "created"
+        researcher = await connect(b.url)
+        await send_json(researcher, join(room))
+        assert (await receive_json(researcher))["type"] == "joined"
+        assert (await receive_json(owner))["type"] == "peer_joined"
+        a.process.send_signal(signal.SIGKILL)  # nobody is left to tell the researcher "left"
+        a.process.wait(10)
+        expired = await receive_json(researcher, timeout=10)  # replica B's own timer
+        assert expired["code"] == "expired" and "expired after 2 s" in expired["message"]
+        closed = await researcher.receive(timeout=10)
+        assert closed.type == aiohttp.WSMsgType.CLOSE
+        assert health(b.url)[1]["rooms"] == 0
+        await owner.close()
+
+
+async def test_expiry_reaches_each_peer_once_across_replicas(redis: RedisServer,
+                                                             connect: Connect) -> None:
+    with replicas(redis, 2, room_ttl=1.0) as (a, b):
+        room = secrets.token_hex(16)
+        owner = await connect(a.url)
+        await send_json(owner, create(room))
+        assert (await receive_json(owner))["type"] == "created"
+        researcher = await connect(b.url)
+        await send_json(researcher, join(room))
+        assert (await receive_json(researcher))["type"] == "joined"
+        assert (await receive_json(owner))["type"] == "peer_joined"
+        for ws in (owner, researcher):  # both timers fire: one deletes the room and tells both
+            assert (await receive_json(ws, timeout=10))["code"] == "expired"
+            closed = await ws.receive(timeout=10)
+            assert closed.type == aiohttp.WSMsgType.CLOSE, closed  # no second "expired"
+
+
+async def test_a_room_past_its_deadline_cannot_be_joined_while_its_keys_linger(
+        redis: RedisServer, connect: Connect) -> None:
+    # The owner's replica died, so nobody deleted the room at its deadline; its keys linger in
+    # Redis for a grace period. Another room created meanwhile prunes the deadline index: the
+    # lingering room must still read as expired, not as a room waiting for its researcher.
+    with replicas(redis, 2, room_ttl=1.0) as (a, b):
+        room = secrets.token_hex(16)
+        owner = await connect(a.url)
+        await send_json(owner, create(room))
+        assert (await receive_json(owner))["type"] == "created"
+        a.process.send_signal(signal.SIGKILL)
+        a.process.wait(10)
+        await asyncio.sleep(1.5)
+        other = await connect(b.url)
+        await send_json(other, create(secrets.token_hex(16)))  # prunes past deadlines
+        assert (await receive_json(other))["type"] == "created"
+        late = await connect(b.url)
+        await send_json(late, join(room))
+        assert (await receive_json(late))["code"] == "expired"
+        for ws in (owner, other, late):
+            await ws.close()
+
+
 def test_real_duet_sessions_pair_across_replicas(redis: RedisServer) -> None:
     with replicas(redis, 2) as (a, b):
         owner = duet.launch(server=a.url, ice_servers=[], show=False,
