@@ -784,10 +784,13 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
                 if call.kwargs.get(key, 0) not in (0, 1, None, True, False)]
     if counting:  # NaN exactly when fewer values are present: a count of them
         return _unknown([provenance, other], f"{name} with {counting[0]}= is not modelled")
+    steering: set[int] = set()
     if name in _STATISTIC and name not in ("logsumexp", "norm"):
         # losses and correlations reduce everything they get (unless reduction="none")
         if call.kwargs.get("reduction") == "none":
             return _merge([provenance, other])
+        if name in _LOSS_NOTES:
+            steering = _own_lengths([*call.args, *call.kwargs.values()], provenance_of)
         provenance = _merge([provenance, other])
         other = EMPTY
         axis: Any = None
@@ -830,6 +833,8 @@ def _reduce(call: Call, name: str, value: Any, provenance_of: ProvenanceOf) -> P
         if state.mixed or (part_kind != kind and state.modelled):
             # a loss over weighed values is no training signal; a sum of them no total
             note = f"{name} of values weighed, combined or modelled per record"
+        elif state.length in steering:
+            note = _steered_note(name)
         part = _part(part_kind, state, cells or {}, note)
         if part.kind in ("frequency", "magnitude"):
             part = _counting(part, column, name, state)
@@ -1092,10 +1097,12 @@ def _forward(call: Call, value: Any, provenance_of: ProvenanceOf) -> Provenance:
         if getattr(module, "reduction", "mean") == "none":
             return _merge([model, *inputs])
         data = _merge(inputs)
+        steering = _own_lengths([*call.args[1:], *call.kwargs.values()], provenance_of)
         result: dict[str, State] = {}
         for source, state in data.items():
             if isinstance(state, Rows) and not state.single:
-                note = "loss of weighed or combined values" if state.mixed else "loss"
+                note = ("loss of weighed or combined values" if state.mixed
+                        else _steered_note("loss") if state.length in steering else "loss")
                 result[source] = _summary(state, _part("statistic", state, {}, note))
             else:
                 result[source] = state
@@ -1470,8 +1477,7 @@ def steered(call: Call, by: Provenance, provenance_of: ProvenanceOf) -> Provenan
     the researcher's own (targets, features or ``sample_weight`` with no shared data in
     them): ``fit(e7, ages).predict([[1]])`` is patient 7's age. The records then carry a
     ``statistic`` part into the model, so what it answers is for review."""
-    own = [_length_of(value) for value in [*call.args[1:], *call.kwargs.values()]
-           if not provenance_of(value)]
+    own = _own_lengths([*call.args[1:], *call.kwargs.values()], provenance_of)
     if not own:
         return by
     steering = {source: replace(state, carried=_dedupe((*state.carried, Part(
@@ -1480,6 +1486,27 @@ def steered(call: Call, by: Provenance, provenance_of: ProvenanceOf) -> Provenan
         for source, state in by.items()
         if isinstance(state, Rows) and not state.single and state.length in own}
     return {**by, **steering} if steering else by
+
+
+def _own_lengths(values: Iterable[Any], provenance_of: ProvenanceOf) -> set[int]:
+    """The lengths of the per-record values among ``values`` that hold no shared record: the
+    researcher's own (a one-hot of patient 7, perhaps plus a shared summary times zero), or a
+    model's answers to them. Paired record by record with shared rows, in a fit or a loss,
+    they choose which record teaches the model what."""
+    lengths = set()
+    for value in values:
+        if any(isinstance(state, Rows) and not state.single
+               for state in _provenance(value, provenance_of).values()):
+            continue
+        length = _length_of(value)
+        if length is not None:
+            lengths.add(length)
+    return lengths
+
+
+def _steered_note(loss: str) -> str:
+    """A loss that is no training signal: the model it trains is for review."""
+    return f"{loss} against the researcher's own values per record"
 
 
 def _flag_models(state: State, kind: str, note: str) -> State:

@@ -22,8 +22,9 @@ The hostile researcher asks for nothing the checks would stop directly. Instead:
    cannot be read is record-level, never "all the records".
 8. Totals whose records are fewer than their rows (zeros that add nothing, a sum of a
    condition), answers that depend on how many values are present (``min_count=``), a
-   model fitted to the researcher's own per-record values, one record's columns combined
-   by a row-wise reduction, and a dtype the data chose.
+   model fitted (scikit-learn) or trained (a torch loss, either side) against the
+   researcher's own per-record values, one record's columns combined by a row-wise
+   reduction, and a dtype the data chose.
 
 The first two end to end with the documented rules (approve on pass, deny on fail). What
 the checks still do not catch is listed in docs/disclosure.md.
@@ -38,9 +39,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import duet
-from duet.protocol import StoreRef
+from duet.protocol import DTypeRef, StoreRef
 from tests.duet.test_checks import AGES, Lab, ages, ids
 from tests.helpers.sessions import Pair, eventually, session_pair
 
@@ -463,6 +465,85 @@ def test_a_model_fitted_to_the_researchers_own_values_is_held(lab: Lab) -> None:
     lab.method(scaler, "fit", lab.method(ages, "reshape", N, 1), sample_weight=one[:, 0])
     answer = lab.method(scaler, "inverse_transform", np.array([[0.0]]))
     assert float(lab.value(answer)[0][0]) == pytest.approx(AGES[7])
+    assert lab.status(answer) == "review", reasons(lab, answer)
+
+
+def train_steered(lab: Lab, model: Any, inputs: Any, target: Any, steps: int = 1,
+                  lr: float = 100.0, loss_module: bool = False) -> None:
+    """Gradient steps of ``mse_loss(model(inputs), target)``, functional or as a module."""
+    lab.fn("torch.set_grad_enabled", True)
+    optimizer = lab.fn("torch.optim.SGD", lab.method(model, "parameters"), lr=lr)
+    mse = lab.fn("torch.nn.MSELoss") if loss_module else None
+    for _ in range(steps):
+        lab.method(optimizer, "zero_grad")
+        prediction = lab.op("call", "forward", model, inputs)
+        loss = (lab.op("call", "forward", mse, prediction, target) if mse is not None
+                else lab.fn("torch.nn.functional.mse_loss", prediction, target))
+        lab.method(loss, "backward")
+        lab.method(optimizer, "step")
+
+
+@pytest.mark.parametrize("loss_module", [False, True], ids=["functional", "module"])
+def test_a_torch_model_steered_by_the_researchers_own_values_is_held(
+        lab: Lab, loss_module: bool) -> None:
+    """``mse_loss(model(e7), ages)``: one weight, one input that is 1 for patient 7 alone,
+    and one step of size N/2 sets the weight to patient 7's age. The loss pairs each record
+    with a value of the researcher's own, so the model is no more a summary of 200 records
+    than sklearn's ``fit(e7, ages)`` is."""
+    torch.manual_seed(0)
+    e7 = torch.zeros(N, 1)
+    e7[7] = 1.0
+    ages_t = lab.method(lab.fn("torch.tensor", ages, dtype=DTypeRef("torch.float32")),
+                        "unsqueeze", 1)
+    model = lab.fn("torch.nn.Linear", 1, 1, bias=False)
+    train_steered(lab, model, e7, ages_t, loss_module=loss_module)
+    weight = lab.attr(model, "weight")
+    assert float(lab.value(weight)[0][0]) == pytest.approx(AGES[7], abs=1e-3)  # the leak
+    assert lab.status(weight) == "review", reasons(lab, weight)
+    # the other way round: the records as input, the researcher's own one-hot as the target
+    model = lab.fn("torch.nn.Linear", 3, 1, bias=False)
+    train_steered(lab, model, StoreRef("Xt"), e7, lr=0.1, loss_module=loss_module)
+    weight = lab.attr(model, "weight")
+    assert lab.status(weight, elements=3) == "review", reasons(lab, weight)
+
+
+def test_an_ordinary_torch_training_on_the_records_still_passes(lab: Lab) -> None:
+    torch.manual_seed(0)
+    model = lab.fn("torch.nn.Linear", 3, 1)
+    target = lab.method(StoreRef("y"), "unsqueeze", 1)
+    train_steered(lab, model, StoreRef("Xt"), target, steps=3, lr=0.1)
+    weight = lab.attr(model, "weight")
+    assert lab.status(weight, elements=3) == "pass", reasons(lab, weight)
+    train_steered(lab, model, StoreRef("Xt"), target, steps=1, lr=0.1, loss_module=True)
+    assert lab.status(weight, elements=3) == "pass", reasons(lab, weight)
+
+
+def test_a_model_trained_first_on_the_records_then_steered_is_held(lab: Lab) -> None:
+    """A model that already learned from the records has provenance of its own: its output
+    on the researcher's one-hot is still no record of anyone."""
+    torch.manual_seed(0)
+    model = lab.fn("torch.nn.Linear", 3, 1, bias=False)
+    target = lab.method(StoreRef("y"), "unsqueeze", 1)
+    train_steered(lab, model, StoreRef("Xt"), target, steps=2, lr=0.1)
+    weight = lab.attr(model, "weight")
+    assert lab.status(weight, elements=3) == "pass", reasons(lab, weight)
+    own = np.zeros((N, 3), dtype=np.float32)
+    own[7] = 1.0
+    train_steered(lab, model, torch.tensor(own), target, lr=0.1)
+    assert lab.status(weight, elements=3) == "review", reasons(lab, weight)
+
+
+def test_a_shared_summary_added_to_the_researchers_own_values_still_steers(lab: Lab) -> None:
+    """``fit(one + 0 * mean(ages), ages)``: the features carry a summary of the records, but
+    per record they are still the researcher's own one-hot."""
+    one = np.zeros((N, 1))
+    one[7] = 1.0
+    disguised = lab.fn("operator.add", one, lab.fn("operator.mul", 0.0,
+                                                   lab.fn("numpy.mean", ages)))
+    regression = lab.fn("sklearn.linear_model.LinearRegression")
+    lab.method(regression, "fit", disguised, ages)
+    answer = lab.method(regression, "predict", np.array([[1.0]]))
+    assert float(lab.value(answer)[0]) == pytest.approx(AGES[7])
     assert lab.status(answer) == "review", reasons(lab, answer)
 
 
