@@ -58,16 +58,29 @@ def join(room: str) -> dict[str, Any]:
     return {"type": "join", "version": PROTOCOL_VERSION, "room": room}
 
 
-async def pair_raw(connect: Connect, owner_url: str, researcher_url: str) -> None:
-    """A whole pairing: owner on one replica, researcher on another."""
-    room = secrets.token_hex(16)
-    owner = await connect(owner_url)
+async def created(connect: Connect, url: str, room: str) -> aiohttp.ClientWebSocketResponse:
+    """An owner's socket on ``url`` whose room ``room`` is open."""
+    owner = await connect(url)
     await send_json(owner, create(room))
     assert (await receive_json(owner))["type"] == "created"
-    researcher = await connect(researcher_url)
+    return owner
+
+
+async def joined(connect: Connect, url: str, room: str,
+                 owner: aiohttp.ClientWebSocketResponse) -> aiohttp.ClientWebSocketResponse:
+    """A researcher's socket on ``url`` in ``owner``'s room, the owner told of it."""
+    researcher = await connect(url)
     await send_json(researcher, join(room))
     assert (await receive_json(researcher))["type"] == "joined"
     assert (await receive_json(owner))["type"] == "peer_joined"
+    return researcher
+
+
+async def pair_raw(connect: Connect, owner_url: str, researcher_url: str) -> None:
+    """A whole pairing: owner on one replica, researcher on another."""
+    room = secrets.token_hex(16)
+    owner = await created(connect, owner_url, room)
+    researcher = await joined(connect, researcher_url, room, owner)
     await send_json(owner, {"type": "signal", "kind": "offer", "payload": "sealed offer"})
     offer = await receive_json(researcher)
     assert (offer["kind"], offer["payload"]) == ("offer", "sealed offer")
@@ -175,9 +188,7 @@ async def test_a_replica_killed_mid_pairing_leaves_the_others_working(
         redis: RedisServer, connect: Connect) -> None:
     with replicas(redis, 3, room_ttl=2.0) as (a, b, c):
         room = secrets.token_hex(16)
-        owner = await connect(a.url)
-        await send_json(owner, create(room))
-        assert (await receive_json(owner))["type"] == "created"
+        owner = await created(connect, a.url, room)
         a.process.send_signal(signal.SIGKILL)
         a.process.wait(10)
         closed = await owner.receive(timeout=10)
@@ -195,13 +206,8 @@ async def test_a_joined_researcher_hears_of_expiry_when_the_owners_replica_died(
         redis: RedisServer, connect: Connect) -> None:
     with replicas(redis, 2, room_ttl=2.0) as (a, b):
         room = secrets.token_hex(16)
-        owner = await connect(a.url)
-        await send_json(owner, create(room))
-        assert (await receive_json(owner))["type"] == "created"
-        researcher = await connect(b.url)
-        await send_json(researcher, join(room))
-        assert (await receive_json(researcher))["type"] == "joined"
-        assert (await receive_json(owner))["type"] == "peer_joined"
+        owner = await created(connect, a.url, room)
+        researcher = await joined(connect, b.url, room, owner)
         a.process.send_signal(signal.SIGKILL)  # nobody is left to tell the researcher "left"
         a.process.wait(10)
         expired = await receive_json(researcher, timeout=10)  # replica B's own timer
@@ -216,13 +222,8 @@ async def test_expiry_reaches_each_peer_once_across_replicas(redis: RedisServer,
                                                              connect: Connect) -> None:
     with replicas(redis, 2, room_ttl=1.0) as (a, b):
         room = secrets.token_hex(16)
-        owner = await connect(a.url)
-        await send_json(owner, create(room))
-        assert (await receive_json(owner))["type"] == "created"
-        researcher = await connect(b.url)
-        await send_json(researcher, join(room))
-        assert (await receive_json(researcher))["type"] == "joined"
-        assert (await receive_json(owner))["type"] == "peer_joined"
+        owner = await created(connect, a.url, room)
+        researcher = await joined(connect, b.url, room, owner)
         for ws in (owner, researcher):  # both timers fire: one deletes the room and tells both
             assert (await receive_json(ws, timeout=10))["code"] == "expired"
             closed = await ws.receive(timeout=10)
@@ -236,15 +237,11 @@ async def test_a_room_past_its_deadline_cannot_be_joined_while_its_keys_linger(
     # lingering room must still read as expired, not as a room waiting for its researcher.
     with replicas(redis, 2, room_ttl=1.0) as (a, b):
         room = secrets.token_hex(16)
-        owner = await connect(a.url)
-        await send_json(owner, create(room))
-        assert (await receive_json(owner))["type"] == "created"
+        owner = await created(connect, a.url, room)
         a.process.send_signal(signal.SIGKILL)
         a.process.wait(10)
         await asyncio.sleep(1.5)
-        other = await connect(b.url)
-        await send_json(other, create(secrets.token_hex(16)))  # prunes past deadlines
-        assert (await receive_json(other))["type"] == "created"
+        other = await created(connect, b.url, secrets.token_hex(16))  # prunes past deadlines
         late = await connect(b.url)
         await send_json(late, join(room))
         assert (await receive_json(late))["code"] == "expired"
