@@ -317,7 +317,7 @@ def _derive(call: Call, value: Any, inputs: list[Provenance],
     if name in _AND and _is_boolean(value):
         return _masked(call, _merge(inputs), provenance_of)
     if name in _ELEMENTWISE or name in _IDENTITY or name == "where":
-        return _mark_mixed(call, value, _merge(inputs))
+        return _mark_mixed(call, value, _merge(inputs), provenance_of)
     if name in _RESHAPE:
         return _merge(inputs)  # alignment is re-checked against the value's axis 0
     if name in _REARRANGE:
@@ -466,17 +466,30 @@ def _merge(inputs: list[Provenance]) -> Provenance:
     return {name: merge_states(states) for name, states in by_name.items()}
 
 
-def _mark_mixed(call: Call, value: Any, provenance: Provenance) -> Provenance:
+_COMBINED_WITH_OWN = "combined with the researcher's own values per record"
+
+
+def _mark_mixed(call: Call, value: Any, provenance: Provenance,
+                provenance_of: ProvenanceOf) -> Provenance:
     """An element-wise operation on two or more per-record operands (``x * w``,
     ``where(c, x, y)``, ``a + b``) weighs or swaps records' values: its row alignment is kept,
     marked ``mixed``, so that a sum of it is never cleared as a plain total. Booleans are
-    exempt: their sums are counts, checked as counts."""
+    exempt: their sums are counts, checked as counts.
+
+    When one of the operands is the researcher's own (``ages * 0 + e7``), the rows are also
+    steered (``_steer``): whatever is fitted or trained on them is for review, as it is for
+    ``e7`` itself."""
     rows = [s for s in provenance.values() if isinstance(s, Rows) and not s.single]
-    if not rows or all(r.mixed for r in rows) or _is_boolean(value):
+    if not rows:
         return provenance
     length = rows[0].length
-    name = call.operation.rsplit(".", 1)[-1]
     operands = [*call.args, *call.kwargs.values()]
+    if sum(1 for operand in operands if _length_of(operand) == length) >= 2 and \
+            length in _own_lengths(operands, provenance_of):
+        provenance = _steer(provenance, length, _COMBINED_WITH_OWN)
+    if all(r.mixed for r in rows) or _is_boolean(value):
+        return provenance
+    name = call.operation.rsplit(".", 1)[-1]
     if name in ("where", "masked_fill", "mask") and len(call.args) >= 2:
         # a condition per record swaps some records' values for others (a constant, NaN):
         # sum(where(id == 7, 0, x)) is sum(x) without patient 7, over "all" the rows
@@ -510,14 +523,13 @@ def _masked(call: Call, provenance: Provenance, provenance_of: ProvenanceOf) -> 
     stays exact: the selection knows its records. Conditions on shared data combine as
     before: a count of them is a count of records (differencing compares what they count).
     """
-    result = dict(provenance)
-    for source, state in provenance.items():
-        if not isinstance(state, Rows) or state.single or state.mixed:
-            continue
-        outside = [operand for operand in call.args
-                   if _length_of(operand) == state.length and not provenance_of(operand)]
-        if outside:
-            result[source] = replace(state, mixed=True)
+    own = _own_lengths(call.args, provenance_of)
+    result: Provenance = {
+        source: replace(state, mixed=True)
+        if isinstance(state, Rows) and not state.single and state.length in own else state
+        for source, state in provenance.items()}
+    for length in own:  # as a model's input, the mask chooses the records it learns from
+        result = _steer(result, length, _COMBINED_WITH_OWN)
     return result
 
 
@@ -1353,7 +1365,7 @@ def _table_rule(call: Call, name: str, family: str, value: Any, inputs: list[Pro
         if name in ("convert_dtypes", "infer_objects"):  # the dtype found says what all hold
             return _carrying(_merge(inputs), f"{name}: the dtype found in the values")
         if name in _TABLE_ROWWISE:
-            return _mark_mixed(call, value, _merge(inputs))
+            return _mark_mixed(call, value, _merge(inputs), provenance_of)
         if name in ("T", "transpose"):
             return None  # the generic rule: rows move off axis 0
         return _unknown(inputs, f"{operation} is not modelled")
@@ -1477,15 +1489,21 @@ def steered(call: Call, by: Provenance, provenance_of: ProvenanceOf) -> Provenan
     the researcher's own (targets, features or ``sample_weight`` with no shared data in
     them): ``fit(e7, ages).predict([[1]])`` is patient 7's age. The records then carry a
     ``statistic`` part into the model, so what it answers is for review."""
-    own = _own_lengths([*call.args[1:], *call.kwargs.values()], provenance_of)
-    if not own:
-        return by
-    steering = {source: replace(state, carried=_dedupe((*state.carried, Part(
-        "statistic", state.records(), state.total, state.length, {},
-        "fitted to the researcher's own values per record"))))
-        for source, state in by.items()
-        if isinstance(state, Rows) and not state.single and state.length in own}
-    return {**by, **steering} if steering else by
+    for length in _own_lengths([*call.args[1:], *call.kwargs.values()], provenance_of):
+        by = _steer(by, length, "fitted to the researcher's own values per record")
+    return by
+
+
+def _steer(provenance: Provenance, length: int, note: str) -> Provenance:
+    """Rows of ``length`` records paired with per-record values of the researcher's own: they
+    carry a ``statistic`` part (``note``) wherever they go, so a model they train, or any
+    summary of them, is for review."""
+    steering = {source: replace(state, carried=(*state.carried, Part(
+        "statistic", state.records(), state.total, state.length, {}, note)))
+        for source, state in provenance.items()
+        if isinstance(state, Rows) and not state.single and state.length == length
+        and all(part.note != note for part in state.carried)}  # once: loops add no more
+    return {**provenance, **steering} if steering else provenance
 
 
 def _own_lengths(values: Iterable[Any], provenance_of: ProvenanceOf) -> set[int]:

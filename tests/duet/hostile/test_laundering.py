@@ -547,6 +547,42 @@ def test_a_shared_summary_added_to_the_researchers_own_values_still_steers(lab: 
     assert lab.status(answer) == "review", reasons(lab, answer)
 
 
+def test_the_researchers_own_values_disguised_in_shared_rows_still_steer(lab: Lab) -> None:
+    """``ages * 0 + e7`` holds ages' rows but is the researcher's one-hot, and a shared
+    condition masked with the researcher's own (``(ages > 50) & e7``) is patient 7 alone:
+    a fit on either is for review; and they stay so through later element-wise steps."""
+    e7 = np.zeros((N, 1))
+    e7[7] = 1.0
+    column = lab.method(ages, "reshape", N, 1)
+    disguised = lab.fn("operator.add", lab.fn("operator.mul", column, 0.0), e7)
+    masked = lab.method(lab.fn("operator.and_", lab.fn("operator.gt", column, 50.0),
+                               e7.astype(bool)), "astype", DTypeRef("float64"))
+    again = disguised
+    for _ in range(3):
+        again = lab.fn("operator.add", again, e7)  # steered once, not once per step
+    assert sum(p.note == "combined with the researcher's own values per record"
+               for p in lab.executor.lookup(again).provenance["ages"].carried) == 1
+    for features in (disguised, masked, lab.fn("operator.mul", again, 2.0)):
+        regression = lab.fn("sklearn.linear_model.LinearRegression")
+        lab.method(regression, "fit", features, ages)
+        answer = lab.method(regression, "predict", np.array([[1.0]]))
+        assert lab.status(answer) == "review", reasons(lab, answer)
+
+
+def test_features_built_from_shared_columns_alone_still_pass(lab: Lab) -> None:
+    """Feature engineering on the records themselves (a product of two columns, a centred
+    column, a condition) steers nothing: a small model fitted on it passes."""
+    bmi, age = column(lab, "bmi"), column(lab, "age")
+    product = lab.fn("operator.mul", bmi, age)
+    centred = lab.fn("operator.sub", age, lab.method(age, "mean"))
+    older = lab.method(lab.fn("operator.gt", age, 50.0), "astype", DTypeRef("float64"))
+    for feature in (product, centred, older):
+        regression = lab.fn("sklearn.linear_model.LinearRegression")
+        lab.method(regression, "fit", lab.method(feature, "to_frame"), column(lab, "bmi"))
+        coef = lab.attr(regression, "coef_")
+        assert lab.status(coef) == "pass", reasons(lab, coef)
+
+
 def test_a_row_wise_reduction_of_several_columns_is_no_column(lab: Lab) -> None:
     """``min(age, 0 if income > 1e8 else big)`` per record, summed: the total minus it is
     the richest patient's age."""
