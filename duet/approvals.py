@@ -420,9 +420,26 @@ class RequestQueue(Sequence[Request]):
                 log.exception("request listener %r failed", listener)
 
     # -- display --------------------------------------------------------------------------
-    def _rows(self) -> list[list[str]]:
+    def _shown(self) -> tuple[list[Request], str]:
+        """What a display draws: the oldest ``SHOWN_PENDING`` pending requests (the ones to
+        decide next) and the newest ``SHOWN_DECIDED`` others, in arrival order; and a line
+        saying what it left out. A flood of requests must not become a flood of rows."""
+        with self._lock:
+            requests = list(self._requests)
+            pending = self.pending
+        waiting = {id(r) for r in pending}
+        chosen = {id(r) for r in pending[:SHOWN_PENDING]} | {
+            id(r) for r in [r for r in requests if id(r) not in waiting][-SHOWN_DECIDED:]}
+        shown = [r for r in requests if id(r) in chosen]
+        left = len(requests) - len(shown)
+        note = (f"{left} not shown (drawn: the oldest {SHOWN_PENDING} pending, the newest "
+                f"{SHOWN_DECIDED} others); every one is in s.requests: s.requests.get(id), "
+                "s.requests.pending, list(s.requests)") if left else ""
+        return shown, note
+
+    def _rows(self, requests: list[Request]) -> list[list[str]]:
         rows = []
-        for r in self:
+        for r in requests:
             rows.append([safe_text(cell) for cell in (
                 r.id, time.strftime("%H:%M:%S", time.localtime(r.created)), r.status,
                 checks_summary(r),
@@ -440,24 +457,34 @@ class RequestQueue(Sequence[Request]):
     def __repr__(self) -> str:
         if not len(self):
             return "RequestQueue: no requests yet"
-        pending = len(self.pending)
-        table = tabulate(self._rows(), headers=self._HEADERS)
-        lines = [f"RequestQueue: {len(self)} requests, {pending} pending", table]
-        for r in self.pending:
-            lines.append(safe_text(f"checks of {r.id} ({r.check_status.upper()}):"))
-            lines.append(r.checks_text())
+        shown, note = self._shown()
+        table = tabulate(self._rows(shown), headers=self._HEADERS)
+        lines = [f"RequestQueue: {len(self)} requests, {len(self.pending)} pending", table]
+        if note:
+            lines.append(note)
+        for r in shown:
+            if r.status == "pending":
+                lines.append(safe_text(f"checks of {r.id} ({r.check_status.upper()}):"))
+                lines.append(r.checks_text())
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         if not len(self):
             return "<p><b>duet requests</b>: none yet</p>"
-        rows = [[html.escape(cell) for cell in row] for row in self._rows()]
+        shown, note = self._shown()
+        rows = [[html.escape(cell) for cell in row] for row in self._rows(shown)]
         column = self._HEADERS.index("checks")
-        for row, request in zip(rows, self, strict=False):
+        for row, request in zip(rows, shown, strict=True):
             row[column] = check_badge(request.check_status) + " " + row[column]
         table = tabulate(rows, self._HEADERS, tablefmt="unsafehtml", disable_numparse=True)
-        return f"<p><b>duet requests</b>: {len(self)}, {len(self.pending)} pending</p>{table}"
+        left = f"<p>{html.escape(note)}</p>" if note else ""
+        return (f"<p><b>duet requests</b>: {len(self)}, {len(self.pending)} pending</p>"
+                f"{table}{left}")
 
+
+# How many requests ``s.requests`` draws: the next to decide, and the latest decided.
+SHOWN_PENDING = 20
+SHOWN_DECIDED = 30
 
 CHECK_COLOURS = {"pass": "#2e7d32", "review": "#b58900", "fail": "#c62828"}
 CHECK_WORDS = {"pass": "PASS", "review": "REVIEW", "fail": "FAIL"}

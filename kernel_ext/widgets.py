@@ -43,10 +43,12 @@ class RequestsFallback:
         self.queue = queue
 
     def _repr_html_(self) -> str:
-        pending = "".join(request_html(r) for r in self.queue.pending)
-        return (f"<p><b>duet approval queue</b>: {len(self.queue.pending)} pending "
+        pending = self.queue.pending
+        more = f"; the oldest {SHOWN} below" if len(pending) > SHOWN else ""
+        return (f"<p><b>duet approval queue</b>: {len(pending)} pending{more} "
                 "(ipywidgets is not installed: decide with <code>%duet approve ID</code> or "
-                "<code>%duet deny ID REASON</code>)</p>" + pending + self.queue._repr_html_())
+                "<code>%duet deny ID REASON</code>)</p>"
+                + "".join(request_html(r) for r in pending[:SHOWN]) + self.queue._repr_html_())
 
     def __repr__(self) -> str:
         return repr(self.queue) + "\ndecide with: %duet approve ID  |  %duet deny ID REASON"

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from duet.approvals import Request, RequestQueue, ValueInfo
+from duet.approvals import SHOWN_DECIDED, SHOWN_PENDING, Request, RequestQueue, ValueInfo
 from duet.audit import AuditLog
 from duet.owner import OwnerSession
 from kernel_ext.display import request_html
-from kernel_ext.widgets import SHOWN, ApprovalPanel
+from kernel_ext.widgets import SHOWN, ApprovalPanel, RequestsFallback
 from tests.helpers.sessions import eventually, session_pair
 
 SCRIPT = "<img src=x onerror=alert(1)>"
@@ -191,6 +191,33 @@ def test_the_panel_draws_a_bounded_number_of_pending_rows() -> None:
     queue.get(f"{0:08x}").approve()
     assert f"{SHOWN:08x}" in panel._rows and f"{0:08x}" not in panel._rows
     assert len(panel.widget.children) == SHOWN + 3  # header, message, rows, decided
+
+
+def test_the_request_table_draws_a_bounded_number_of_rows() -> None:
+    """Before: ``s.requests`` (and ``%duet requests``) drew a row for every request of the
+    session, and the text form listed the checks of every pending one: after a flood of
+    requests, one look at the queue printed thousands of rows. Now it draws the oldest
+    pending ones and the newest others, says how many it left out, and where they are."""
+    queue = RequestQueue(lambda request: None)
+    total = 500
+    for i in range(total):
+        queue.add(make(f"{i:08x}"))
+    for i in range(0, 400):  # the first 400 decided: 100 pending, the newest
+        queue.get(f"{i:08x}").approve()
+    shown = [f"{i:08x}" for i in range(400 - SHOWN_DECIDED, 400 + SHOWN_PENDING)]
+    for text in (repr(queue), queue._repr_html_()):
+        ids = re.findall(r"\b[0-9a-f]{8}\b", text)
+        assert sorted(set(ids)) == shown, text[:300]
+        assert f"{total - len(shown)} not shown" in text
+        assert "s.requests.get(" in text
+    assert repr(queue).count("checks of ") == SHOWN_PENDING
+    assert queue._repr_html_().count("<tr>") == len(shown) + 1  # and the header row
+    fallback = RequestsFallback(queue)._repr_html_()  # the panel without ipywidgets
+    assert f"the oldest {SHOWN} below" in fallback
+    assert sorted(set(re.findall(r"\b[0-9a-f]{8}\b", fallback))) == shown
+    few = RequestQueue(lambda request: None)
+    few.add(make("0000beef"))
+    assert "not shown" not in repr(few) and "not shown" not in few._repr_html_()
 
 
 def test_a_lineage_cannot_write_the_facts_of_the_repr() -> None:
