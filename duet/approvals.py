@@ -428,8 +428,8 @@ class RequestQueue(Sequence[Request]):
             requests = list(self._requests)
             pending = self.pending
         waiting = {id(r) for r in pending}
-        chosen = {id(r) for r in pending[:SHOWN_PENDING]} | {
-            id(r) for r in [r for r in requests if id(r) not in waiting][-SHOWN_DECIDED:]}
+        others = [r for r in requests if id(r) not in waiting]
+        chosen = {id(r) for r in (*pending[:SHOWN_PENDING], *others[-SHOWN_DECIDED:])}
         shown = [r for r in requests if id(r) in chosen]
         left = len(requests) - len(shown)
         note = (f"{left} not shown (drawn: the oldest {SHOWN_PENDING} pending, the newest "

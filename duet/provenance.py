@@ -483,9 +483,9 @@ def _mark_mixed(call: Call, value: Any, provenance: Provenance,
     if not rows:
         return provenance
     length = rows[0].length
-    operands = [*call.args, *call.kwargs.values()]
-    if sum(1 for operand in operands if _length_of(operand) == length) >= 2 and \
-            length in _own_lengths(operands, provenance_of):
+    per_record = [operand for operand in (*call.args, *call.kwargs.values())
+                  if _length_of(operand) == length]
+    if len(per_record) >= 2 and _own_lengths(per_record, provenance_of):
         provenance = _steer(provenance, length, _COMBINED_WITH_OWN)
     if all(r.mixed for r in rows) or _is_boolean(value):
         return provenance
@@ -495,9 +495,8 @@ def _mark_mixed(call: Call, value: Any, provenance: Provenance,
         # sum(where(id == 7, 0, x)) is sum(x) without patient 7, over "all" the rows
         condition = call.args[0] if name == "where" else call.args[1]
         if _length_of(condition) == length:
-            operands = [condition, condition]
-    per_record = sum(1 for operand in operands if _length_of(operand) == length)
-    if per_record < 2:
+            per_record = [condition, condition]
+    if len(per_record) < 2:
         return provenance
     return {name: replace(state, mixed=True) if isinstance(state, Rows) else state
             for name, state in provenance.items()}

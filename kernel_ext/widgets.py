@@ -15,7 +15,7 @@ import threading
 import weakref
 from typing import Any
 
-from duet.approvals import Request, RequestQueue, check_badge
+from duet.approvals import SHOWN_PENDING, Request, RequestQueue, check_badge
 from duet.errors import DuetError
 
 from .display import _STATUS_COLOURS, _text, request_html
@@ -23,10 +23,11 @@ from .display import _STATUS_COLOURS, _text, request_html
 __all__ = ["ApprovalPanel", "RequestsFallback", "approval_panel", "widgets_available"]
 
 RECENT = 5  # decided requests kept in view, newest first
-# Pending requests with controls in view, oldest first. A researcher can send thousands of
-# requests: one row each made every refresh (which runs on the session's thread) cost more
-# with every arrival, and the browser drew them all. The header counts the rest.
-SHOWN = 20
+# Pending requests with controls in view, oldest first: as many as ``s.requests`` draws. A
+# researcher can send thousands of requests: one row each made every refresh (which runs on
+# the session's thread) cost more with every arrival, and the browser drew them all. The
+# header counts the rest.
+SHOWN = SHOWN_PENDING
 
 
 def widgets_available() -> bool:
